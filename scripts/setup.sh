@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs what building and testing SeFi Studio needs on a Debian machine, skipping what is
+# already there in the right version. Usage: scripts/setup.sh serve|test
+set -euo pipefail
+
+purpose=${1:-test}
+TRUNK_VERSION=0.21.14
+# Must equal the wasm-bindgen version in Cargo.lock, or trunk tries to download its own.
+WASM_BINDGEN_VERSION=0.2.130
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "apt-get install ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup (https://rustup.rs)" >&2; exit 1; }
+
+if [ "$purpose" = test ]; then
+  # Mesa's lavapipe gives wgpu a Vulkan device without a GPU; Chromium drives the browser tests.
+  apt_install mesa-vulkan-drivers libvulkan1 chromium chromium-driver
+  command -v npm >/dev/null || apt_install nodejs npm
+fi
+
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  say "rustup target add wasm32-unknown-unknown"
+  rustup target add wasm32-unknown-unknown
+fi
+
+if [ "$(wasm-bindgen --version 2>/dev/null)" != "wasm-bindgen $WASM_BINDGEN_VERSION" ]; then
+  say "cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION"
+  # Not --locked: its lock file pins crates that no longer build with current rustc.
+  cargo install wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --force
+fi
+
+if [ "$(trunk --version 2>/dev/null)" != "trunk $TRUNK_VERSION" ]; then
+  say "cargo install trunk $TRUNK_VERSION"
+  cargo install trunk --locked --version "$TRUNK_VERSION" --force
+fi
+
+if [ "$purpose" = test ]; then
+  say "npm ci (end-to-end test driver)"
+  (cd "$(dirname "$0")/../tests/e2e" && npm ci --no-audit --no-fund --silent)
+fi

@@ -1,0 +1,40 @@
+//! The `sefi` command line: thin wrappers that turn the core's results into terminal output.
+
+mod device;
+
+use clap::{Parser, Subcommand};
+
+use crate::device::DeviceChoice;
+
+#[derive(Debug, Parser)]
+#[command(name = "sefi", version, about = "Private, on-device identity personalisation of Stable Diffusion")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Find the compute device, show what it is and prove it computes correctly.
+    Device(device::DeviceArgs),
+}
+
+/// Parses `--device auto|cpu|wgpu|cuda`.
+pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    s.parse().map_err(|e: crate::device::DeviceError| e.to_string())
+}
+
+/// Runs the CLI; the return value is the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Device(args) => device::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

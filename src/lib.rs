@@ -1,0 +1,20 @@
+//! SeFi Studio: private, on-device identity personalisation of Stable Diffusion.
+//!
+//! The core (everything but `app` and `cli`) holds no UI code: it reports through return
+//! values and callbacks, and every read of a tensor back from the GPU is `async`, because a
+//! synchronous read panics on WebGPU. Native code drives the same futures with
+//! [`block_on`].
+
+pub mod check;
+pub mod device;
+
+#[cfg(feature = "web")]
+pub mod app;
+#[cfg(feature = "cli")]
+pub mod cli;
+
+/// Drives one of the crate's futures to completion on native targets.
+#[cfg(not(target_family = "wasm"))]
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    futures::executor::block_on(future)
+}

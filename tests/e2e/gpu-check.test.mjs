@@ -1,0 +1,103 @@
+// The built site in Debian's Chromium: the page loads, the GPU check runs in the worker on
+// WebGPU and shows numbers that agree with an independent reference, the console stays clean,
+// and no request leaves 127.0.0.1.
+//
+// Needs SEFI_DIST (a `trunk build --release` output) and /usr/bin/chromium; scripts/test.sh
+// provides both.
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { serveDist, launch, openPage } from "./harness.mjs";
+
+let server;
+before(async () => {
+  server = await serveDist(process.env.SEFI_DIST);
+});
+after(() => server?.close());
+
+// The same inputs and maths as src/check.rs, written again so that the page is checked
+// against an implementation that shares no code with it.
+function reference() {
+  const [M, K, N] = [8, 16, 4];
+  const x = Array.from({ length: M * K }, (_, i) => Math.sin(0.37 * i + 0.1));
+  const w = Array.from({ length: K * N }, (_, i) => 0.5 * Math.cos(0.23 * i));
+  const c = Array.from({ length: M * N }, (_, i) => (i % 5) / 4 - 0.5);
+  let loss = 0;
+  const dz = new Array(M * N).fill(0);
+  for (let i = 0; i < M; i++) {
+    const z = [];
+    for (let j = 0; j < N; j++) {
+      let s = 0;
+      for (let k = 0; k < K; k++) s += x[i * K + k] * w[k * N + j];
+      z.push(s);
+    }
+    const max = Math.max(...z);
+    const e = z.map((v) => Math.exp(v - max));
+    const sum = e.reduce((a, b) => a + b, 0);
+    const p = e.map((v) => v / sum);
+    const pc = p.reduce((a, pj, j) => a + pj * c[i * N + j], 0);
+    for (let j = 0; j < N; j++) {
+      const t = Math.tanh(z[j]);
+      loss += (p[j] * c[i * N + j] + t * t) / (M * N);
+      dz[i * N + j] = (p[j] * (c[i * N + j] - pc) + 2 * t * (1 - t * t)) / (M * N);
+    }
+  }
+  const grad = [];
+  for (let k = 0; k < K; k++)
+    for (let j = 0; j < N; j++) {
+      let s = 0;
+      for (let i = 0; i < M; i++) s += x[i * K + k] * dz[i * N + j];
+      grad.push(s);
+    }
+  return { loss, grad };
+}
+
+function assertClose(got, want, what) {
+  const rel = Math.abs(got - want) / Math.max(Math.abs(want), 1e-3);
+  assert.ok(rel <= 1e-4, `${what}: page shows ${got}, reference ${want} (relative error ${rel})`);
+}
+
+test("the GPU check runs burn autodiff on WebGPU inside the worker", async () => {
+  const browser = await launch({ webgpu: true });
+  try {
+    const { page, consoleErrors, foreignRequests, workerUrls } = await openPage(browser, server.url);
+    const status = page.getByTestId("gpu-status");
+    await page.waitForSelector('[data-testid=gpu-status]:not([data-state=checking])', { timeout: 180_000 });
+    assert.equal(await status.getAttribute("data-state"), "ok", await status.textContent());
+
+    const want = reference();
+    // The page prints the loss with 7 decimals.
+    const loss = Number(await page.getByTestId("check-loss").textContent());
+    assert.ok(Math.abs(loss - want.loss) <= 1e-4 * Math.abs(want.loss) + 5e-8, `loss ${loss} vs ${want.loss}`);
+    const grad = JSON.parse(await page.getByTestId("check-grad").getAttribute("data-values"));
+    assert.equal(grad.length, want.grad.length);
+    grad.forEach((g, i) => assertClose(g, want.grad[i], `dL/dW[${i}]`));
+
+    const adapter = await page.getByTestId("gpu-adapter").textContent();
+    assert.ok(adapter.length > 0);
+    assert.match(await page.getByTestId("gpu-max-buffer").textContent(), /^\d+ MiB$/);
+    assert.match(await page.getByTestId("gpu-f16").textContent(), /^(yes|no)$/);
+
+    // The computation ran in the worker, not on the page's thread.
+    assert.ok(workerUrls.some((u) => u.endsWith("/sefi-worker_loader.js")), `workers: ${workerUrls}`);
+    assert.deepEqual(consoleErrors, []);
+    assert.deepEqual(foreignRequests, []);
+  } finally {
+    await browser.close();
+  }
+});
+
+test("without WebGPU the page explains what to do", async () => {
+  const browser = await launch({ webgpu: false });
+  try {
+    const { page, foreignRequests } = await openPage(browser, server.url);
+    await page.waitForSelector('[data-testid=gpu-status]:not([data-state=checking])', { timeout: 120_000 });
+    const status = page.getByTestId("gpu-status");
+    assert.equal(await status.getAttribute("data-state"), "no-webgpu", await status.textContent());
+    const text = await status.textContent();
+    assert.match(text, /WebGPU/);
+    assert.match(text, /Chrome|Edge|Safari|Firefox/);
+    assert.deepEqual(foreignRequests, []);
+  } finally {
+    await browser.close();
+  }
+});
