@@ -22,15 +22,9 @@ pub const TOLERANCE: f64 = 1e-4;
 /// Inputs of the check. The formulas are simple so that other implementations (the
 /// browser end-to-end test, in JavaScript) can rebuild them.
 pub fn inputs() -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let x = (0..M * K)
-        .map(|i| (0.37 * i as f64 + 0.1).sin())
-        .collect();
-    let w = (0..K * N)
-        .map(|i| 0.5 * (0.23 * i as f64).cos())
-        .collect();
-    let c = (0..M * N)
-        .map(|i| (i % 5) as f64 / 4.0 - 0.5)
-        .collect();
+    let x = (0..M * K).map(|i| (0.37 * i as f64 + 0.1).sin()).collect();
+    let w = (0..K * N).map(|i| 0.5 * (0.23 * i as f64).cos()).collect();
+    let c = (0..M * N).map(|i| (i % 5) as f64 / 4.0 - 0.5).collect();
     (x, w, c)
 }
 
@@ -157,7 +151,11 @@ mod tests {
             let mut wm = w.clone();
             wm[idx] -= h;
             let fd = (reference(&x, &wp, &c).0 - reference(&x, &wm, &c).0) / (2.0 * h);
-            assert!((fd - grad[idx]).abs() < 1e-8, "entry {idx}: fd {fd} vs {}", grad[idx]);
+            assert!(
+                (fd - grad[idx]).abs() < 1e-8,
+                "entry {idx}: fd {fd} vs {}",
+                grad[idx]
+            );
         }
     }
 }

@@ -124,7 +124,7 @@ pub enum DeviceError {
         "this build has no {backend} backend; rebuild with `cargo build --release --features {backend}` or pick another --device"
     )]
     NotCompiled { backend: Backend },
-    #[error("no WebGPU adapter is available: {detail}. {hint}")]
+    #[error("this browser offers no WebGPU adapter. {hint} (browser said: {detail})")]
     NoWebGpu { detail: String, hint: String },
     #[error("no GPU adapter was found ({detail}). {hint}")]
     NoWgpuAdapter { detail: String, hint: String },
@@ -245,7 +245,7 @@ async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
             memory_bytes: None,
             limits: Some(GpuLimits {
                 max_buffer_size: limits.max_buffer_size,
-                max_storage_buffer_binding_size: u64::from(limits.max_storage_buffer_binding_size),
+                max_storage_buffer_binding_size: limits.max_storage_buffer_binding_size,
                 max_compute_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
                 max_compute_workgroup_storage_size: limits.max_compute_workgroup_storage_size,
             }),
@@ -307,7 +307,11 @@ fn open_cuda() -> Result<ComputeDevice, DeviceError> {
             });
         }
         Ok(Ok(found)) => found,
-        Ok(Err(e)) => return Err(DeviceError::NoCuda { detail: e.to_string() }),
+        Ok(Err(e)) => {
+            return Err(DeviceError::NoCuda {
+                detail: e.to_string(),
+            });
+        }
         Err(_) => {
             return Err(DeviceError::NoCuda {
                 detail: "libcuda could not be loaded".into(),
@@ -340,7 +344,7 @@ fn open_cuda() -> Result<ComputeDevice, DeviceError> {
     })
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(target_family = "wasm")))]
 mod tests {
     use super::*;
 

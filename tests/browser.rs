@@ -20,9 +20,16 @@ async fn gpu_check_runs_autodiff_on_webgpu_in_a_worker() {
 
     let (x, w, c) = inputs();
     let (loss, grad) = reference(&x, &w, &c);
-    assert!((report.check.loss - loss).abs() <= TOLERANCE * loss.abs(), "{:?}", report.check);
+    assert!(
+        (report.check.loss - loss).abs() <= TOLERANCE * loss.abs(),
+        "{:?}",
+        report.check
+    );
     for (got, want) in report.check.grad.iter().zip(&grad) {
-        assert!((got - want).abs() <= TOLERANCE * want.abs().max(1e-3), "{got} vs {want}");
+        assert!(
+            (got - want).abs() <= TOLERANCE * want.abs().max(1e-3),
+            "{got} vs {want}"
+        );
     }
     assert!(report.check.passed);
 }
@@ -38,7 +45,17 @@ async fn messages_survive_the_worker_codec() {
 #[wasm_bindgen_test]
 async fn backends_missing_from_the_web_build_are_errors() {
     let err = DeviceChoice::Cpu.open().await.unwrap_err();
-    assert_eq!(err, DeviceError::NotCompiled { backend: Backend::Cpu });
+    assert_eq!(
+        err,
+        DeviceError::NotCompiled {
+            backend: Backend::Cpu
+        }
+    );
     let err = DeviceChoice::Cuda.open().await.unwrap_err();
-    assert_eq!(err, DeviceError::NotCompiled { backend: Backend::Cuda });
+    assert_eq!(
+        err,
+        DeviceError::NotCompiled {
+            backend: Backend::Cuda
+        }
+    );
 }

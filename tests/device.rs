@@ -33,10 +33,14 @@ fn wgpu_autodiff_matches_the_reference_and_the_cpu() {
 
     let cpu = block_on(DeviceChoice::Cpu.open()).unwrap();
     let on_cpu = block_on(autodiff_check(&cpu.device)).unwrap();
-    let pairs = std::iter::once((on_gpu.loss, on_cpu.loss)).chain(on_gpu.grad.iter().copied().zip(on_cpu.grad.iter().copied()));
+    let pairs = std::iter::once((on_gpu.loss, on_cpu.loss))
+        .chain(on_gpu.grad.iter().copied().zip(on_cpu.grad.iter().copied()));
     for (g, c) in pairs {
         let rel = (g - c).abs() / c.abs().max(1e-3);
-        assert!(rel <= 1e-4, "wgpu {g} vs cpu {c}: relative difference {rel:e}");
+        assert!(
+            rel <= 1e-4,
+            "wgpu {g} vs cpu {c}: relative difference {rel:e}"
+        );
     }
 }
 
@@ -52,7 +56,11 @@ fn wgpu_is_opened_once_and_reused() {
 fn auto_prefers_the_cpu_backend_over_a_software_adapter() {
     let dev = block_on(DeviceChoice::Auto.open()).unwrap();
     if dev.info.backend == Backend::Wgpu {
-        assert!(!dev.info.software, "auto chose a software adapter: {:#?}", dev.info);
+        assert!(
+            !dev.info.software,
+            "auto chose a software adapter: {:#?}",
+            dev.info
+        );
     }
 }
 
@@ -73,7 +81,12 @@ fn cuda_without_a_driver_is_a_clear_error() {
 #[test]
 fn cuda_missing_from_the_build_is_a_clear_error() {
     let err = block_on(DeviceChoice::Cuda.open()).unwrap_err();
-    assert_eq!(err, DeviceError::NotCompiled { backend: Backend::Cuda });
+    assert_eq!(
+        err,
+        DeviceError::NotCompiled {
+            backend: Backend::Cuda
+        }
+    );
     assert!(err.to_string().contains("--features cuda"), "{err}");
 }
 
@@ -87,7 +100,11 @@ fn sefi(args: &[&str]) -> std::process::Output {
 #[test]
 fn sefi_device_json_reports_a_passing_check() {
     let out = sefi(&["device", "--device", "cpu", "--json"]);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["device"]["backend"], "cpu");
     assert_eq!(report["check"]["passed"], true);
@@ -100,8 +117,18 @@ fn sefi_device_json_reports_a_passing_check() {
 fn sefi_device_text_names_the_adapter_and_limits() {
     let out = sefi(&["device", "--device", "wgpu"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    for line in ["backend      wgpu", "adapter", "max buffer", "f16", "autodiff     ok"] {
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "backend      wgpu",
+        "adapter",
+        "max buffer",
+        "f16",
+        "autodiff     ok",
+    ] {
         assert!(stdout.contains(line), "missing `{line}` in:\n{stdout}");
     }
 }

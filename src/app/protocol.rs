@@ -29,7 +29,8 @@ pub struct GpuReport {
 /// A failure the page explains to the user.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum WorkerError {
-    /// The browser has no usable WebGPU adapter; the text says what to do.
+    /// The browser has no usable WebGPU adapter; the text is the technical reason (the page
+    /// adds what to do).
     NoWebGpu(String),
     /// Anything else, with the message to show.
     Other(String),

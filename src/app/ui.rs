@@ -74,9 +74,9 @@ fn GpuPanel() -> impl IntoView {
             std::time::Duration::from_secs(120),
         );
     } else {
-        set_state.set(GpuState::Failed(WorkerError::NoWebGpu(format!(
-            "This browser does not offer WebGPU (navigator.gpu is missing). {WEBGPU_HINT}."
-        ))));
+        set_state.set(GpuState::Failed(WorkerError::NoWebGpu(
+            "navigator.gpu is missing".into(),
+        )));
     }
 
     view! {
@@ -179,14 +179,28 @@ fn DeviceTable(device: DeviceInfo) -> impl IntoView {
 
 #[component]
 fn GpuError(error: WorkerError) -> impl IntoView {
-    let (state, title) = match &error {
-        WorkerError::NoWebGpu(_) => ("no-webgpu", "WebGPU is not available"),
-        WorkerError::Other(_) => ("error", "The GPU check failed"),
+    let (state, title, advice, detail) = match error {
+        WorkerError::NoWebGpu(detail) => (
+            "no-webgpu",
+            "WebGPU is not available in this browser",
+            format!("{WEBGPU_HINT}."),
+            Some(detail),
+        ),
+        WorkerError::Other(message) => ("error", "The GPU check failed", message, None),
     };
     view! {
         <div class="status error" data-testid="gpu-status" data-state=state role="alert">
             <strong>{title}</strong>
-            <p>{error.to_string()}</p>
+            <p>{advice}</p>
+            {detail
+                .map(|d| {
+                    view! {
+                        <details>
+                            <summary>"What the browser said"</summary>
+                            <code>{d}</code>
+                        </details>
+                    }
+                })}
             <p>
                 "Nothing is uploaded: SeFi Studio needs a GPU in this browser to learn and paint on your device."
             </p>

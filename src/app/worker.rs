@@ -48,8 +48,8 @@ pub async fn handle(request: Request) -> Response {
 
 async fn gpu_check() -> Result<GpuReport, WorkerError> {
     let dev = DeviceChoice::Wgpu.open().await.map_err(|e| match e {
-        DeviceError::NoWebGpu { .. } | DeviceError::NoWgpuAdapter { .. } => {
-            WorkerError::NoWebGpu(e.to_string())
+        DeviceError::NoWebGpu { detail, .. } | DeviceError::NoWgpuAdapter { detail, .. } => {
+            WorkerError::NoWebGpu(detail)
         }
         other => WorkerError::Other(other.to_string()),
     })?;

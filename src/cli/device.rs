@@ -48,7 +48,11 @@ fn print_text(info: &DeviceInfo, check: &CheckReport) {
     println!("backend      {}", info.backend);
     println!("adapter      {}", info.adapter);
     println!("api          {}", info.api);
-    println!("type         {}{}", info.device_type, if info.software { " (software)" } else { "" });
+    println!(
+        "type         {}{}",
+        info.device_type,
+        if info.software { " (software)" } else { "" }
+    );
     if !info.driver.is_empty() {
         println!("driver       {}", info.driver);
     }
@@ -57,8 +61,15 @@ fn print_text(info: &DeviceInfo, check: &CheckReport) {
     }
     if let Some(l) = &info.limits {
         println!("max buffer   {}", human_bytes(l.max_buffer_size));
-        println!("max binding  {}", human_bytes(l.max_storage_buffer_binding_size));
-        println!("workgroup    {} invocations, {} shared", l.max_compute_invocations_per_workgroup, human_bytes(u64::from(l.max_compute_workgroup_storage_size)));
+        println!(
+            "max binding  {}",
+            human_bytes(l.max_storage_buffer_binding_size)
+        );
+        println!(
+            "workgroup    {} invocations, {} shared",
+            l.max_compute_invocations_per_workgroup,
+            human_bytes(u64::from(l.max_compute_workgroup_storage_size))
+        );
     }
     println!("f16          {}", yes_no(info.f16));
     println!("bf16         {}", yes_no(info.bf16));

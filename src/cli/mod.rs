@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use crate::device::DeviceChoice;
 
 #[derive(Debug, Parser)]
-#[command(name = "sefi", version, about = "Private, on-device identity personalisation of Stable Diffusion")]
+#[command(
+    name = "sefi",
+    version,
+    about = "Private, on-device identity personalisation of Stable Diffusion"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,7 +25,8 @@ pub enum Command {
 
 /// Parses `--device auto|cpu|wgpu|cuda`.
 pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse().map_err(|e: crate::device::DeviceError| e.to_string())
+    s.parse()
+        .map_err(|e: crate::device::DeviceError| e.to_string())
 }
 
 /// Runs the CLI; the return value is the process exit code.

@@ -101,3 +101,30 @@ test("without WebGPU the page explains what to do", async () => {
     await browser.close();
   }
 });
+
+test("the Content-Security-Policy refuses connections to hosts it does not list", async () => {
+  const browser = await launch({ webgpu: false });
+  try {
+    const { page, foreignRequests } = await openPage(browser, server.url);
+    const outcome = await page.evaluate(async () => {
+      const violations = [];
+      document.addEventListener("securitypolicyviolation", (e) => violations.push(e.effectiveDirective));
+      let refused = false;
+      try {
+        await fetch("https://example.org/upload", { method: "POST", body: "photo" });
+      } catch {
+        refused = true;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+      return { refused, violations };
+    });
+    assert.ok(outcome.refused);
+    assert.deepEqual(outcome.violations, ["connect-src"]);
+    // The browser refused it before any request existed.
+    assert.deepEqual(foreignRequests, []);
+    const policy = await page.locator("meta[http-equiv=Content-Security-Policy]").getAttribute("content");
+    assert.match(policy, /connect-src 'self' https:\/\/huggingface\.co https:\/\/\*\.huggingface\.co https:\/\/\*\.hf\.co;/);
+  } finally {
+    await browser.close();
+  }
+});

@@ -3,7 +3,6 @@
 import http from "node:http";
 import fs from "node:fs/promises";
 import path from "node:path";
-import os from "node:os";
 import { chromium } from "playwright-core";
 
 const TYPES = {
@@ -45,9 +44,9 @@ export async function launch({ webgpu }) {
     "--disable-sync",
     "--no-first-run",
     "--disable-quic",
-    `--user-data-dir=${await fs.mkdtemp(path.join(os.tmpdir(), "sefi-chromium-"))}`,
   ];
   if (webgpu) args.push("--enable-unsafe-webgpu");
+  // playwright starts each browser with a fresh, empty profile of its own.
   return chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", headless: true, args });
 }
 
