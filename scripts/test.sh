@@ -20,7 +20,7 @@ cargo test
 
 step "in-browser tests (wasm, WebGPU in headless Chromium)"
 CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=300 \
-  cargo test --release --target wasm32-unknown-unknown --no-default-features --features web --test browser
+  cargo test --release --target wasm32-unknown-unknown --no-default-features --features web,wgpu --test browser
 
 step "end-to-end tests (trunk build --release, Chromium)"
 trunk build --release --dist "$work/dist"

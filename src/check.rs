@@ -4,10 +4,9 @@
 //! their backward pass) on small fixed inputs, reads the loss and the gradient back
 //! asynchronously, and compares them with the same maths done in f64 on the host.
 
-use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+#[cfg(feature = "compute")]
+use burn::tensor::{Device, Tensor, TensorData, activation::softmax};
 use serde::{Deserialize, Serialize};
-use web_time::Instant;
 
 /// Rows of X (think: query positions).
 pub const M: usize = 8;
@@ -51,9 +50,10 @@ pub struct CheckReport {
 pub struct CheckError(pub String);
 
 /// Runs the computation on `device` with autodiff and compares it with the host reference.
+#[cfg(feature = "compute")]
 pub async fn autodiff_check(device: &Device) -> Result<CheckReport, CheckError> {
     let (x, w, c) = inputs();
-    let start = Instant::now();
+    let start = web_time::Instant::now();
     let ad = device.clone().autodiff();
     let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<_>>();
     let x_t = Tensor::<2>::from_data(TensorData::new(f32s(&x), [M, K]), &ad);
@@ -87,6 +87,7 @@ pub async fn autodiff_check(device: &Device) -> Result<CheckReport, CheckError> 
     })
 }
 
+#[cfg(feature = "compute")]
 async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f64>, CheckError> {
     let data = t
         .into_data_async()

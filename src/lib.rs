@@ -5,6 +5,14 @@
 //! synchronous read panics on WebGPU. Native code drives the same futures with
 //! [`block_on`].
 
+#[cfg(all(
+    feature = "compute",
+    not(any(feature = "cpu", feature = "wgpu", feature = "cuda"))
+))]
+compile_error!("enable a backend feature: `cpu`, `wgpu` or `cuda`");
+#[cfg(all(feature = "cli", not(feature = "compute")))]
+compile_error!("the `sefi` command line needs a backend: enable `cpu`, `wgpu` or `cuda`");
+
 pub mod check;
 pub mod device;
 

@@ -13,6 +13,15 @@ pub enum Request {
     GpuCheck,
 }
 
+impl Request {
+    /// The answer to this request when it cannot be carried out.
+    pub fn refuse(&self, error: WorkerError) -> Response {
+        match self {
+            Request::GpuCheck => Response::GpuCheck(Err(error)),
+        }
+    }
+}
+
 /// Worker → page.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {

@@ -3,9 +3,9 @@
 
 use gloo_worker::{HandlerId, Registrable, Worker, WorkerScope};
 
-use super::protocol::{GpuReport, JsCodec, Request, Response, WorkerError};
-use crate::check::autodiff_check;
-use crate::device::{DeviceChoice, DeviceError};
+#[cfg(feature = "compute")]
+use super::protocol::{GpuReport, WorkerError};
+use super::protocol::{JsCodec, Request, Response};
 
 /// The worker's loader script as trunk emits it (`data-bin="sefi-worker"` with
 /// `data-loader-shim`); a same-origin script, so the CSP needs no `blob:` workers.
@@ -40,13 +40,27 @@ pub fn register() {
 }
 
 /// Answers one request. Public so that in-browser tests can drive it without a page.
+#[cfg(feature = "compute")]
 pub async fn handle(request: Request) -> Response {
     match request {
         Request::GpuCheck => Response::GpuCheck(gpu_check().await),
     }
 }
 
+/// The page is built without a compute backend (it only needs this type to talk to the worker
+/// binary, which has one), so this build cannot answer.
+#[cfg(not(feature = "compute"))]
+pub async fn handle(request: Request) -> Response {
+    request.refuse(super::protocol::WorkerError::Other(
+        "this build has no compute backend; the worker binary is built with `wgpu`".into(),
+    ))
+}
+
+#[cfg(feature = "compute")]
 async fn gpu_check() -> Result<GpuReport, WorkerError> {
+    use crate::check::autodiff_check;
+    use crate::device::{DeviceChoice, DeviceError};
+
     let dev = DeviceChoice::Wgpu.open().await.map_err(|e| match e {
         DeviceError::NoWebGpu { detail, .. } | DeviceError::NoWgpuAdapter { detail, .. } => {
             WorkerError::NoWebGpu(detail)
