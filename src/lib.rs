@@ -14,6 +14,7 @@ compile_error!("enable a backend feature: `cpu`, `wgpu` or `cuda`");
 compile_error!("the `sefi` command line needs a backend: enable `cpu`, `wgpu` or `cuda`");
 
 pub mod check;
+pub mod clip;
 pub mod device;
 
 #[cfg(feature = "web")]
