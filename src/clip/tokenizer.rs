@@ -299,6 +299,8 @@ impl ClipTokenizer {
         let text = basic_clean(text);
         for word in word_pattern().find_iter(&text) {
             let word = word.as_str();
+            // Exact specials were split out already; these are other spellings that the
+            // lower-casing turned into them ("<|EndOfText|>"), which transformers maps too.
             if word == START_OF_TEXT || word == END_OF_TEXT {
                 out.push(Piece::Id(self.encoder[word]));
                 continue;
