@@ -15,7 +15,17 @@ compile_error!("the `sefi` command line needs a backend: enable `cpu`, `wgpu` or
 
 pub mod check;
 pub mod clip;
+pub mod config;
 pub mod device;
+#[cfg(feature = "compute")]
+pub mod nn;
+#[cfg(feature = "compute")]
+pub mod sd;
+#[cfg(feature = "compute")]
+pub mod unet;
+#[cfg(feature = "compute")]
+pub mod vae;
+pub mod weights;
 
 #[cfg(feature = "web")]
 pub mod app;

@@ -1,0 +1,331 @@
+//! Model configurations as plain structs: per-version constructors and `config.json` reading.
+//! Field names and defaults are diffusers' / transformers', so a config.json maps one to one.
+
+use serde::{Deserialize, Serialize};
+
+/// A number for every block, or one number for all (diffusers accepts both in config.json).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock {
+    All(usize),
+    Each(Vec<usize>),
+}
+
+impl PerBlock {
+    pub fn get(&self, block: usize) -> usize {
+        match self {
+            PerBlock::All(n) => *n,
+            PerBlock::Each(v) => v[block.min(v.len() - 1)],
+        }
+    }
+}
+
+/// `UNet2DConditionModel`'s config (the fields SD 1.x and 2.x use; SDXL adds more).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UNetConfig {
+    pub sample_size: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    /// For SD 1.x/2.x diffusers reads this as the number of heads (a long-standing naming
+    /// quirk of `UNet2DConditionModel`), unless `num_attention_heads` is set.
+    pub attention_head_dim: PerBlock,
+    pub num_attention_heads: Option<PerBlock>,
+    pub cross_attention_dim: usize,
+    pub transformer_layers_per_block: PerBlock,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub use_linear_projection: bool,
+    /// Softmax in f32 for f16 models (SD 2.1 768-v); f32 models are unaffected.
+    pub upcast_attention: bool,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: usize,
+    pub addition_embed_type: Option<String>,
+}
+
+impl Default for UNetConfig {
+    fn default() -> Self {
+        Self::v1_5()
+    }
+}
+
+impl UNetConfig {
+    /// SD 1.x (stable-diffusion-v1-5).
+    pub fn v1_5() -> Self {
+        Self {
+            sample_size: 64,
+            in_channels: 4,
+            out_channels: 4,
+            down_block_types: [
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: [
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            attention_head_dim: PerBlock::All(8),
+            num_attention_heads: None,
+            cross_attention_dim: 768,
+            transformer_layers_per_block: PerBlock::All(1),
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            use_linear_projection: false,
+            upcast_attention: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0,
+            addition_embed_type: None,
+        }
+    }
+
+    /// SD 2.1 (768 px, v-prediction).
+    pub fn v2_1() -> Self {
+        Self {
+            sample_size: 96,
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20, 20]),
+            cross_attention_dim: 1024,
+            use_linear_projection: true,
+            upcast_attention: true,
+            ..Self::v1_5()
+        }
+    }
+
+    /// SD 2.1-base (512 px, epsilon).
+    pub fn v2_1_base() -> Self {
+        Self {
+            sample_size: 64,
+            upcast_attention: false,
+            ..Self::v2_1()
+        }
+    }
+
+    /// Heads of the attention layers in down block `block` (the mid block uses the last).
+    pub fn heads(&self, block: usize) -> usize {
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .get(block)
+    }
+}
+
+/// `CLIPTextModel`'s config (transformers' `CLIPTextConfig`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    /// `quick_gelu` (OpenAI CLIP, SD 1.x) or `gelu` (OpenCLIP, SD 2.x).
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+    pub projection_dim: usize,
+    pub pad_token_id: u32,
+    pub bos_token_id: u32,
+    pub eos_token_id: u32,
+}
+
+impl Default for TextConfig {
+    fn default() -> Self {
+        Self::v1_5()
+    }
+}
+
+impl TextConfig {
+    /// CLIP ViT-L/14's text model (SD 1.x).
+    pub fn v1_5() -> Self {
+        Self {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+            projection_dim: 768,
+            pad_token_id: 1,
+            bos_token_id: 0,
+            eos_token_id: 2,
+        }
+    }
+
+    /// OpenCLIP ViT-H/14's text model as SD 2.x uses it: 23 of its 24 layers, since SD 2
+    /// conditions on the penultimate layer.
+    pub fn v2_1() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 23,
+            num_attention_heads: 16,
+            hidden_act: "gelu".into(),
+            projection_dim: 512,
+            ..Self::v1_5()
+        }
+    }
+}
+
+/// `AutoencoderKL`'s config.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub sample_size: usize,
+    pub scaling_factor: f64,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self::v1_5()
+    }
+}
+
+impl VaeConfig {
+    /// The VAE of SD 1.x and 2.x.
+    pub fn v1_5() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            sample_size: 512,
+            scaling_factor: 0.18215,
+        }
+    }
+
+    pub fn v2_1() -> Self {
+        Self {
+            sample_size: 768,
+            ..Self::v1_5()
+        }
+    }
+}
+
+/// What the UNet predicts (from `scheduler/scheduler_config.json`'s `prediction_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    Epsilon,
+    VPrediction,
+}
+
+/// The three models of a Stable Diffusion checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SdConfig {
+    pub unet: UNetConfig,
+    pub text_encoder: TextConfig,
+    pub vae: VaeConfig,
+    pub prediction: Prediction,
+}
+
+impl SdConfig {
+    pub fn v1_5() -> Self {
+        Self {
+            unet: UNetConfig::v1_5(),
+            text_encoder: TextConfig::v1_5(),
+            vae: VaeConfig::v1_5(),
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    pub fn v2_1() -> Self {
+        Self {
+            unet: UNetConfig::v2_1(),
+            text_encoder: TextConfig::v2_1(),
+            vae: VaeConfig::v2_1(),
+            prediction: Prediction::VPrediction,
+        }
+    }
+
+    pub fn v2_1_base() -> Self {
+        Self {
+            unet: UNetConfig::v2_1_base(),
+            text_encoder: TextConfig::v2_1(),
+            vae: VaeConfig::v1_5(),
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    /// Tiny SD 1.x-shaped models for tests: the real block layout at a width of 32 (the
+    /// models of `tests/fixtures/sd/`).
+    pub fn tiny_sd1() -> Self {
+        Self {
+            unet: UNetConfig {
+                sample_size: 8,
+                block_out_channels: vec![32, 32, 32, 32],
+                cross_attention_dim: 16,
+                norm_num_groups: 16,
+                ..UNetConfig::v1_5()
+            },
+            text_encoder: TextConfig {
+                hidden_size: 16,
+                intermediate_size: 37,
+                num_hidden_layers: 5,
+                num_attention_heads: 4,
+                projection_dim: 16,
+                ..TextConfig::v1_5()
+            },
+            vae: VaeConfig {
+                block_out_channels: vec![32, 32, 32, 64],
+                norm_num_groups: 16,
+                sample_size: 32,
+                ..VaeConfig::v1_5()
+            },
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    /// Tiny SD 2.x-shaped models for tests (v-prediction, linear projections, gelu).
+    pub fn tiny_sd2() -> Self {
+        let sd1 = Self::tiny_sd1();
+        Self {
+            unet: UNetConfig {
+                attention_head_dim: PerBlock::Each(vec![2, 4, 4, 4]),
+                use_linear_projection: true,
+                upcast_attention: true,
+                ..sd1.unet
+            },
+            text_encoder: TextConfig {
+                num_hidden_layers: 4,
+                hidden_act: "gelu".into(),
+                ..sd1.text_encoder
+            },
+            vae: sd1.vae,
+            prediction: Prediction::VPrediction,
+        }
+    }
+}
+
+/// Parses one config.json.
+pub fn from_json<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+) -> Result<T, crate::weights::WeightsError> {
+    serde_json::from_str(text).map_err(|e| crate::weights::WeightsError::Config {
+        file: file.into(),
+        reason: format!("not a valid config: {e}"),
+    })
+}

@@ -1,0 +1,350 @@
+//! Building blocks shared by the models, built from checkpoint tensors by name (each layer
+//! asks [`Vars`] for its weights under its diffusers path), and the loader that streams a
+//! checkpoint's tensors onto the device one at a time.
+//!
+//! The models are frozen: their weights are plain tensors, never trained, so they carry no
+//! gradients and need no optimizer state.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+
+use burn::tensor::{
+    DType, Device, Int, Tensor, TensorCreationOptions, TensorData,
+    activation::{gelu, sigmoid, silu},
+    module::{conv2d, embedding, layer_norm, linear},
+    ops::ConvOptions,
+};
+
+use crate::weights::{Checkpoint, Component, HostData, WeightsError};
+
+/// Where tensors come from while a model is built.
+enum Mode {
+    /// Record the names and shapes the model asks for; hand out zero-cost placeholders.
+    Shapes,
+    /// Hand out loaded tensors (flat, reshaped on request).
+    Loaded(RefCell<HashMap<String, Tensor<1>>>),
+}
+
+/// The tensors a model is built from.
+pub struct VarStore {
+    device: Device,
+    mode: Mode,
+    requested: RefCell<BTreeMap<String, Vec<usize>>>,
+    path: String,
+    component: Component,
+}
+
+impl VarStore {
+    /// A store that only records what is asked for: build a model with it to learn the
+    /// names and shapes it needs, and its parameter count, without allocating weights.
+    pub fn shapes(device: &Device, component: Component) -> Self {
+        Self {
+            device: device.clone(),
+            mode: Mode::Shapes,
+            requested: Default::default(),
+            path: String::new(),
+            component,
+        }
+    }
+
+    pub fn root(&self) -> Vars<'_> {
+        Vars {
+            store: self,
+            prefix: String::new(),
+        }
+    }
+
+    /// Names and shapes asked for so far.
+    pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
+        self.requested.borrow().clone()
+    }
+
+    /// Number of parameters asked for so far.
+    pub fn param_count(&self) -> u64 {
+        self.requested
+            .borrow()
+            .values()
+            .map(|s| s.iter().product::<usize>() as u64)
+            .sum()
+    }
+}
+
+/// A path into a [`VarStore`], like `down_blocks.0.resnets.1`.
+#[derive(Clone)]
+pub struct Vars<'a> {
+    store: &'a VarStore,
+    prefix: String,
+}
+
+impl<'a> Vars<'a> {
+    /// The sub-path `name` (e.g. `vars.pp("resnets").pp(0)`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vars<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Vars {
+            store: self.store,
+            prefix,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+
+    /// The tensor `name` under this path, of the given shape.
+    pub fn get<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<D>, WeightsError> {
+        let full = self.pp(name).prefix;
+        self.store
+            .requested
+            .borrow_mut()
+            .insert(full.clone(), shape.to_vec());
+        match &self.store.mode {
+            Mode::Shapes => Ok(Tensor::<1>::zeros([1], &self.store.device)
+                .reshape([1; D])
+                .expand(shape)),
+            Mode::Loaded(map) => {
+                let flat = map
+                    .borrow_mut()
+                    .remove(&full)
+                    .ok_or_else(|| WeightsError::Missing {
+                        path: self.store.path.clone(),
+                        component: self.store.component,
+                        name: full.clone(),
+                    })?;
+                if flat.dims()[0] != shape.iter().product::<usize>() {
+                    return Err(WeightsError::Shape {
+                        path: self.store.path.clone(),
+                        component: self.store.component,
+                        name: full,
+                        expected: shape.to_vec(),
+                        found: flat.dims().to_vec(),
+                    });
+                }
+                Ok(flat.reshape(shape))
+            }
+        }
+    }
+}
+
+/// Progress of a model load.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadProgress {
+    pub component: Component,
+    pub tensors_done: usize,
+    pub tensors_total: usize,
+}
+
+/// Loads one model of a checkpoint onto `device` in `dtype`: learns what the model needs
+/// (`build` on a shape-recording store), checks the checkpoint has exactly that, then streams
+/// the tensors in file order, one on the host at a time, and builds the model from them.
+pub async fn load<M>(
+    checkpoint: &Checkpoint,
+    component: Component,
+    device: &Device,
+    dtype: DType,
+    build: impl Fn(Vars) -> Result<M, WeightsError>,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<M, WeightsError> {
+    let shapes = VarStore::shapes(device, component);
+    build(shapes.root())?;
+    checkpoint.check(component, &shapes.requested())?;
+    let order = checkpoint.read_order(component);
+    let mut map = HashMap::with_capacity(order.len());
+    let options = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+    for (i, name) in order.iter().enumerate() {
+        let host = checkpoint.read(component, name).await?;
+        let n = host.shape.iter().product::<usize>();
+        let data = match host.data {
+            HostData::F32(v) => TensorData::new(v, [n]),
+            HostData::F16(v) => TensorData::new(v, [n]),
+            HostData::BF16(v) => TensorData::new(v, [n]),
+        };
+        map.insert(name.clone(), Tensor::<1>::from_data(data, options.clone()));
+        progress(LoadProgress {
+            component,
+            tensors_done: i + 1,
+            tensors_total: order.len(),
+        });
+    }
+    let store = VarStore {
+        device: device.clone(),
+        mode: Mode::Loaded(RefCell::new(map)),
+        requested: Default::default(),
+        path: checkpoint.path.clone(),
+        component,
+    };
+    build(store.root())
+}
+
+/// `torch.nn.Linear`. The weight is kept as [in, out], the layout burn's `linear` takes.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor<2>,
+    pub bias: Option<Tensor<1>>,
+}
+
+impl Linear {
+    pub fn new(vars: Vars, d_in: usize, d_out: usize, bias: bool) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [d_out, d_in])?.transpose(),
+            bias: if bias {
+                Some(vars.get("bias", [d_out])?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// `[..., d_in]` -> `[..., d_out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.clone(), self.bias.clone())
+    }
+}
+
+/// `torch.nn.Conv2d` with square kernels and symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor<4>,
+    pub bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+}
+
+impl Conv2d {
+    pub fn new(
+        vars: Vars,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [c_out, c_in, kernel, kernel])?,
+            bias: Some(vars.get("bias", [c_out])?),
+            options: ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1),
+        })
+    }
+
+    /// Padding given as (begin, end) per spatial dimension, e.g. the VAE's (0, 1) downsampling.
+    pub fn with_padding(mut self, padding: [(usize, usize); 2]) -> Self {
+        self.options.padding = padding;
+        self
+    }
+
+    /// `[n, c_in, h, w]` -> `[n, c_out, h', w']`.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        conv2d(
+            x,
+            self.weight.clone(),
+            self.bias.clone(),
+            self.options.clone(),
+        )
+    }
+}
+
+/// `torch.nn.GroupNorm` (affine).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor<1>,
+    pub bias: Tensor<1>,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vars: Vars, groups: usize, channels: usize, eps: f64) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [channels])?,
+            bias: vars.get("bias", [channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    /// `[n, c, h, w]` -> same shape.
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let [n, c, h, w] = x.dims();
+        let grouped = x.reshape([n, self.groups, (c / self.groups) * h * w]);
+        let (var, mean) = grouped.clone().var_mean_bias(2);
+        let normed = (grouped - mean)
+            .div(var.add_scalar(self.eps).sqrt())
+            .reshape([n, c, h, w]);
+        normed * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor<1>,
+    pub bias: Tensor<1>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(vars: Vars, dim: usize, eps: f64) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [dim])?,
+            bias: vars.get("bias", [dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.weight.clone(), Some(self.bias.clone()), self.eps)
+    }
+}
+
+/// `torch.nn.Embedding`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor<2>,
+}
+
+impl Embedding {
+    pub fn new(vars: Vars, count: usize, dim: usize) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [count, dim])?,
+        })
+    }
+
+    /// `[batch, seq]` ids -> `[batch, seq, dim]`.
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        embedding(self.weight.clone(), ids)
+    }
+}
+
+/// Activation functions by their config names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    QuickGelu,
+    Silu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "gelu" => Some(Self::Gelu),
+            "quick_gelu" => Some(Self::QuickGelu),
+            "silu" | "swish" => Some(Self::Silu),
+            _ => None,
+        }
+    }
+
+    pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Self::Gelu => gelu(x),
+            // x * sigmoid(1.702 x), OpenAI CLIP's approximation.
+            Self::QuickGelu => x.clone() * sigmoid(x.mul_scalar(1.702)),
+            Self::Silu => silu(x),
+        }
+    }
+}

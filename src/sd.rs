@@ -1,0 +1,111 @@
+//! A whole Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE.
+
+use burn::tensor::{DType, Device};
+
+use crate::clip::{ClipTextModel, ClipTokenizer};
+use crate::config::SdConfig;
+use crate::nn::{self, LoadProgress, VarStore};
+use crate::unet::UNet2DConditionModel;
+use crate::vae::AutoencoderKL;
+use crate::weights::{Checkpoint, Component, Family, TokenizerSource, WeightsError};
+
+pub struct StableDiffusion {
+    pub family: Family,
+    pub config: SdConfig,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+}
+
+/// Parameter counts of the three models of a config, computed without allocating weights.
+pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 3], WeightsError> {
+    let count = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
+        let store = VarStore::shapes(device, component);
+        build(store.root()).map(|()| store.param_count())
+    };
+    Ok([
+        count(Component::Unet, &|v| {
+            UNet2DConditionModel::new(v, &config.unet).map(drop)
+        })?,
+        count(Component::TextEncoder, &|v| {
+            ClipTextModel::new(v, &config.text_encoder).map(drop)
+        })?,
+        count(Component::Vae, &|v| {
+            AutoencoderKL::new(v, &config.vae).map(drop)
+        })?,
+    ])
+}
+
+/// The tokenizer a checkpoint names: its own files, or the bundled vocabulary.
+pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError> {
+    match source {
+        TokenizerSource::Bundled { pad_token } => Ok(ClipTokenizer::openai(pad_token)),
+        TokenizerSource::Files {
+            vocab,
+            merges,
+            pad_token,
+        } => {
+            let read = |p: &String| {
+                std::fs::read_to_string(p).map_err(|e| WeightsError::Io {
+                    file: p.clone(),
+                    reason: e.to_string(),
+                })
+            };
+            ClipTokenizer::from_files(&read(vocab)?, &read(merges)?, pad_token).map_err(|e| {
+                WeightsError::Config {
+                    file: vocab.clone(),
+                    reason: e.to_string(),
+                }
+            })
+        }
+    }
+}
+
+impl StableDiffusion {
+    /// Streams the three models onto `device`, weights in `dtype` (F32, or F16/BF16 where the
+    /// device supports them).
+    pub async fn load(
+        checkpoint: &Checkpoint,
+        device: &Device,
+        dtype: DType,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<Self, WeightsError> {
+        let c = &checkpoint.config;
+        let text_encoder = nn::load(
+            checkpoint,
+            Component::TextEncoder,
+            device,
+            dtype,
+            |v| ClipTextModel::new(v, &c.text_encoder),
+            progress,
+        )
+        .await?;
+        let unet = nn::load(
+            checkpoint,
+            Component::Unet,
+            device,
+            dtype,
+            |v| UNet2DConditionModel::new(v, &c.unet),
+            progress,
+        )
+        .await?;
+        let vae = nn::load(
+            checkpoint,
+            Component::Vae,
+            device,
+            dtype,
+            |v| AutoencoderKL::new(v, &c.vae),
+            progress,
+        )
+        .await?;
+        Ok(Self {
+            family: checkpoint.family,
+            config: c.clone(),
+            tokenizer: tokenizer(&checkpoint.tokenizer)?,
+            text_encoder,
+            unet,
+            vae,
+        })
+    }
+}

@@ -1,0 +1,519 @@
+//! A Stable Diffusion checkpoint as the three models see it: every tensor under its diffusers
+//! name, wherever it lives (a diffusers folder's per-model files, or one single-file original
+//! checkpoint mapped by [`super::ldm`]). Only headers are read until a tensor is asked for.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+use super::ldm::{self, LdmFamily, Transform};
+use super::{ByteSource, HostData, HostTensor, SafetensorsFile, WeightsError};
+use crate::config::{self, Prediction, SdConfig, TextConfig, UNetConfig, VaeConfig};
+
+/// Model family, as users and identity files name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    /// SD 1.x: CLIP ViT-L/14 text encoder, epsilon prediction.
+    #[serde(rename = "sd1")]
+    Sd1,
+    /// SD 2.x with epsilon prediction (2.0-base, 2.1-base).
+    #[serde(rename = "sd2")]
+    Sd2,
+    /// SD 2.x with v-prediction (2.0-v, 2.1 at 768 px).
+    #[serde(rename = "sd2-v")]
+    Sd2V,
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::Sd1 => "sd1",
+            Family::Sd2 => "sd2",
+            Family::Sd2V => "sd2-v",
+        })
+    }
+}
+
+impl Family {
+    /// Same text encoder, so identities transfer (sd2 and sd2-v share OpenCLIP ViT-H).
+    pub fn base(self) -> Family {
+        match self {
+            Family::Sd2V => Family::Sd2,
+            f => f,
+        }
+    }
+}
+
+/// How the files are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// A diffusers folder (`unet/`, `text_encoder/`, `vae/`, ...).
+    Diffusers,
+    /// One original (CompVis/LDM) `.safetensors` file.
+    SingleFile,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Diffusers => "diffusers",
+            Format::SingleFile => "single-file",
+        })
+    }
+}
+
+/// One of the three models.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    Unet,
+    TextEncoder,
+    Vae,
+}
+
+impl Component {
+    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::Vae];
+
+    /// The diffusers folder, and the prefix of mapped single-file names.
+    pub fn folder(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::TextEncoder => "text_encoder",
+            Component::Vae => "vae",
+        }
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Component::Unet => "UNet",
+            Component::TextEncoder => "text encoder",
+            Component::Vae => "VAE",
+        })
+    }
+}
+
+/// Where the tokenizer comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum TokenizerSource {
+    /// `tokenizer/vocab.json` and `tokenizer/merges.txt` of the model.
+    Files {
+        vocab: String,
+        merges: String,
+        pad_token: String,
+    },
+    /// The CLIP vocabulary bundled with SeFi Studio (single-file checkpoints carry none).
+    Bundled { pad_token: String },
+}
+
+/// Where one model tensor is stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    file: usize,
+    key: String,
+    transform: Transform,
+    pub dtype: Dtype,
+    /// Shape after the transform.
+    pub shape: Vec<usize>,
+}
+
+/// Files that make up a diffusers folder, as byte sources with their config texts.
+pub struct DiffusersParts {
+    pub unet: Box<dyn ByteSource>,
+    pub text_encoder: Box<dyn ByteSource>,
+    pub vae: Box<dyn ByteSource>,
+    pub unet_config: Option<String>,
+    pub text_encoder_config: Option<String>,
+    pub vae_config: Option<String>,
+    pub scheduler_config: Option<String>,
+    pub tokenizer: Option<TokenizerSource>,
+}
+
+/// An opened checkpoint: family, config, and the index of every tensor.
+pub struct Checkpoint {
+    pub path: String,
+    pub format: Format,
+    pub family: Family,
+    pub config: SdConfig,
+    pub tokenizer: TokenizerSource,
+    files: Vec<SafetensorsFile>,
+    entries: BTreeMap<Component, BTreeMap<String, Entry>>,
+}
+
+impl fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("format", &self.format)
+            .field("family", &self.family)
+            .finish()
+    }
+}
+
+fn pad_token(family: Family) -> String {
+    match family {
+        Family::Sd1 => "<|endoftext|>".into(),
+        _ => "!".into(),
+    }
+}
+
+impl Checkpoint {
+    /// Opens a diffusers folder's files. The configs decide the family; without them the
+    /// tensor shapes do.
+    pub async fn diffusers(path: &str, parts: DiffusersParts) -> Result<Self, WeightsError> {
+        let mut files = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (component, source) in
+            Component::ALL
+                .into_iter()
+                .zip([parts.unet, parts.text_encoder, parts.vae])
+        {
+            let file = SafetensorsFile::open(source).await?;
+            let mut map = BTreeMap::new();
+            for (key, dtype, shape) in file.tensors() {
+                // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
+                let name = if component == Component::TextEncoder && !key.starts_with("text_model.")
+                {
+                    format!("text_model.{key}")
+                } else {
+                    key.clone()
+                };
+                map.insert(
+                    name,
+                    Entry {
+                        file: files.len(),
+                        key,
+                        transform: Transform::Copy,
+                        dtype,
+                        shape,
+                    },
+                );
+            }
+            entries.insert(component, map);
+            files.push(file);
+        }
+        let cfg_file = |c: &str| format!("{path}/{c}/config.json");
+        let shapes = Shapes(&entries);
+        let family_from_shapes = shapes.family(path)?;
+        let unet: UNetConfig = match &parts.unet_config {
+            Some(t) => config::from_json(&cfg_file("unet"), t)?,
+            None => family_from_shapes.full_size().unet,
+        };
+        if unet.addition_embed_type.is_some() || unet.cross_attention_dim == 2048 {
+            return Err(WeightsError::Unsupported {
+                path: path.into(),
+                what: "an SDXL model".into(),
+            });
+        }
+        let text_encoder: TextConfig = match &parts.text_encoder_config {
+            Some(t) => config::from_json(&cfg_file("text_encoder"), t)?,
+            None => family_from_shapes.full_size().text_encoder,
+        };
+        let vae: VaeConfig = match &parts.vae_config {
+            Some(t) => config::from_json(&cfg_file("vae"), t)?,
+            None => family_from_shapes.full_size().vae,
+        };
+        let prediction = match &parts.scheduler_config {
+            Some(t) => {
+                #[derive(Deserialize)]
+                struct Sched {
+                    prediction_type: Option<Prediction>,
+                }
+                let s: Sched =
+                    config::from_json(&format!("{path}/scheduler/scheduler_config.json"), t)?;
+                s.prediction_type.unwrap_or(Prediction::Epsilon)
+            }
+            None => family_from_shapes.full_size().prediction,
+        };
+        let sd2 = unet.use_linear_projection || text_encoder.hidden_act == "gelu";
+        let family = match (sd2, prediction) {
+            (false, _) => Family::Sd1,
+            (true, Prediction::Epsilon) => Family::Sd2,
+            (true, Prediction::VPrediction) => Family::Sd2V,
+        };
+        let tokenizer = parts.tokenizer.unwrap_or(TokenizerSource::Bundled {
+            pad_token: pad_token(family),
+        });
+        Ok(Self {
+            path: path.into(),
+            format: Format::Diffusers,
+            family,
+            config: SdConfig {
+                unet,
+                text_encoder,
+                vae,
+                prediction,
+            },
+            tokenizer,
+            files,
+            entries,
+        })
+    }
+
+    /// Opens a single-file original checkpoint. The family comes from the text encoder's
+    /// keys. `config` gives the model sizes (as diffusers' `from_single_file(config=...)`);
+    /// without it the family's full-size config is used, and SD 2.x is taken to be the
+    /// 768-px v-prediction model, as diffusers does.
+    pub async fn single_file(
+        source: Box<dyn ByteSource>,
+        config: Option<SdConfig>,
+    ) -> Result<Self, WeightsError> {
+        let path = source.name().to_string();
+        let file = SafetensorsFile::open(source).await?;
+        let keys: Vec<(String, Vec<usize>)> =
+            file.tensors().into_iter().map(|(k, _, s)| (k, s)).collect();
+        if keys
+            .iter()
+            .any(|(k, _)| k.starts_with("conditioner.embedders."))
+        {
+            return Err(WeightsError::Unsupported {
+                path,
+                what: "an SDXL checkpoint".into(),
+            });
+        }
+        let Some(ldm_family) = ldm::detect_family(&keys) else {
+            let reason = if keys
+                .iter()
+                .any(|(k, _)| k.starts_with("model.diffusion_model."))
+            {
+                "it has a UNet but no known text encoder (cond_stage_model.*)".to_string()
+            } else {
+                "it has none of the tensors of an original Stable Diffusion checkpoint (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)".to_string()
+            };
+            return Err(WeightsError::UnknownModel { path, reason });
+        };
+        let map = ldm::map_keys(&keys, ldm_family);
+        if let Some(first) = map.unknown.first() {
+            return Err(WeightsError::UnknownModel {
+                path,
+                reason: format!(
+                    "{} tensor(s) belong to none of the three models, e.g. `{first}`",
+                    map.unknown.len()
+                ),
+            });
+        }
+        let mut entries: BTreeMap<Component, BTreeMap<String, Entry>> = Component::ALL
+            .iter()
+            .map(|&c| (c, BTreeMap::new()))
+            .collect();
+        for m in map.mapped {
+            let (prefix, name) = m
+                .target
+                .split_once('.')
+                .expect("targets carry a component prefix");
+            let component = match prefix {
+                "unet" => Component::Unet,
+                "text_encoder" => Component::TextEncoder,
+                _ => Component::Vae,
+            };
+            let info = file
+                .info(&m.source)
+                .expect("mapped names come from the file");
+            let shape = m.transform.apply_shape(&info.shape);
+            entries.get_mut(&component).expect("all components").insert(
+                name.to_string(),
+                Entry {
+                    file: 0,
+                    key: m.source,
+                    transform: m.transform,
+                    dtype: info.dtype,
+                    shape,
+                },
+            );
+        }
+        let family = match ldm_family {
+            LdmFamily::Sd1 => Family::Sd1,
+            LdmFamily::Sd2 => match config.as_ref().map(|c| c.prediction) {
+                Some(Prediction::Epsilon) => Family::Sd2,
+                _ => Family::Sd2V,
+            },
+        };
+        let config = config.unwrap_or_else(|| family.full_size());
+        Ok(Self {
+            path,
+            format: Format::SingleFile,
+            family,
+            config,
+            tokenizer: TokenizerSource::Bundled {
+                pad_token: pad_token(family),
+            },
+            files: vec![file],
+            entries,
+        })
+    }
+
+    /// The tensors of one model, by diffusers name.
+    pub fn entries(&self, component: Component) -> &BTreeMap<String, Entry> {
+        &self.entries[&component]
+    }
+
+    /// Number of parameters of one model.
+    pub fn params(&self, component: Component) -> u64 {
+        self.entries(component)
+            .values()
+            .map(|e| e.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
+    /// The dtype most of the weights are stored in.
+    pub fn dtype(&self) -> Dtype {
+        let mut count: BTreeMap<String, (u64, Dtype)> = BTreeMap::new();
+        for map in self.entries.values() {
+            for e in map.values() {
+                count
+                    .entry(format!("{:?}", e.dtype))
+                    .or_insert((0, e.dtype))
+                    .0 += e.shape.iter().product::<usize>() as u64;
+            }
+        }
+        count
+            .into_values()
+            .max_by_key(|(n, _)| *n)
+            .map(|(_, d)| d)
+            .unwrap_or(Dtype::F32)
+    }
+
+    /// Checks the stored tensors against what a model expects: every expected tensor present
+    /// with its shape, and nothing left over.
+    pub fn check(
+        &self,
+        component: Component,
+        expected: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<(), WeightsError> {
+        let have = self.entries(component);
+        for (name, shape) in expected {
+            match have.get(name) {
+                None => {
+                    return Err(WeightsError::Missing {
+                        path: self.path.clone(),
+                        component,
+                        name: name.clone(),
+                    });
+                }
+                Some(e) if &e.shape != shape => {
+                    return Err(WeightsError::Shape {
+                        path: self.path.clone(),
+                        component,
+                        name: name.clone(),
+                        expected: shape.clone(),
+                        found: e.shape.clone(),
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        let extra: Vec<&String> = have.keys().filter(|k| !expected.contains_key(*k)).collect();
+        if let Some(first) = extra.first() {
+            return Err(WeightsError::Unexpected {
+                path: self.path.clone(),
+                component,
+                count: extra.len(),
+                first: (*first).clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Names of one model's tensors in the order their bytes lie in the files, so that reads
+    /// stream forward.
+    pub fn read_order(&self, component: Component) -> Vec<String> {
+        let mut names: Vec<(&String, (usize, usize))> = self
+            .entries(component)
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name,
+                    (
+                        e.file,
+                        self.files[e.file]
+                            .info(&e.key)
+                            .map_or(0, |i| i.data_offsets.0),
+                    ),
+                )
+            })
+            .collect();
+        names.sort_by_key(|(_, at)| *at);
+        names.into_iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Reads one tensor (diffusers name) from its file and applies its transform.
+    pub async fn read(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError> {
+        let e = self
+            .entries(component)
+            .get(name)
+            .ok_or_else(|| WeightsError::Missing {
+                path: self.path.clone(),
+                component,
+                name: name.into(),
+            })?;
+        let t = self.files[e.file].read(&e.key).await?;
+        Ok(match &e.transform {
+            Transform::Copy | Transform::Squeeze => HostTensor {
+                shape: e.shape.clone(),
+                data: t.data,
+            },
+            Transform::Chunk { index, count } => {
+                let per = t.shape.iter().product::<usize>() / count;
+                let range = index * per..(index + 1) * per;
+                let data = match t.data {
+                    HostData::F32(v) => HostData::F32(v[range].to_vec()),
+                    HostData::F16(v) => HostData::F16(v[range].to_vec()),
+                    HostData::BF16(v) => HostData::BF16(v[range].to_vec()),
+                };
+                HostTensor {
+                    shape: e.shape.clone(),
+                    data,
+                }
+            }
+        })
+    }
+}
+
+/// Family guesses from tensor shapes alone (a diffusers folder without config files).
+struct Shapes<'a>(&'a BTreeMap<Component, BTreeMap<String, Entry>>);
+
+impl Shapes<'_> {
+    fn family(&self, path: &str) -> Result<Family, WeightsError> {
+        let unet = &self.0[&Component::Unet];
+        let cross = unet
+            .iter()
+            .find(|(k, _)| k.ends_with("attn2.to_k.weight"))
+            .map(|(_, e)| e.shape.get(1).copied().unwrap_or(0));
+        let Some(cross) = cross else {
+            return Err(WeightsError::UnknownModel {
+                path: path.into(),
+                reason: "its UNet has no cross-attention layers (attn2.to_k.weight)".into(),
+            });
+        };
+        if cross == 2048 || unet.keys().any(|k| k.starts_with("add_embedding.")) {
+            return Err(WeightsError::Unsupported {
+                path: path.into(),
+                what: "an SDXL model".into(),
+            });
+        }
+        let linear_proj = unet
+            .iter()
+            .any(|(k, e)| k.ends_with("proj_in.weight") && e.shape.len() == 2);
+        Ok(if cross == 1024 || linear_proj {
+            Family::Sd2V
+        } else {
+            Family::Sd1
+        })
+    }
+}
+
+impl Family {
+    /// The full-size config of the family's reference model.
+    pub fn full_size(self) -> SdConfig {
+        match self {
+            Family::Sd1 => SdConfig::v1_5(),
+            Family::Sd2 => SdConfig::v2_1_base(),
+            Family::Sd2V => SdConfig::v2_1(),
+        }
+    }
+}

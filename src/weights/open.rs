@@ -1,0 +1,136 @@
+//! Opening checkpoints from native paths: a diffusers folder or a single `.safetensors` file.
+
+use std::path::Path;
+
+use super::checkpoint::{DiffusersParts, TokenizerSource};
+use super::{ByteSource, Checkpoint, FileSource, WeightsError};
+use crate::config::SdConfig;
+
+/// Which weight files of a diffusers folder to use when both exist.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    /// The full-precision files, or the `.fp16` ones when only they exist.
+    #[default]
+    Auto,
+    /// The `.fp16.safetensors` files (half the size; what most downloads use).
+    Fp16,
+}
+
+fn read_text(path: &Path) -> Result<Option<String>, WeightsError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WeightsError::Io {
+            file: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The weight file of one diffusers model folder.
+fn weight_file(
+    dir: &Path,
+    stem: &str,
+    variant: Variant,
+) -> Result<Box<dyn ByteSource>, WeightsError> {
+    let full = dir.join(format!("{stem}.safetensors"));
+    let half = dir.join(format!("{stem}.fp16.safetensors"));
+    let pick = match variant {
+        Variant::Fp16 if half.exists() => Some(half),
+        _ if full.exists() => Some(full),
+        _ if half.exists() => Some(half),
+        _ => None,
+    };
+    if let Some(p) = pick {
+        return Ok(Box::new(FileSource::open(&p)?));
+    }
+    for pickle in [
+        format!("{stem}.bin"),
+        format!("{stem}.fp16.bin"),
+        format!("{stem}.ckpt"),
+    ] {
+        if dir.join(&pickle).exists() {
+            return Err(WeightsError::Pickle {
+                file: dir.join(pickle).display().to_string(),
+            });
+        }
+    }
+    Err(WeightsError::UnknownModel {
+        path: dir.display().to_string(),
+        reason: format!("it has no {stem}.safetensors"),
+    })
+}
+
+/// The tokenizer files of a diffusers folder, with its pad token.
+fn tokenizer(dir: &Path) -> Result<Option<TokenizerSource>, WeightsError> {
+    let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+    if !vocab.exists() || !merges.exists() {
+        return Ok(None);
+    }
+    let mut pad_token = "<|endoftext|>".to_string();
+    for f in ["special_tokens_map.json", "tokenizer_config.json"] {
+        if let Some(text) = read_text(&dir.join(f))? {
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| WeightsError::Config {
+                    file: dir.join(f).display().to_string(),
+                    reason: e.to_string(),
+                })?;
+            let pad = &v["pad_token"];
+            if let Some(s) = pad.as_str().or_else(|| pad["content"].as_str()) {
+                pad_token = s.to_string();
+                break;
+            }
+        }
+    }
+    Ok(Some(TokenizerSource::Files {
+        vocab: vocab.display().to_string(),
+        merges: merges.display().to_string(),
+        pad_token,
+    }))
+}
+
+impl Checkpoint {
+    /// Opens a diffusers folder or a single-file checkpoint. `config` applies to single files
+    /// (a diffusers folder, or its `unet/`, `text_encoder/`, `vae/` configs, that describe the
+    /// sizes); folders bring their own.
+    pub async fn open_path(
+        path: &Path,
+        variant: Variant,
+        config: Option<SdConfig>,
+    ) -> Result<Self, WeightsError> {
+        let name = path.display().to_string();
+        if path.is_dir() {
+            if !path.join("unet").is_dir() {
+                return Err(WeightsError::UnknownModel {
+                    path: name,
+                    reason: "the folder has no unet/ subfolder (a diffusers model folder has unet/, text_encoder/, vae/, tokenizer/)".into(),
+                });
+            }
+            let parts = DiffusersParts {
+                unet: weight_file(&path.join("unet"), "diffusion_pytorch_model", variant)?,
+                text_encoder: weight_file(&path.join("text_encoder"), "model", variant)?,
+                vae: weight_file(&path.join("vae"), "diffusion_pytorch_model", variant)?,
+                unet_config: read_text(&path.join("unet/config.json"))?,
+                text_encoder_config: read_text(&path.join("text_encoder/config.json"))?,
+                vae_config: read_text(&path.join("vae/config.json"))?,
+                scheduler_config: read_text(&path.join("scheduler/scheduler_config.json"))?,
+                tokenizer: tokenizer(&path.join("tokenizer"))?,
+            };
+            Checkpoint::diffusers(&name, parts).await
+        } else if path.exists() {
+            Checkpoint::single_file(Box::new(FileSource::open(path)?), config).await
+        } else {
+            Err(WeightsError::Io {
+                file: name,
+                reason: "no such file or folder".into(),
+            })
+        }
+    }
+}
+
+/// Reads the sizes of a model from a diffusers folder's config files (for single files).
+pub async fn config_from_dir(dir: &Path) -> Result<SdConfig, WeightsError> {
+    Ok(Checkpoint::open_path(dir, Variant::Auto, None)
+        .await?
+        .config)
+}
