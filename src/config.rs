@@ -329,3 +329,40 @@ pub fn from_json<T: serde::de::DeserializeOwned>(
         reason: format!("not a valid config: {e}"),
     })
 }
+
+/// Refuses `unet/config.json` settings this UNet does not implement (variants such as
+/// class-conditioned, LCM-distilled or dual cross-attention models), naming the setting,
+/// rather than computing something else silently.
+pub fn check_unet_json(file: &str, text: &str) -> Result<(), crate::weights::WeightsError> {
+    use serde_json::{Value, json};
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| crate::weights::WeightsError::Config {
+            file: file.into(),
+            reason: e.to_string(),
+        })?;
+    let expected: [(&str, Value); 12] = [
+        ("act_fn", json!("silu")),
+        ("center_input_sample", json!(false)),
+        ("class_embed_type", Value::Null),
+        ("conv_in_kernel", json!(3)),
+        ("conv_out_kernel", json!(3)),
+        ("dual_cross_attention", json!(false)),
+        ("encoder_hid_dim", Value::Null),
+        ("mid_block_type", json!("UNetMidBlock2DCrossAttn")),
+        ("only_cross_attention", json!(false)),
+        ("resnet_time_scale_shift", json!("default")),
+        ("time_cond_proj_dim", Value::Null),
+        ("time_embedding_type", json!("positional")),
+    ];
+    for (key, want) in expected {
+        if let Some(got) = v.get(key).filter(|got| **got != want) {
+            return Err(crate::weights::WeightsError::Config {
+                file: file.into(),
+                reason: format!(
+                    "`{key}: {got}` is a UNet variant SeFi Studio does not support (expected {want})"
+                ),
+            });
+        }
+    }
+    Ok(())
+}

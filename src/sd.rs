@@ -37,6 +37,25 @@ pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 3], Weig
     ])
 }
 
+/// Checks, without reading any weights, that a checkpoint holds exactly the tensors that
+/// the models of its config need, with the right shapes.
+/// `device` only holds a one-element placeholder.
+pub fn validate(checkpoint: &Checkpoint, device: &Device) -> Result<(), WeightsError> {
+    let c = &checkpoint.config;
+    let check = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
+        let store = VarStore::shapes(device, component);
+        build(store.root())?;
+        checkpoint.check(component, &store.requested())
+    };
+    check(Component::Unet, &|v| {
+        UNet2DConditionModel::new(v, &c.unet).map(drop)
+    })?;
+    check(Component::TextEncoder, &|v| {
+        ClipTextModel::new(v, &c.text_encoder).map(drop)
+    })?;
+    check(Component::Vae, &|v| AutoencoderKL::new(v, &c.vae).map(drop))
+}
+
 /// The tokenizer a checkpoint names: its own files, or the bundled vocabulary.
 pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError> {
     match source {

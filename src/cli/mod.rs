@@ -1,6 +1,7 @@
 //! The `sefi` command line: thin wrappers that turn the core's results into terminal output.
 
 mod device;
+mod inspect;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +22,8 @@ pub struct Cli {
 pub enum Command {
     /// Find the compute device, show what it is and prove it computes correctly.
     Device(device::DeviceArgs),
+    /// Tell what a model folder or checkpoint file is, without loading its weights.
+    Inspect(inspect::InspectArgs),
 }
 
 /// Parses `--device auto|cpu|wgpu|cuda`.
@@ -34,6 +37,7 @@ pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Device(args) => device::run(args),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(code) => code,

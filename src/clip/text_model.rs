@@ -148,7 +148,7 @@ impl ClipTextModel {
             + self
                 .position_embedding
                 .clone()
-                .slice([0..s])
+                .narrow(0, 0, s)
                 .unsqueeze::<3>();
         let mut penultimate = x.clone();
         let last = self.layers.len().saturating_sub(1);

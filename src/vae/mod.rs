@@ -83,10 +83,10 @@ impl Encoder {
         let (n, g) = (ch.len(), c.norm_num_groups);
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = ch[0];
-        for i in 0..n {
+        for (i, &width) in ch.iter().enumerate() {
             let v = vars.pp("down_blocks").pp(i);
             let inp = out;
-            out = ch[i];
+            out = width;
             let resnets = (0..c.layers_per_block)
                 .map(|j| {
                     ResnetBlock2D::new(
@@ -153,10 +153,10 @@ impl Decoder {
         let (n, g) = (rev.len(), c.norm_num_groups);
         let mut up_blocks = Vec::with_capacity(n);
         let mut out = rev[0];
-        for i in 0..n {
+        for (i, &width) in rev.iter().enumerate() {
             let v = vars.pp("up_blocks").pp(i);
             let prev = out;
-            out = rev[i];
+            out = width;
             let resnets = (0..c.layers_per_block + 1)
                 .map(|j| {
                     ResnetBlock2D::new(

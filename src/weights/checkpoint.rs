@@ -201,7 +201,10 @@ impl Checkpoint {
         let shapes = Shapes(&entries);
         let family_from_shapes = shapes.family(path)?;
         let unet: UNetConfig = match &parts.unet_config {
-            Some(t) => config::from_json(&cfg_file("unet"), t)?,
+            Some(t) => {
+                config::check_unet_json(&cfg_file("unet"), t)?;
+                config::from_json(&cfg_file("unet"), t)?
+            }
             None => family_from_shapes.full_size().unet,
         };
         if unet.addition_embed_type.is_some() || unet.cross_attention_dim == 2048 {

@@ -1,0 +1,253 @@
+//! Parity of the text encoder, UNet and VAE with diffusers/transformers on the tiny fixture
+//! models (goldens from `tests/fixtures/sd/generate.py`), and loading every file format.
+#![cfg(not(target_family = "wasm"))]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use sefi::block_on;
+use sefi::config::SdConfig;
+use sefi::sd::StableDiffusion;
+use sefi::unet::{AttentionCapture, Context};
+use sefi::weights::open::Variant;
+use sefi::weights::{Checkpoint, Family, FileSource, Format, SafetensorsFile};
+
+/// f32 on the CPU: what the goldens are compared with.
+const TOL_CPU: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sd")
+        .join(name)
+}
+
+struct Goldens(SafetensorsFile);
+
+impl Goldens {
+    fn open(model: &str) -> Self {
+        let src = FileSource::open(&fixture(model).join("goldens.safetensors")).unwrap();
+        Self(block_on(SafetensorsFile::open(Box::new(src))).unwrap())
+    }
+
+    fn host(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let t = block_on(self.0.read(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"));
+        (t.to_f32(), t.shape)
+    }
+
+    fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let (v, shape) = self.host(name);
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    /// Token ids are stored as int64.
+    fn ids(&self, name: &str, device: &Device) -> Tensor<2, Int> {
+        let shape = self.0.info(name).unwrap().shape.clone();
+        let bytes = block_on(self.0.read_bytes(name)).unwrap();
+        let ids: Vec<i64> = bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(ids, shape), device)
+    }
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
+    let shape = t.dims().to_vec();
+    let data = block_on(t.into_data_async()).unwrap();
+    (data.convert::<f32>().try_to_vec::<f32>().unwrap(), shape)
+}
+
+/// Largest absolute difference; panics with `what` when shapes differ or it exceeds `tol`.
+fn assert_close<const D: usize>(
+    actual: Tensor<D>,
+    expected: (Vec<f32>, Vec<usize>),
+    tol: f32,
+    what: &str,
+) -> f32 {
+    let (a, shape) = values(actual);
+    assert_eq!(shape, expected.1, "{what}: shape");
+    let scale = expected.0.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(&expected.0)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        err <= tol,
+        "{what}: max abs error {err:e} > {tol:e} (values up to {scale})"
+    );
+    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
+    eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
+    err
+}
+
+fn open(path: &Path, variant: Variant, config: Option<SdConfig>) -> Checkpoint {
+    block_on(Checkpoint::open_path(path, variant, config))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn load(ckpt: &Checkpoint, device: &Device) -> StableDiffusion {
+    block_on(StableDiffusion::load(ckpt, device, DType::F32, &mut |_| {})).unwrap()
+}
+
+/// Every golden of one tiny model against the loaded model.
+fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
+    let g = Goldens::open(model);
+    let what = |s: &str| format!("{model} {s}");
+
+    // Text encoder, from ids and from spliced embeddings.
+    let ids = g.ids("text.input_ids", device);
+    let out = sd.text_encoder.forward(ids.clone());
+    assert_close(
+        out.last_hidden_state,
+        g.host("text.last_hidden_state"),
+        tol,
+        &what("text last_hidden_state"),
+    );
+    assert_close(
+        out.penultimate,
+        g.host("text.penultimate"),
+        tol,
+        &what("text penultimate"),
+    );
+    assert_close(out.pooled, g.host("text.pooled"), tol, &what("text pooled"));
+    let mut embeds = sd.text_encoder.embed_tokens(ids.clone());
+    let d = embeds.dims()[2];
+    let vector: Tensor<1> = g.tensor("text.from_embeds.vector", device);
+    embeds = embeds.slice_assign([0..1, 4..5, 0..d], vector.reshape([1, 1, d]));
+    let eos = ids.argmax(1).reshape([2]);
+    let spliced = sd.text_encoder.forward_embeds(embeds, eos);
+    assert_close(
+        spliced.last_hidden_state,
+        g.host("text.from_embeds.last_hidden_state"),
+        tol,
+        &what("text from embeds"),
+    );
+
+    // UNet at several timesteps, with split key/value contexts, and its attention maps.
+    let sample: Tensor<4> = g.tensor("unet.sample", device);
+    let context = Context::new(g.tensor("unet.context", device));
+    let t: Tensor<1> = g.tensor("unet.timesteps", device);
+    let out = sd.unet.forward(sample.clone(), t.clone(), &context, None);
+    assert_close(out, g.host("unet.out"), tol, &what("unet out (t=999,1)"));
+    let t500: Tensor<1> = g.tensor("unet.timesteps_t500", device);
+    assert_close(
+        sd.unet.forward(sample.clone(), t500, &context, None),
+        g.host("unet.out_t500"),
+        tol,
+        &what("unet out (t=500,250)"),
+    );
+    let kv = Context::split(context.key.clone(), g.tensor("unet.value_context", device));
+    assert_close(
+        sd.unet.forward(sample.clone(), t.clone(), &kv, None),
+        g.host("unet.out_kv"),
+        tol,
+        &what("unet out, split K/V"),
+    );
+    let positions = Tensor::<1, Int>::from_data(TensorData::new(vec![2i64, 5], [2]), device);
+    let mut capture = AttentionCapture::new(positions);
+    let captured = sd.unet.forward(sample, t, &context, Some(&mut capture));
+    assert_close(
+        captured,
+        g.host("unet.out"),
+        tol,
+        &what("unet out while capturing"),
+    );
+    assert_eq!(capture.maps.len(), 16, "one map per cross-attention layer");
+    for (i, map) in capture.maps.into_iter().enumerate() {
+        assert_close(
+            map,
+            g.host(&format!("attn.{i}")),
+            tol,
+            &what(&format!("attention probabilities {i}")),
+        );
+    }
+
+    // VAE.
+    let posterior = sd.vae.encode(g.tensor("vae.image", device));
+    assert_close(
+        posterior.mean,
+        g.host("vae.posterior_mean"),
+        tol,
+        &what("vae posterior mean"),
+    );
+    assert_close(
+        posterior.logvar,
+        g.host("vae.posterior_logvar"),
+        tol,
+        &what("vae posterior logvar"),
+    );
+    assert_close(
+        sd.vae.decode(g.tensor("vae.latents", device)),
+        g.host("vae.decoded"),
+        tol,
+        &what("vae decode"),
+    );
+}
+
+#[test]
+fn tiny_sd1_matches_diffusers_on_the_cpu() {
+    let device = Device::flex();
+    let ckpt = open(&fixture("tiny-sd1"), Variant::Auto, None);
+    assert_eq!((ckpt.family, ckpt.format), (Family::Sd1, Format::Diffusers));
+    check_parity("tiny-sd1", &load(&ckpt, &device), &device, TOL_CPU);
+}
+
+#[test]
+fn tiny_sd2_matches_diffusers_on_the_cpu() {
+    let device = Device::flex();
+    let ckpt = open(&fixture("tiny-sd2"), Variant::Auto, None);
+    assert_eq!(
+        (ckpt.family, ckpt.format),
+        (Family::Sd2V, Format::Diffusers)
+    );
+    check_parity("tiny-sd2", &load(&ckpt, &device), &device, TOL_CPU);
+}
+
+#[test]
+fn fp16_variant_and_single_files_give_the_same_outputs() {
+    let device = Device::flex();
+    for model in ["tiny-sd1", "tiny-sd2"] {
+        let folder = open(&fixture(model), Variant::Auto, None);
+        let mut variants = vec![(
+            format!("{model}.safetensors"),
+            open(
+                &fixture(&format!("{model}.safetensors")),
+                Variant::Auto,
+                Some(folder.config.clone()),
+            ),
+        )];
+        if model == "tiny-sd1" {
+            variants.push((
+                "fp16 variant".into(),
+                open(&fixture(model), Variant::Fp16, None),
+            ));
+        }
+        for (name, ckpt) in variants {
+            assert_eq!(ckpt.family.base(), folder.family.base(), "{name}");
+            check_parity(model, &load(&ckpt, &device), &device, TOL_CPU);
+        }
+    }
+}
+
+/// Software Vulkan (lavapipe) or a real GPU, in f32.
+const TOL_WGPU: f32 = 1e-3;
+
+#[test]
+fn tiny_models_match_diffusers_on_wgpu() {
+    let gpu = block_on(sefi::device::DeviceChoice::Wgpu.open()).expect(
+        "no wgpu adapter: install Mesa's Vulkan driver (`apt-get install mesa-vulkan-drivers libvulkan1`) or run ./scripts/setup.sh test",
+    );
+    for (model, single) in [("tiny-sd1", false), ("tiny-sd2", true)] {
+        let folder = open(&fixture(model), Variant::Auto, None);
+        let ckpt = if single {
+            open(
+                &fixture(&format!("{model}.safetensors")),
+                Variant::Auto,
+                Some(folder.config.clone()),
+            )
+        } else {
+            folder
+        };
+        check_parity(model, &load(&ckpt, &gpu.device), &gpu.device, TOL_WGPU);
+    }
+}
