@@ -20,6 +20,9 @@ pub mod device;
 #[cfg(feature = "compute")]
 pub mod nn;
 #[cfg(feature = "compute")]
+pub mod pipeline;
+pub mod schedule;
+#[cfg(feature = "compute")]
 pub mod sd;
 #[cfg(feature = "compute")]
 pub mod unet;

@@ -1,6 +1,7 @@
 //! The `sefi` command line: thin wrappers that turn the core's results into terminal output.
 
 mod device;
+mod generate;
 mod inspect;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Find the compute device, show what it is and prove it computes correctly.
     Device(device::DeviceArgs),
+    /// Generate images from a text prompt.
+    Generate(generate::GenerateArgs),
     /// Tell what a model folder or checkpoint file is, without loading its weights.
     Inspect(inspect::InspectArgs),
 }
@@ -38,6 +41,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Device(args) => device::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Generate(args) => generate::run(args),
     };
     match result {
         Ok(code) => code,

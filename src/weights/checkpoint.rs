@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::ldm::{self, LdmFamily, Transform};
 use super::{ByteSource, HostData, HostTensor, SafetensorsFile, WeightsError};
 use crate::config::{self, Prediction, SdConfig, TextConfig, UNetConfig, VaeConfig};
+use crate::schedule::SchedulerConfig;
 
 /// Model family, as users and identity files name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +142,8 @@ pub struct Checkpoint {
     pub family: Family,
     pub config: SdConfig,
     pub tokenizer: TokenizerSource,
+    /// The noise schedule (`scheduler/scheduler_config.json`, or the family's).
+    pub scheduler: SchedulerConfig,
     files: Vec<SafetensorsFile>,
     entries: BTreeMap<Component, BTreeMap<String, Entry>>,
 }
@@ -221,18 +224,11 @@ impl Checkpoint {
             Some(t) => config::from_json(&cfg_file("vae"), t)?,
             None => family_from_shapes.full_size().vae,
         };
-        let prediction = match &parts.scheduler_config {
-            Some(t) => {
-                #[derive(Deserialize)]
-                struct Sched {
-                    prediction_type: Option<Prediction>,
-                }
-                let s: Sched =
-                    config::from_json(&format!("{path}/scheduler/scheduler_config.json"), t)?;
-                s.prediction_type.unwrap_or(Prediction::Epsilon)
-            }
-            None => family_from_shapes.full_size().prediction,
+        let scheduler = match &parts.scheduler_config {
+            Some(t) => config::from_json(&format!("{path}/scheduler/scheduler_config.json"), t)?,
+            None => SchedulerConfig::for_prediction(family_from_shapes.full_size().prediction),
         };
+        let prediction = scheduler.prediction_type;
         let sd2 = unet.use_linear_projection || text_encoder.hidden_act == "gelu";
         let family = match (sd2, prediction) {
             (false, _) => Family::Sd1,
@@ -253,6 +249,7 @@ impl Checkpoint {
                 prediction,
             },
             tokenizer,
+            scheduler,
             files,
             entries,
         })
@@ -337,6 +334,7 @@ impl Checkpoint {
             },
         };
         let config = config.unwrap_or_else(|| family.full_size());
+        let scheduler = SchedulerConfig::for_prediction(config.prediction);
         Ok(Self {
             path,
             format: Format::SingleFile,
@@ -345,6 +343,7 @@ impl Checkpoint {
             tokenizer: TokenizerSource::Bundled {
                 pad_token: pad_token(family),
             },
+            scheduler,
             files: vec![file],
             entries,
         })

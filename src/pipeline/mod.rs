@@ -1,0 +1,429 @@
+//! Text-to-image: prompts to conditioning, classifier-free guidance, the sampling loop with
+//! progress events and cancellation, and decoding to RGB images.
+
+pub mod png;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use crate::clip::Piece;
+use crate::schedule::{Plan, Sampler, ScheduleError, Scheduler, SchedulerConfig};
+use crate::sd::StableDiffusion;
+use crate::unet::Context;
+
+/// Tokens a CLIP window holds between its start and end tokens.
+pub const CHUNK: usize = 75;
+
+/// Latents on the host, `[batch, channels, height, width]`, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostLatents {
+    pub shape: [usize; 4],
+    pub data: Vec<f32>,
+}
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    /// Classifier-free guidance scale; 1 or less turns guidance (and the negative prompt) off.
+    pub guidance: f64,
+    pub sampler: Sampler,
+    /// Image `i` uses seed `seed + i`.
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub num_images: usize,
+    /// Send a preview of the current latents with every n-th step event (0: never).
+    pub preview_every: usize,
+}
+
+impl Default for GenerateRequest {
+    /// The defaults users get: DPM-Solver++ 2M Karras, 25 steps, guidance 7.5, 512 px.
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 25,
+            guidance: 7.5,
+            sampler: Sampler::DpmPp2mKarras,
+            seed: 0,
+            width: 512,
+            height: 512,
+            num_images: 1,
+            preview_every: 0,
+        }
+    }
+}
+
+/// Noise given from outside instead of drawn from the seed (reproducing another
+/// implementation's run).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GivenNoise {
+    /// Initial latents, before the scheduler's `init_noise_sigma` (diffusers' `latents=`).
+    pub initial: Option<HostLatents>,
+    /// Ancestral samplers: the noise of every step.
+    pub steps: Option<Vec<HostLatents>>,
+}
+
+/// An RGB image, 8 bits per channel, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
+
+/// Progress of a generation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// Text encoded; `warnings` says what users should know (e.g. a long prompt).
+    Encoded { warnings: Vec<String> },
+    /// A step finished.
+    Step {
+        step: usize,
+        total: usize,
+        preview: Option<RgbImage>,
+    },
+}
+
+/// Whether to go on after an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Cancel,
+}
+
+/// Why a generation did not produce images.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Request(String),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+    #[error("the prompt refers to <{0}>, but no identity of that name is loaded")]
+    UnknownPlaceholder(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("reading results back from the device failed: {0}")]
+    Read(String),
+}
+
+/// The result: final latents (before the VAE) and the decoded images.
+#[derive(Debug)]
+pub struct Generated {
+    pub latents: Tensor<4>,
+    pub images: Vec<RgbImage>,
+    pub warnings: Vec<String>,
+}
+
+impl GenerateRequest {
+    /// Checks what can be checked before any work.
+    pub fn validate(&self) -> Result<(), PipelineError> {
+        let bad = |m: String| Err(PipelineError::Request(m));
+        if self.width == 0
+            || self.height == 0
+            || !self.width.is_multiple_of(8)
+            || !self.height.is_multiple_of(8)
+        {
+            return bad(format!(
+                "width and height must be positive multiples of 8, got {}x{}",
+                self.width, self.height
+            ));
+        }
+        if self.steps == 0 {
+            return bad("steps must be at least 1".into());
+        }
+        if self.num_images == 0 {
+            return bad("the number of images must be at least 1".into());
+        }
+        if !self.guidance.is_finite() {
+            return bad(format!("guidance must be a number, got {}", self.guidance));
+        }
+        Ok(())
+    }
+
+    fn latent_shape(&self, channels: usize) -> [usize; 4] {
+        [self.num_images, channels, self.height / 8, self.width / 8]
+    }
+}
+
+/// Token ids of a prompt in windows of [`CHUNK`] tokens, each with start and end tokens and
+/// padding: one window for prompts that fit, as diffusers; more for longer prompts, encoded
+/// separately and concatenated, as the popular web UIs do (diffusers would cut them).
+pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>, PipelineError> {
+    let tok = &sd.tokenizer;
+    let ids = tok
+        .encode(text)
+        .into_iter()
+        .map(|p| match p {
+            Piece::Id(id) => Ok(id),
+            Piece::Placeholder(name) => Err(PipelineError::UnknownPlaceholder(name)),
+        })
+        .collect::<Result<Vec<u32>, _>>()?;
+    let window = |chunk: &[u32]| {
+        let mut w = Vec::with_capacity(CHUNK + 2);
+        w.push(tok.start_id());
+        w.extend_from_slice(chunk);
+        w.push(tok.end_id());
+        w.resize(CHUNK + 2, tok.pad_id());
+        w
+    };
+    if ids.is_empty() {
+        return Ok(vec![window(&[])]);
+    }
+    Ok(ids.chunks(CHUNK).map(window).collect())
+}
+
+/// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`.
+fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -> Tensor<3> {
+    let k = windows.len();
+    let flat: Vec<i64> = windows.iter().flatten().map(|&i| i as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [k, CHUNK + 2]), device);
+    let states = sd.text_encoder.forward(ids).last_hidden_state;
+    let d = states.dims()[2];
+    states.reshape([1, k * (CHUNK + 2), d])
+}
+
+/// Conditioning for a prompt and its negative: `(cond, uncond)`, each `[1, 77 k, dim]`.
+pub fn encode_prompts(
+    sd: &StableDiffusion,
+    prompt: &str,
+    negative: &str,
+    device: &Device,
+) -> Result<(Tensor<3>, Tensor<3>, Vec<String>), PipelineError> {
+    let mut pos = prompt_windows(sd, prompt)?;
+    let mut neg = prompt_windows(sd, negative)?;
+    let mut warnings = Vec::new();
+    for (name, w) in [("prompt", &pos), ("negative prompt", &neg)] {
+        if w.len() > 1 {
+            let tokens = w
+                .iter()
+                .map(|x| {
+                    x.iter()
+                        .skip(1)
+                        .take_while(|&&i| i != sd.tokenizer.end_id())
+                        .count()
+                })
+                .sum::<usize>();
+            warnings.push(format!(
+                "the {name} has {tokens} tokens, more than the text encoder's {CHUNK}: it is encoded in {} windows of {CHUNK} tokens and the results joined, as the popular web UIs do",
+                w.len()
+            ));
+        }
+    }
+    let k = pos.len().max(neg.len());
+    let empty = prompt_windows(sd, "")?.remove(0);
+    pos.resize(k, empty.clone());
+    neg.resize(k, empty);
+    Ok((
+        encode_windows(sd, &pos, device),
+        encode_windows(sd, &neg, device),
+        warnings,
+    ))
+}
+
+/// Standard normal noise of `shape` for image `i` of a seeded request.
+fn seeded_noise(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
+fn to_device(h: &HostLatents, device: &Device) -> Tensor<4> {
+    Tensor::from_data(TensorData::new(h.data.clone(), h.shape), device)
+}
+
+/// Reads a tensor back (asynchronously, as WebGPU requires).
+pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, PipelineError> {
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| PipelineError::Read(e.to_string()))?;
+    data.convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| PipelineError::Read(format!("{e:?}")))
+}
+
+/// Generates images from a prompt.
+pub async fn generate(
+    sd: &StableDiffusion,
+    scheduler: &SchedulerConfig,
+    req: &GenerateRequest,
+    given: &GivenNoise,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event) -> Flow,
+) -> Result<Generated, PipelineError> {
+    req.validate()?;
+    let plan = Plan::new(req.sampler, scheduler, req.steps)?;
+    let shape = req.latent_shape(sd.config.unet.in_channels);
+    let per_image = shape[1] * shape[2] * shape[3];
+    let n = req.num_images;
+
+    // Noise: given, or one seeded stream per image (seed + i), so that image i is the same
+    // whatever the batch size.
+    let mut rngs: Vec<StdRng> = (0..n)
+        .map(|i| StdRng::seed_from_u64(req.seed.wrapping_add(i as u64)))
+        .collect();
+    let initial = match &given.initial {
+        Some(h) if h.shape != shape => {
+            return Err(PipelineError::Request(format!(
+                "the latents have shape {:?}, but {}x{} images x{n} need {shape:?}",
+                h.shape, req.width, req.height
+            )));
+        }
+        Some(h) => h.clone(),
+        None => HostLatents {
+            shape,
+            data: rngs
+                .iter_mut()
+                .flat_map(|r| seeded_noise(r, per_image))
+                .collect(),
+        },
+    };
+    if let (Some(steps), true) = (&given.steps, req.sampler.is_ancestral())
+        && (steps.len() < plan.len() || steps.iter().any(|s| s.shape != shape))
+    {
+        return Err(PipelineError::Request(format!(
+            "ancestral sampling needs {} noise tensors of shape {shape:?}",
+            plan.len()
+        )));
+    }
+
+    let (cond, uncond, warnings) = encode_prompts(sd, &req.prompt, &req.negative_prompt, device)?;
+    if on_event(Event::Encoded {
+        warnings: warnings.clone(),
+    }) == Flow::Cancel
+    {
+        return Err(PipelineError::Cancelled);
+    }
+    let guided = req.guidance > 1.0;
+    let repeat = |t: Tensor<3>| {
+        let [_, s, d] = t.dims();
+        t.expand([n, s, d])
+    };
+    let context = if guided {
+        Context::new(Tensor::cat(vec![repeat(uncond), repeat(cond)], 0))
+    } else {
+        Context::new(repeat(cond))
+    };
+
+    let mut scheduler = Scheduler::new(plan);
+    let total = scheduler.plan().len();
+    let mut latents = to_device(&initial, device).mul_scalar(scheduler.plan().init_noise_sigma);
+    for i in 0..total {
+        let t = scheduler.plan().timesteps[i];
+        let input = if guided {
+            Tensor::cat(vec![latents.clone(), latents.clone()], 0)
+        } else {
+            latents.clone()
+        };
+        let input = scheduler.scale_model_input(input, i);
+        let batch = input.dims()[0];
+        let timesteps =
+            Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), device);
+        let out = sd.unet.forward(input, timesteps, &context, None);
+        let out = if guided {
+            let [u, c]: [Tensor<4>; 2] = out.chunk(2, 0).try_into().expect("two halves");
+            u.clone() + (c - u).mul_scalar(req.guidance)
+        } else {
+            out
+        };
+        let noise = req.sampler.is_ancestral().then(|| match &given.steps {
+            Some(steps) => to_device(&steps[i], device),
+            None => {
+                let data = rngs
+                    .iter_mut()
+                    .flat_map(|r| seeded_noise(r, per_image))
+                    .collect();
+                to_device(&HostLatents { shape, data }, device)
+            }
+        });
+        latents = scheduler.step(out, i, latents, noise);
+        let preview =
+            if req.preview_every > 0 && ((i + 1) % req.preview_every == 0 || i + 1 == total) {
+                Some(preview(latents.clone()).await?)
+            } else {
+                None
+            };
+        if on_event(Event::Step {
+            step: i + 1,
+            total,
+            preview,
+        }) == Flow::Cancel
+        {
+            return Err(PipelineError::Cancelled);
+        }
+    }
+    let images = decode(sd, latents.clone()).await?;
+    Ok(Generated {
+        latents,
+        images,
+        warnings,
+    })
+}
+
+/// Latents (as the sampler leaves them) -> RGB images, as diffusers' image processor makes
+/// them: decode `latents / scaling_factor`, map [-1, 1] to [0, 1], round to 8 bits.
+pub async fn decode(
+    sd: &StableDiffusion,
+    latents: Tensor<4>,
+) -> Result<Vec<RgbImage>, PipelineError> {
+    let x = sd
+        .vae
+        .decode(latents.div_scalar(sd.vae.config.scaling_factor));
+    let x = x.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+    let [n, c, h, w] = x.dims();
+    let values = read_f32(x).await?;
+    Ok((0..n)
+        .map(|b| {
+            let mut data = Vec::with_capacity(h * w * 3);
+            for y in 0..h {
+                for xx in 0..w {
+                    for ch in 0..3.min(c) {
+                        let v = values[((b * c + ch) * h + y) * w + xx];
+                        data.push((v * 255.0).round() as u8);
+                    }
+                }
+            }
+            RgbImage {
+                width: w,
+                height: h,
+                data,
+            }
+        })
+        .collect())
+}
+
+/// A cheap look at latents: a fixed linear map from the 4 latent channels to RGB (no VAE),
+/// at 1/8 of the image size, for the first image of the batch.
+pub async fn preview(latents: Tensor<4>) -> Result<RgbImage, PipelineError> {
+    // Least-squares fit of SD 1.x/2.x latents to RGB, as commonly used for previews.
+    const FACTORS: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    let [_, c, h, w] = latents.dims();
+    let first = latents.narrow(0, 0, 1);
+    let values = read_f32(first).await?;
+    let mut data = Vec::with_capacity(h * w * 3);
+    for i in 0..h * w {
+        for rgb in 0..3 {
+            let v: f32 = FACTORS
+                .iter()
+                .take(c)
+                .enumerate()
+                .map(|(ch, f)| values[ch * h * w + i] * f[rgb])
+                .sum();
+            data.push(((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8);
+        }
+    }
+    Ok(RgbImage {
+        width: w,
+        height: h,
+        data,
+    })
+}
