@@ -17,6 +17,7 @@ pub mod check;
 pub mod clip;
 pub mod config;
 pub mod device;
+pub mod identity;
 #[cfg(feature = "compute")]
 pub mod nn;
 #[cfg(feature = "compute")]

@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::DeviceChoice;
+use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
@@ -54,6 +55,10 @@ pub struct GenerateArgs {
     /// Write the final latents (before the VAE) to this safetensors file, as tensor `latents`.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
+    /// A learned identity (`.safetensors` from `sefi train`); the prompt refers to it as
+    /// `<TOKEN>`. Repeatable.
+    #[arg(long = "identity")]
+    pub identities: Vec<PathBuf>,
     /// The PNG to write; with several images, NAME-1.png, NAME-2.png, ...
     #[arg(long)]
     pub out: PathBuf,
@@ -158,6 +163,16 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     ))?;
     load_bar.finish_and_clear();
 
+    let fingerprint = crate::block_on(crate::identity::condition::fingerprint(&sd))?;
+    let mut identities = Vec::new();
+    for path in &args.identities {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let identity = crate::block_on(Identity::from_bytes(&path.display().to_string(), bytes))?;
+        identity.check_model(sd.family, &fingerprint)?;
+        identities.push(identity);
+    }
+
     let bar = ProgressBar::new(req.steps as u64).with_style(
         ProgressStyle::with_template(
             "{spinner} step {pos}/{len} [{bar:30}] {elapsed_precise} eta {eta} ({per_sec})",
@@ -168,6 +183,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         &sd,
         &ckpt.scheduler,
         &req,
+        &identities,
         &given,
         &dev.device,
         &mut |e| {

@@ -3,6 +3,7 @@
 mod device;
 mod generate;
 mod inspect;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +26,8 @@ pub enum Command {
     Device(device::DeviceArgs),
     /// Generate images from a text prompt.
     Generate(generate::GenerateArgs),
+    /// Learn an identity from one or more photos.
+    Train(train::TrainArgs),
     /// Tell what a model folder or checkpoint file is, without loading its weights.
     Inspect(inspect::InspectArgs),
 }
@@ -42,6 +45,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Device(args) => device::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

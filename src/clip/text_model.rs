@@ -127,6 +127,11 @@ impl ClipTextModel {
         })
     }
 
+    /// The token-embedding table, `[vocab, hidden]`.
+    pub fn token_embedding_table(&self) -> Tensor<2> {
+        self.token_embedding.weight.clone()
+    }
+
     /// Token embeddings of `ids` (`[batch, seq]` -> `[batch, seq, hidden]`), before position
     /// embeddings: the sequence to splice learned vectors into.
     pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {

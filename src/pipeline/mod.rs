@@ -3,12 +3,16 @@
 
 pub mod png;
 
+use std::collections::HashMap;
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::Piece;
+use crate::identity::condition::encode_spliced;
+use crate::identity::{Identity, stage_of};
 use crate::schedule::{Plan, Sampler, ScheduleError, Scheduler, SchedulerConfig};
 use crate::sd::StableDiffusion;
 use crate::unet::Context;
@@ -104,8 +108,10 @@ pub enum PipelineError {
     Request(String),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
-    #[error("the prompt refers to <{0}>, but no identity of that name is loaded")]
-    UnknownPlaceholder(String),
+    #[error(
+        "the prompt refers to <{name}>, but no identity of that name is loaded (loaded: {loaded})"
+    )]
+    UnknownPlaceholder { name: String, loaded: String },
     #[error("cancelled")]
     Cancelled,
     #[error("reading results back from the device failed: {0}")]
@@ -151,19 +157,53 @@ impl GenerateRequest {
     }
 }
 
+/// Where an identity's vectors go: a window, a position in it, and which identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub window: usize,
+    pub position: usize,
+    pub identity: usize,
+}
+
+/// A prompt's token ids in windows, and the identity slots among them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptTokens {
+    pub windows: Vec<Vec<u32>>,
+    pub slots: Vec<Slot>,
+}
+
 /// Token ids of a prompt in windows of [`CHUNK`] tokens, each with start and end tokens and
 /// padding: one window for prompts that fit, as diffusers; more for longer prompts, encoded
-/// separately and concatenated, as the popular web UIs do (diffusers would cut them).
-pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>, PipelineError> {
+/// separately and concatenated, as the popular web UIs do (diffusers would cut them). Each
+/// `<name>` takes one position, for the vectors of the identity of that name.
+pub fn tokenize_prompt(
+    sd: &StableDiffusion,
+    text: &str,
+    identities: &[Identity],
+) -> Result<PromptTokens, PipelineError> {
     let tok = &sd.tokenizer;
-    let ids = tok
-        .encode(text)
-        .into_iter()
-        .map(|p| match p {
-            Piece::Id(id) => Ok(id),
-            Piece::Placeholder(name) => Err(PipelineError::UnknownPlaceholder(name)),
-        })
-        .collect::<Result<Vec<u32>, _>>()?;
+    let mut ids = Vec::new();
+    let mut marks = Vec::new();
+    for piece in tok.encode(text) {
+        match piece {
+            Piece::Id(id) => ids.push(id),
+            Piece::Placeholder(name) => {
+                let Some(j) = identities.iter().position(|i| i.token == name) else {
+                    return Err(PipelineError::UnknownPlaceholder {
+                        name,
+                        loaded: identities
+                            .iter()
+                            .map(|i| format!("<{}>", i.token))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                };
+                // The class word's id holds the place (never the end token: CLIP pools there).
+                marks.push((ids.len(), j));
+                ids.push(tok.single_token(&identities[j].class_word).unwrap_or(0));
+            }
+        }
+    }
     let window = |chunk: &[u32]| {
         let mut w = Vec::with_capacity(CHUNK + 2);
         w.push(tok.start_id());
@@ -172,10 +212,25 @@ pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>,
         w.resize(CHUNK + 2, tok.pad_id());
         w
     };
-    if ids.is_empty() {
-        return Ok(vec![window(&[])]);
-    }
-    Ok(ids.chunks(CHUNK).map(window).collect())
+    let windows = if ids.is_empty() {
+        vec![window(&[])]
+    } else {
+        ids.chunks(CHUNK).map(window).collect()
+    };
+    let slots = marks
+        .into_iter()
+        .map(|(i, identity)| Slot {
+            window: i / CHUNK,
+            position: 1 + i % CHUNK,
+            identity,
+        })
+        .collect();
+    Ok(PromptTokens { windows, slots })
+}
+
+/// Token ids of a prompt without identities (see [`tokenize_prompt`]).
+pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>, PipelineError> {
+    Ok(tokenize_prompt(sd, text, &[])?.windows)
 }
 
 /// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`.
@@ -188,17 +243,38 @@ fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -
     states.reshape([1, k * (CHUNK + 2), d])
 }
 
-/// Conditioning for a prompt and its negative: `(cond, uncond)`, each `[1, 77 k, dim]`.
-pub fn encode_prompts(
+/// Encodes a prompt with `vector(slot)` spliced in at every slot -> `[1, 77 k, dim]`.
+fn encode_tokens(
     sd: &StableDiffusion,
-    prompt: &str,
-    negative: &str,
+    tokens: &PromptTokens,
+    vector: &dyn Fn(&Slot) -> Vec<f32>,
     device: &Device,
-) -> Result<(Tensor<3>, Tensor<3>, Vec<String>), PipelineError> {
-    let mut pos = prompt_windows(sd, prompt)?;
-    let mut neg = prompt_windows(sd, negative)?;
+) -> Tensor<3> {
+    if tokens.slots.is_empty() {
+        return encode_windows(sd, &tokens.windows, device);
+    }
+    let parts = tokens
+        .windows
+        .iter()
+        .enumerate()
+        .map(|(w, ids)| {
+            let slots: Vec<&Slot> = tokens.slots.iter().filter(|s| s.window == w).collect();
+            if slots.is_empty() {
+                return encode_windows(sd, std::slice::from_ref(ids), device);
+            }
+            let rows: Vec<f32> = slots.iter().flat_map(|s| vector(s)).collect();
+            let dim = rows.len() / slots.len();
+            let vectors = Tensor::<2>::from_data(TensorData::new(rows, [slots.len(), dim]), device);
+            let positions: Vec<usize> = slots.iter().map(|s| s.position).collect();
+            encode_spliced(sd, ids, &positions, vectors, device)
+        })
+        .collect();
+    Tensor::cat(parts, 1)
+}
+
+fn long_prompt_warnings(sd: &StableDiffusion, prompts: [(&str, &[Vec<u32>]); 2]) -> Vec<String> {
     let mut warnings = Vec::new();
-    for (name, w) in [("prompt", &pos), ("negative prompt", &neg)] {
+    for (name, w) in prompts {
         if w.len() > 1 {
             let tokens = w
                 .iter()
@@ -215,12 +291,45 @@ pub fn encode_prompts(
             ));
         }
     }
-    let k = pos.len().max(neg.len());
+    warnings
+}
+
+/// A prompt's tokens, its negative prompt's windows, and warnings.
+type TokenizedPair = (PromptTokens, Vec<Vec<u32>>, Vec<String>);
+
+/// Both prompts' tokens, padded to the same number of windows.
+fn tokenize_pair(
+    sd: &StableDiffusion,
+    prompt: &str,
+    negative: &str,
+    identities: &[Identity],
+) -> Result<TokenizedPair, PipelineError> {
+    let mut pos = tokenize_prompt(sd, prompt, identities)?;
+    let mut neg = prompt_windows(sd, negative).map_err(|e| match e {
+        PipelineError::UnknownPlaceholder { name, .. } => PipelineError::Request(format!(
+            "<{name}>: identities cannot be used in the negative prompt"
+        )),
+        e => e,
+    })?;
+    let warnings = long_prompt_warnings(sd, [("prompt", &pos.windows), ("negative prompt", &neg)]);
+    let k = pos.windows.len().max(neg.len());
     let empty = prompt_windows(sd, "")?.remove(0);
-    pos.resize(k, empty.clone());
+    pos.windows.resize(k, empty.clone());
     neg.resize(k, empty);
+    Ok((pos, neg, warnings))
+}
+
+/// Conditioning for a prompt without identities and its negative: `(cond, uncond)`, each
+/// `[1, 77 k, dim]`.
+pub fn encode_prompts(
+    sd: &StableDiffusion,
+    prompt: &str,
+    negative: &str,
+    device: &Device,
+) -> Result<(Tensor<3>, Tensor<3>, Vec<String>), PipelineError> {
+    let (pos, neg, warnings) = tokenize_pair(sd, prompt, negative, &[])?;
     Ok((
-        encode_windows(sd, &pos, device),
+        encode_windows(sd, &pos.windows, device),
         encode_windows(sd, &neg, device),
         warnings,
     ))
@@ -251,6 +360,7 @@ pub async fn generate(
     sd: &StableDiffusion,
     scheduler: &SchedulerConfig,
     req: &GenerateRequest,
+    identities: &[Identity],
     given: &GivenNoise,
     device: &Device,
     on_event: &mut dyn FnMut(Event) -> Flow,
@@ -291,7 +401,7 @@ pub async fn generate(
         )));
     }
 
-    let (cond, uncond, warnings) = encode_prompts(sd, &req.prompt, &req.negative_prompt, device)?;
+    let (pos, neg, warnings) = tokenize_pair(sd, &req.prompt, &req.negative_prompt, identities)?;
     if on_event(Event::Encoded {
         warnings: warnings.clone(),
     }) == Flow::Cancel
@@ -303,10 +413,47 @@ pub async fn generate(
         let [_, s, d] = t.dims();
         t.expand([n, s, d])
     };
-    let context = if guided {
-        Context::new(Tensor::cat(vec![repeat(uncond), repeat(cond)], 0))
-    } else {
-        Context::new(repeat(cond))
+    let uncond = guided.then(|| repeat(encode_windows(sd, &neg, device)));
+    // Identity vectors differ per timestep stage: the key and value contexts of each
+    // combination of stages are computed once per generation.
+    let train_steps = scheduler.num_train_timesteps;
+    let stages_at = |t: f64| -> Vec<usize> {
+        if pos.slots.is_empty() {
+            Vec::new()
+        } else {
+            identities
+                .iter()
+                .map(|id| stage_of(t, id.stages, train_steps))
+                .collect()
+        }
+    };
+    let mut contexts: HashMap<Vec<usize>, Context> = HashMap::new();
+    let mut context_for = |stages: &Vec<usize>| -> Context {
+        contexts
+            .entry(stages.clone())
+            .or_insert_with(|| {
+                let row = |values: fn(&Identity) -> &Vec<f32>| {
+                    move |slot: &Slot| {
+                        let id = &identities[slot.identity];
+                        let stage = stages[slot.identity];
+                        values(id)[stage * id.dim..(stage + 1) * id.dim].to_vec()
+                    }
+                };
+                let c_k = repeat(encode_tokens(sd, &pos, &row(|i| &i.key), device));
+                let c_v = if pos.slots.is_empty() {
+                    c_k.clone()
+                } else {
+                    repeat(encode_tokens(sd, &pos, &row(|i| &i.value), device))
+                };
+                match &uncond {
+                    Some(u) => Context::split(
+                        Tensor::cat(vec![u.clone(), c_k], 0),
+                        Tensor::cat(vec![u.clone(), c_v], 0),
+                    ),
+                    None => Context::split(c_k, c_v),
+                }
+            })
+            .clone()
     };
 
     let mut scheduler = Scheduler::new(plan);
@@ -323,6 +470,7 @@ pub async fn generate(
         let batch = input.dims()[0];
         let timesteps =
             Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), device);
+        let context = context_for(&stages_at(t));
         let out = sd.unet.forward(input, timesteps, &context, None);
         let out = if guided {
             let [u, c]: [Tensor<4>; 2] = out.chunk(2, 0).try_into().expect("two halves");

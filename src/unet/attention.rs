@@ -41,17 +41,30 @@ impl Context {
 #[derive(Debug)]
 pub struct AttentionCapture {
     positions: Tensor<1, Int>,
+    reference: Option<(Tensor<3>, Tensor<1, Int>)>,
     /// One per cross-attention layer, in forward order (the order of diffusers'
     /// `named_modules()`): `[batch, heads, queries, positions]`, differentiable.
     pub maps: Vec<Tensor<4>>,
+    /// With a reference: the probabilities the same queries give the reference context's
+    /// keys at the reference positions, one per layer like `maps`, without gradient.
+    pub reference_maps: Vec<Tensor<4>>,
 }
 
 impl AttentionCapture {
     pub fn new(positions: Tensor<1, Int>) -> Self {
         Self {
             positions,
+            reference: None,
             maps: Vec::new(),
+            reference_maps: Vec::new(),
         }
+    }
+
+    /// Also computes, with every layer's own queries, the attention to `context`'s keys at
+    /// `positions` (SeFi's face-wise mask: the class word's map in the reference prompt).
+    pub fn with_reference(mut self, context: Tensor<3>, positions: Tensor<1, Int>) -> Self {
+        self.reference = Some((context, positions));
+        self
     }
 }
 
@@ -112,10 +125,23 @@ impl Attention {
         let out = match capture {
             // The probabilities are needed: compute them explicitly.
             Some(capture) => {
-                let scores = q
-                    .matmul(k.swap_dims(2, 3))
-                    .mul_scalar((dh as f64).powf(-0.5));
-                let probs = softmax(scores, 3);
+                let scale = (dh as f64).powf(-0.5);
+                if let Some((context, positions)) = &capture.reference {
+                    // The reference side is a target: no gradient, not even through q.
+                    let [cb, m, _] = context.dims();
+                    let kr = self
+                        .to_k
+                        .forward(context.clone())
+                        .reshape([cb, m, self.heads, dh])
+                        .swap_dims(1, 2);
+                    let qd = q.clone().detach();
+                    let kr = kr.expand([qd.dims()[0], self.heads, m, dh]);
+                    let probs = softmax(qd.matmul(kr.swap_dims(2, 3)).mul_scalar(scale), 3);
+                    capture
+                        .reference_maps
+                        .push(probs.select(3, positions.clone()).detach());
+                }
+                let probs = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
                 capture
                     .maps
                     .push(probs.clone().select(3, capture.positions.clone()));

@@ -1,0 +1,194 @@
+//! `sefi train`: learn an identity from photos.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use burn::tensor::DType;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::device::DeviceChoice;
+use crate::identity::Identity;
+use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
+use crate::pipeline::RgbImage;
+use crate::sd::StableDiffusion;
+use crate::weights::Checkpoint;
+use crate::weights::open::{Variant, config_from_dir};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A diffusers model folder, or a single-file `.safetensors` checkpoint.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// For single files with non-standard sizes: a diffusers folder describing the model.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A photo of the subject (PNG or JPEG). Repeatable.
+    #[arg(long = "image", required = true)]
+    pub images: Vec<PathBuf>,
+    /// The name prompts will use, as `<NAME>`.
+    #[arg(long)]
+    pub token: String,
+    /// What the subject is: person, dog, cat, car, ...
+    #[arg(long, default_value = "person")]
+    pub class_word: String,
+    #[arg(long, default_value_t = 600)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 5e-3)]
+    pub lr: f64,
+    /// Weight of the face-wise attention loss.
+    #[arg(long, default_value_t = 0.003)]
+    pub attn_weight: f64,
+    /// Timestep stages, each with its own key and value vectors.
+    #[arg(long, default_value_t = 5)]
+    pub stages: usize,
+    /// Training resolution in pixels (default: the model's native size).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// The square to train on in every photo, `X,Y,SIZE` in pixels (default: the centre).
+    #[arg(long, value_parser = parse_crop)]
+    pub crop: Option<(u32, u32, u32)>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a checkpoint (NAME.checkpoint.safetensors beside --out) every N steps.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from the checkpoint beside --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Write one JSON object per step to this file.
+    #[arg(long)]
+    pub log_json: Option<PathBuf>,
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    pub device: DeviceChoice,
+    /// The identity file to write (`.safetensors`).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+fn parse_crop(s: &str) -> Result<(u32, u32, u32), String> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("`{s}`: {e}"))?;
+    match v[..] {
+        [x, y, size] if size > 0 => Ok((x, y, size)),
+        _ => Err(format!("`{s}`: expected X,Y,SIZE, e.g. 120,40,512")),
+    }
+}
+
+/// Reads a photo as 8-bit RGB.
+pub fn read_photo(path: &Path) -> Result<RgbImage, String> {
+    let img = image::open(path)
+        .map_err(|e| {
+            format!(
+                "cannot read the photo {}: {e}. Use a PNG or JPEG file",
+                path.display()
+            )
+        })?
+        .to_rgb8();
+    Ok(RgbImage {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
+    })
+}
+
+/// NAME.safetensors -> NAME.checkpoint.safetensors.
+pub fn checkpoint_path(out: &Path) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    out.with_file_name(format!("{stem}.checkpoint.safetensors"))
+}
+
+pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let photos = args
+        .images
+        .iter()
+        .map(|p| {
+            read_photo(p).map(|image| Photo {
+                image,
+                crop: args.crop,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = args
+        .config
+        .as_deref()
+        .map(|d| crate::block_on(config_from_dir(d)))
+        .transpose()?;
+    let ckpt = crate::block_on(Checkpoint::open_path(&args.model, Variant::Auto, config))?;
+    let dev = crate::block_on(args.device.open())?;
+    eprintln!("device: {} ({})", dev.info.adapter, dev.info.backend);
+    let device = dev.device.clone().autodiff();
+    let sd = crate::block_on(StableDiffusion::load(
+        &ckpt,
+        &device,
+        DType::F32,
+        &mut |_| {},
+    ))?;
+
+    let mut tc = TrainConfig::new(
+        &args.token,
+        &args.class_word,
+        args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8),
+    );
+    tc.steps = args.steps;
+    tc.lr = args.lr;
+    tc.attn_weight = args.attn_weight;
+    tc.stages = args.stages;
+    tc.seed = args.seed;
+    let trainer = crate::block_on(Trainer::new(&sd, &ckpt.scheduler, &photos, tc, &device))?;
+    let checkpoint = checkpoint_path(&args.out);
+    let mut state = if args.resume {
+        let bytes = std::fs::read(&checkpoint)
+            .map_err(|e| format!("cannot resume: {}: {e}", checkpoint.display()))?;
+        let saved = crate::block_on(Identity::from_bytes(
+            &checkpoint.display().to_string(),
+            bytes,
+        ))?;
+        trainer.resume_state(&saved)?
+    } else {
+        trainer.initial_state()
+    };
+    let mut log = args
+        .log_json
+        .as_ref()
+        .map(std::fs::File::create)
+        .transpose()?;
+
+    let bar = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}, eta {eta}, {per_sec}]",
+        )
+        .expect("template"),
+    );
+    bar.set_position(state.step as u64);
+    while state.step < args.steps {
+        let r = crate::block_on(trainer.step(&mut state))?;
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.4} (noise {:.4}, attention {:.2e}) t={} stage {}",
+            r.loss, r.noise_loss, r.attn_loss, r.timestep, r.stage
+        ));
+        if let Some(f) = log.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&r)?)?;
+        }
+        if args.save_every > 0 && r.step % args.save_every == 0 {
+            std::fs::write(&checkpoint, trainer.checkpoint(&state)?)?;
+        }
+    }
+    bar.finish();
+    std::fs::write(&args.out, trainer.identity(&state).to_bytes()?)?;
+    println!(
+        "{} (<{}>, class word {})",
+        args.out.display(),
+        args.token,
+        args.class_word
+    );
+    Ok(ExitCode::SUCCESS)
+}

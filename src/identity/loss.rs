@@ -1,0 +1,119 @@
+//! SeFi's training objective: noise prediction plus the face-wise attention loss.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::condition::encode_spliced;
+use crate::config::Prediction;
+use crate::schedule::TrainSchedule;
+use crate::sd::StableDiffusion;
+use crate::unet::{AttentionCapture, Context};
+
+/// One training prompt: ids with placeholders at `positions`, and the reference prompt (the
+/// same with the class words in place), which tokenizes to the same positions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainPrompt {
+    /// The training prompt's 77 ids; placeholder positions hold the class word's id.
+    pub ids: Vec<u32>,
+    /// Where each identity's vectors go (one per identity).
+    pub positions: Vec<usize>,
+}
+
+/// The loss of one step and its parts (scalars, `[1]`).
+#[derive(Clone, Debug)]
+pub struct Loss {
+    pub total: Tensor<1>,
+    pub noise: Tensor<1>,
+    pub attention: Tensor<1>,
+    /// The attention loss of every cross-attention layer.
+    pub layers: Vec<Tensor<1>>,
+    /// The identity token's maps and the class word's, per layer: `[b, heads, hw, ids]`.
+    pub maps: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+/// The fixed parts of the objective.
+#[derive(Clone, Debug)]
+pub struct Objective {
+    /// The DDPM schedule the model was trained with.
+    pub schedule: TrainSchedule,
+    /// What the UNet predicts: the noise, or v.
+    pub prediction: Prediction,
+    /// Weight of the attention loss (METHOD.md: 0.003).
+    pub attn_weight: f64,
+}
+
+/// What the loss needs besides the vectors.
+#[derive(Clone, Debug)]
+pub struct LossInputs {
+    /// Clean latents (VAE mean times the scaling factor), `[1, 4, h, w]`.
+    pub latents: Tensor<4>,
+    /// The noise, same shape.
+    pub noise: Tensor<4>,
+    /// Training timestep.
+    pub timestep: usize,
+}
+
+/// `||target - model(z_t, t, c_K, c_V)||^2 + lambda * L_attn` for one stage's vectors:
+/// `key` and `value` are `[identities, dim]`, one row per placeholder of `prompt`.
+pub fn sefi_loss(
+    sd: &StableDiffusion,
+    objective: &Objective,
+    prompt: &TrainPrompt,
+    key: Tensor<2>,
+    value: Tensor<2>,
+    inputs: &LossInputs,
+    device: &Device,
+) -> Loss {
+    let c_k = encode_spliced(sd, &prompt.ids, &prompt.positions, key, device);
+    let c_v = encode_spliced(sd, &prompt.ids, &prompt.positions, value, device);
+    let ids = Tensor::<2, Int>::from_data(
+        TensorData::new(
+            prompt.ids.iter().map(|&i| i as i64).collect(),
+            [1, prompt.ids.len()],
+        ),
+        device,
+    );
+    let c_r = sd.text_encoder.forward(ids).last_hidden_state.detach();
+
+    let a = objective.schedule.alphas_cumprod[inputs.timestep];
+    let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+    let z_t = inputs.latents.clone().mul_scalar(sa) + inputs.noise.clone().mul_scalar(sb);
+    let target = match objective.prediction {
+        Prediction::Epsilon => inputs.noise.clone(),
+        Prediction::VPrediction => {
+            inputs.noise.clone().mul_scalar(sa) - inputs.latents.clone().mul_scalar(sb)
+        }
+    };
+
+    let positions = Tensor::<1, Int>::from_data(
+        TensorData::new(
+            prompt.positions.iter().map(|&p| p as i64).collect(),
+            [prompt.positions.len()],
+        ),
+        device,
+    );
+    let mut capture = AttentionCapture::new(positions.clone()).with_reference(c_r, positions);
+    let t = Tensor::<1>::from_data(TensorData::new(vec![inputs.timestep as f32], [1]), device);
+    let out = sd
+        .unet
+        .forward(z_t, t, &Context::split(c_k, c_v), Some(&mut capture));
+
+    let noise = (target - out).powi_scalar(2).mean();
+    let maps: Vec<(Tensor<4>, Tensor<4>)> = capture
+        .maps
+        .into_iter()
+        .zip(capture.reference_maps)
+        .collect();
+    let layers: Vec<Tensor<1>> = maps
+        .iter()
+        .map(|(a, r)| (a.clone() - r.clone()).powi_scalar(2).mean())
+        .collect();
+    let attention = Tensor::cat(layers.clone(), 0).mean();
+    let total = noise.clone() + attention.clone().mul_scalar(objective.attn_weight);
+    Loss {
+        total,
+        noise,
+        attention,
+        layers,
+        maps,
+    }
+}

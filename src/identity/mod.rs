@@ -1,0 +1,213 @@
+//! SeFi identities: per-stage key and value token vectors (see METHOD.md), their file format,
+//! how they condition the UNet, and the training objective.
+
+#[cfg(feature = "compute")]
+pub mod condition;
+#[cfg(feature = "compute")]
+pub mod loss;
+#[cfg(feature = "compute")]
+pub mod train;
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::weights::{Family, MemorySource, SafetensorsFile, WeightsError};
+
+/// Default number of timestep stages.
+pub const STAGES: usize = 5;
+/// The identity file's `format` metadata.
+pub const FORMAT: &str = "sefi-identity";
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The stage of timestep `t` out of `train_steps`: `floor(t * stages / train_steps)`.
+pub fn stage_of(t: f64, stages: usize, train_steps: usize) -> usize {
+    ((t.max(0.0) * stages as f64 / train_steps as f64).floor() as usize).min(stages - 1)
+}
+
+/// A few values of a model's token-embedding table, enough to tell models apart while
+/// ignoring storage precision (fp32 and fp16 files of one model match).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub vocab: usize,
+    pub dim: usize,
+    /// The first values of a few rows (the start token, "a", "person").
+    pub samples: Vec<f32>,
+}
+
+/// Rows of the token-embedding table the fingerprint samples, and values per row.
+pub const FINGERPRINT_ROWS: [usize; 3] = [49406, 320, 2533];
+pub const FINGERPRINT_VALUES: usize = 8;
+
+impl Fingerprint {
+    /// Same table, up to half-precision rounding.
+    pub fn matches(&self, other: &Fingerprint) -> bool {
+        self.vocab == other.vocab
+            && self.dim == other.dim
+            && self.samples.len() == other.samples.len()
+            && self
+                .samples
+                .iter()
+                .zip(&other.samples)
+                .all(|(a, b)| (a - b).abs() <= 1e-2 * (1.0 + b.abs()))
+    }
+}
+
+/// A learned identity on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Identity {
+    /// The placeholder name: prompts refer to it as `<token>`.
+    pub token: String,
+    /// What the subject is ("person", "dog", ...): the vectors start from its embedding and
+    /// its attention is the mask of the attention loss.
+    pub class_word: String,
+    pub stages: usize,
+    /// The base family (identities of sd2 and sd2-v models are interchangeable).
+    pub family: Family,
+    pub dim: usize,
+    /// `[stages, dim]`, row-major: the key token of each stage.
+    pub key: Vec<f32>,
+    /// `[stages, dim]`: the value token of each stage.
+    pub value: Vec<f32>,
+    pub fingerprint: Fingerprint,
+    /// Training settings, for the record.
+    pub training: serde_json::Value,
+}
+
+/// Why an identity cannot be used.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("{file} is not a SeFi identity file (no `format: {FORMAT}` metadata)")]
+    NotIdentity { file: String },
+    #[error(
+        "{file} is an identity file of format version {found}; this version of SeFi Studio reads version {FORMAT_VERSION}"
+    )]
+    Version { file: String, found: String },
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+    #[error(
+        "<{token}> was learned on a {identity} model and cannot be used with this {model} model: identities only work with the model family they were trained on"
+    )]
+    WrongFamily {
+        token: String,
+        identity: Family,
+        model: Family,
+    },
+    #[error(
+        "<{token}> was learned on a different {family} model (its token embeddings differ); it may still work, but results will be off. Retrain it on this model"
+    )]
+    OtherModel { token: String, family: Family },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+}
+
+impl Identity {
+    /// Checks that the identity fits a model.
+    pub fn check_model(
+        &self,
+        family: Family,
+        fingerprint: &Fingerprint,
+    ) -> Result<(), IdentityError> {
+        if self.family.base() != family.base() || self.dim != fingerprint.dim {
+            return Err(IdentityError::WrongFamily {
+                token: self.token.clone(),
+                identity: self.family,
+                model: family,
+            });
+        }
+        if !self.fingerprint.matches(fingerprint) {
+            return Err(IdentityError::OtherModel {
+                token: self.token.clone(),
+                family,
+            });
+        }
+        Ok(())
+    }
+
+    /// The identity file: safetensors with `key` and `value` `[stages, dim]` (f32) and the
+    /// metadata.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, IdentityError> {
+        let invalid = |reason: String| IdentityError::Invalid {
+            file: self.token.clone(),
+            reason,
+        };
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (k, v) = (bytes(&self.key), bytes(&self.value));
+        let shape = vec![self.stages, self.dim];
+        let view = |b| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map_err(|e| invalid(e.to_string()))
+        };
+        let metadata: HashMap<String, String> = [
+            ("format", FORMAT.to_string()),
+            ("format_version", FORMAT_VERSION.to_string()),
+            ("token", self.token.clone()),
+            ("class_word", self.class_word.clone()),
+            ("stages", self.stages.to_string()),
+            ("family", self.family.base().to_string()),
+            (
+                "fingerprint",
+                serde_json::to_string(&self.fingerprint).expect("serialisable"),
+            ),
+            ("training", self.training.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::serialize([("key", view(&k)?), ("value", view(&v)?)], Some(metadata))
+            .map_err(|e| invalid(e.to_string()))
+    }
+
+    /// Reads an identity file (`file` names it in messages).
+    pub async fn from_bytes(file: &str, bytes: Vec<u8>) -> Result<Self, IdentityError> {
+        let st = SafetensorsFile::open(Box::new(MemorySource::new(file, bytes))).await?;
+        let invalid = |reason: String| IdentityError::Invalid {
+            file: file.into(),
+            reason,
+        };
+        let meta = st.user_metadata().cloned().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(IdentityError::NotIdentity { file: file.into() });
+        }
+        let version = meta.get("format_version").cloned().unwrap_or_default();
+        if version != FORMAT_VERSION.to_string() {
+            return Err(IdentityError::Version {
+                file: file.into(),
+                found: version,
+            });
+        }
+        let get = |k: &str| {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| invalid(format!("missing metadata `{k}`")))
+        };
+        let family: Family = serde_json::from_value(serde_json::Value::String(get("family")?))
+            .map_err(|e| invalid(e.to_string()))?;
+        let fingerprint: Fingerprint =
+            serde_json::from_str(&get("fingerprint")?).map_err(|e| invalid(e.to_string()))?;
+        let stages: usize = get("stages")?
+            .parse()
+            .map_err(|_| invalid("bad `stages`".into()))?;
+        let (key, value) = (st.read("key").await?, st.read("value").await?);
+        if key.shape.len() != 2 || key.shape[0] != stages || key.shape != value.shape {
+            return Err(invalid(format!(
+                "`key` {:?} and `value` {:?} must both be [{stages}, dim]",
+                key.shape, value.shape
+            )));
+        }
+        Ok(Self {
+            token: get("token")?,
+            class_word: get("class_word")?,
+            stages,
+            family,
+            dim: key.shape[1],
+            key: key.to_f32(),
+            value: value.to_f32(),
+            fingerprint,
+            training: meta
+                .get("training")
+                .and_then(|t| serde_json::from_str(t).ok())
+                .unwrap_or(serde_json::Value::Null),
+        })
+    }
+}

@@ -1,0 +1,512 @@
+//! The SeFi trainer: photos to VAE latents once, then AdamW on the identity's 2 x S vectors
+//! (everything else frozen) with the noise-prediction and face-wise attention losses.
+//!
+//! Every step draws its randomness (photo, flip, timestep, noise) from a generator seeded by
+//! (seed, step), so a run resumed from a checkpoint continues exactly as the uninterrupted run.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use image::{RgbImage as Image, imageops::FilterType};
+use rand::{RngExt, SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+
+use super::condition::fingerprint;
+use super::loss::{LossInputs, Objective, TrainPrompt, sefi_loss};
+use super::{Fingerprint, Identity, stage_of};
+use crate::pipeline::{RgbImage, tokenize_prompt};
+use crate::schedule::{SchedulerConfig, TrainSchedule};
+use crate::sd::StableDiffusion;
+
+/// Training settings; the defaults are METHOD.md's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The placeholder name (`<token>` in prompts).
+    pub token: String,
+    pub class_word: String,
+    pub steps: usize,
+    pub lr: f64,
+    /// Weight of the attention loss.
+    pub attn_weight: f64,
+    pub stages: usize,
+    /// Side of the square training images, in pixels (a multiple of 8).
+    pub resolution: usize,
+    pub seed: u64,
+    /// AdamW's decoupled weight decay.
+    pub weight_decay: f64,
+    /// Training prompt with `<id>` for the identity; the reference prompt has the class word
+    /// there. Default: "a photo of the face of <id>" for people, "a photo of a <id>" otherwise.
+    pub template: Option<String>,
+}
+
+impl TrainConfig {
+    pub fn new(token: &str, class_word: &str, resolution: usize) -> Self {
+        Self {
+            token: token.into(),
+            class_word: class_word.into(),
+            steps: 600,
+            lr: 5e-3,
+            attn_weight: 0.003,
+            stages: super::STAGES,
+            resolution,
+            seed: 0,
+            weight_decay: 0.01,
+            template: None,
+        }
+    }
+
+    pub fn template(&self) -> String {
+        self.template
+            .clone()
+            .unwrap_or_else(|| match self.class_word.as_str() {
+                "person" | "man" | "woman" | "boy" | "girl" | "child" => {
+                    "a photo of the face of <id>".into()
+                }
+                _ => "a photo of a <id>".into(),
+            })
+    }
+}
+
+/// A photo and the square to train on (`None`: the centred square).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Photo {
+    pub image: RgbImage,
+    /// `(x, y, size)` in pixels.
+    pub crop: Option<(u32, u32, u32)>,
+}
+
+/// Decodes a photo (PNG or JPEG) to 8-bit RGB.
+pub fn decode_photo(bytes: &[u8]) -> Result<RgbImage, String> {
+    let img = image::load_from_memory(bytes)
+        .map_err(|e| format!("{e}; use a PNG or JPEG file"))?
+        .to_rgb8();
+    Ok(RgbImage {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.into_raw(),
+    })
+}
+
+/// Why training cannot start or go on.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("reading from the device failed: {0}")]
+    Read(String),
+    #[error("cancelled at step {0}")]
+    Cancelled(usize),
+}
+
+/// Everything that changes during training: what a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps done.
+    pub step: usize,
+    /// `[stages, dim]` each.
+    pub key: Vec<f32>,
+    pub value: Vec<f32>,
+    /// AdamW moments, same layout.
+    pub m_key: Vec<f32>,
+    pub v_key: Vec<f32>,
+    pub m_value: Vec<f32>,
+    pub v_value: Vec<f32>,
+    /// Updates applied to each stage (its AdamW step count; a stage is updated only when
+    /// its timesteps are drawn).
+    pub stage_steps: Vec<u32>,
+}
+
+/// One step's numbers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub total: usize,
+    pub loss: f64,
+    pub noise_loss: f64,
+    pub attn_loss: f64,
+    pub timestep: usize,
+    pub stage: usize,
+}
+
+/// A training run's fixed parts.
+pub struct Trainer<'a> {
+    sd: &'a StableDiffusion,
+    pub config: TrainConfig,
+    objective: Objective,
+    prompt: TrainPrompt,
+    /// Per photo: the latents of the photo and of its mirror image.
+    latents: Vec<[Tensor<4>; 2]>,
+    fingerprint: Fingerprint,
+    class_embedding: Vec<f32>,
+    device: Device,
+}
+
+/// Centre (or given) square crop, resized to `side` (Lanczos), as `[1, 3, side, side]` in
+/// [-1, 1], and its mirror image.
+fn prepare(photo: &Photo, side: usize, device: &Device) -> Result<[Tensor<4>; 2], TrainError> {
+    let img = Image::from_raw(
+        photo.image.width as u32,
+        photo.image.height as u32,
+        photo.image.data.clone(),
+    )
+    .ok_or_else(|| TrainError::Setup("a photo's pixel data does not match its size".into()))?;
+    let (w, h) = img.dimensions();
+    let (x, y, s) = photo.crop.unwrap_or_else(|| {
+        let s = w.min(h);
+        ((w - s) / 2, (h - s) / 2, s)
+    });
+    if s == 0 || x + s > w || y + s > h {
+        return Err(TrainError::Setup(format!(
+            "the crop {x},{y},{s} does not fit in the {w}x{h} photo"
+        )));
+    }
+    let square = image::imageops::crop_imm(&img, x, y, s, s).to_image();
+    let resized = image::imageops::resize(&square, side as u32, side as u32, FilterType::Lanczos3);
+    let to_tensor = |img: &Image| {
+        let mut data = vec![0f32; 3 * side * side];
+        for (px, py, p) in img.enumerate_pixels() {
+            for c in 0..3 {
+                data[(c * side + py as usize) * side + px as usize] = p[c] as f32 / 127.5 - 1.0;
+            }
+        }
+        Tensor::<4>::from_data(TensorData::new(data, [1, 3, side, side]), device)
+    };
+    Ok([
+        to_tensor(&resized),
+        to_tensor(&image::imageops::flip_horizontal(&resized)),
+    ])
+}
+
+async fn read(t: Tensor<2>) -> Result<Vec<f32>, TrainError> {
+    let data = t
+        .into_data_async()
+        .await
+        .map_err(|e| TrainError::Read(e.to_string()))?;
+    data.convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| TrainError::Read(format!("{e:?}")))
+}
+
+impl<'a> Trainer<'a> {
+    /// Prepares a run: tokenizes the prompts and encodes the photos with the VAE once.
+    /// `sd` must live on an autodiff device (`device.clone().autodiff()`).
+    pub async fn new(
+        sd: &'a StableDiffusion,
+        scheduler: &SchedulerConfig,
+        photos: &[Photo],
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        let setup = |m: String| TrainError::Setup(m);
+        if photos.is_empty() {
+            return Err(setup("give at least one photo".into()));
+        }
+        if config.steps == 0
+            || config.stages == 0
+            || config.resolution == 0
+            || !config.resolution.is_multiple_of(8)
+        {
+            return Err(setup(
+                "steps and stages must be at least 1, and the resolution a positive multiple of 8"
+                    .into(),
+            ));
+        }
+        if config.token.is_empty()
+            || !config
+                .token
+                .chars()
+                .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(setup(format!(
+                "the token `{}` must be letters, digits, `_` or `-`",
+                config.token
+            )));
+        }
+        let class_id = sd.tokenizer.single_token(&config.class_word).ok_or_else(|| {
+            setup(format!("the class word `{}` is not a single token of CLIP's vocabulary; pick a common word such as person, dog, cat or car", config.class_word))
+        })?;
+        let template = config.template();
+        if template.matches("<id>").count() != 1 {
+            return Err(setup(format!(
+                "the template `{template}` must contain <id> once"
+            )));
+        }
+        // The placeholder takes one position, which the class word fills in the reference.
+        let probe = Identity {
+            token: "id".into(),
+            class_word: config.class_word.clone(),
+            stages: 1,
+            family: sd.family,
+            dim: 0,
+            key: vec![],
+            value: vec![],
+            fingerprint: Fingerprint {
+                vocab: 0,
+                dim: 0,
+                samples: vec![],
+            },
+            training: serde_json::Value::Null,
+        };
+        let tokens = tokenize_prompt(sd, &template, std::slice::from_ref(&probe))
+            .map_err(|e| setup(e.to_string()))?;
+        if tokens.windows.len() != 1 {
+            return Err(setup(
+                "the template is longer than the text encoder's window".into(),
+            ));
+        }
+        let prompt = TrainPrompt {
+            ids: tokens.windows[0].clone(),
+            positions: tokens.slots.iter().map(|s| s.position).collect(),
+        };
+
+        let sf = sd.vae.config.scaling_factor;
+        let mut latents = Vec::new();
+        for photo in photos {
+            let [a, b] = prepare(photo, config.resolution, device)?;
+            let enc = |x: Tensor<4>| sd.vae.encode(x).mean.mul_scalar(sf).detach();
+            latents.push([enc(a), enc(b)]);
+        }
+        let table = sd.text_encoder.token_embedding_table();
+        let class_embedding = read(table.narrow(0, class_id as usize, 1)).await?;
+        let fingerprint = fingerprint(sd).await.map_err(TrainError::Read)?;
+        Ok(Self {
+            sd,
+            objective: Objective {
+                schedule: TrainSchedule::new(scheduler),
+                prediction: scheduler.prediction_type,
+                attn_weight: config.attn_weight,
+            },
+            prompt,
+            latents,
+            fingerprint,
+            class_embedding,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.class_embedding.len()
+    }
+
+    /// Vectors at the class word's embedding, optimizer at rest.
+    pub fn initial_state(&self) -> TrainState {
+        let n = self.config.stages * self.dim();
+        let vectors: Vec<f32> = self
+            .class_embedding
+            .iter()
+            .copied()
+            .cycle()
+            .take(n)
+            .collect();
+        TrainState {
+            step: 0,
+            key: vectors.clone(),
+            value: vectors,
+            m_key: vec![0.0; n],
+            v_key: vec![0.0; n],
+            m_value: vec![0.0; n],
+            v_value: vec![0.0; n],
+            stage_steps: vec![0; self.config.stages],
+        }
+    }
+
+    /// The training prompt (ids and placeholder position).
+    pub fn prompt(&self) -> &TrainPrompt {
+        &self.prompt
+    }
+
+    /// The random draws of step `step`: photo, mirror, timestep, noise.
+    fn draws(&self, step: usize) -> (usize, usize, usize, Vec<f32>) {
+        let mut rng = StdRng::seed_from_u64(
+            self.config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ step as u64,
+        );
+        let photo = rng.random_range(0..self.latents.len());
+        let flip = rng.random_range(0..2usize);
+        let t = rng.random_range(0..self.objective.schedule.alphas_cumprod.len());
+        let numel = self.latents[0][0].shape().num_elements();
+        let noise = (0..numel)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        (photo, flip, t, noise)
+    }
+
+    /// The loss of fixed vectors at a given timestep and noise (for evaluation), photo 0.
+    pub fn evaluate(&self, state: &TrainState, t: usize, noise: &[f32]) -> super::loss::Loss {
+        let stage = stage_of(
+            t as f64,
+            self.config.stages,
+            self.objective.schedule.alphas_cumprod.len(),
+        );
+        let d = self.dim();
+        let row = |v: &[f32]| {
+            Tensor::<2>::from_data(
+                TensorData::new(v[stage * d..(stage + 1) * d].to_vec(), [1, d]),
+                &self.device,
+            )
+        };
+        let latents = self.latents[0][0].clone();
+        let noise = Tensor::<4>::from_data(
+            TensorData::new(noise.to_vec(), latents.shape()),
+            &self.device,
+        );
+        let inputs = LossInputs {
+            latents,
+            noise,
+            timestep: t,
+        };
+        sefi_loss(
+            self.sd,
+            &self.objective,
+            &self.prompt,
+            row(&state.key),
+            row(&state.value),
+            &inputs,
+            &self.device,
+        )
+    }
+
+    /// One optimisation step: the loss at a random timestep, its gradient with respect to
+    /// that stage's key and value vectors, and an AdamW update of them.
+    pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
+        let (photo, flip, t, noise) = self.draws(state.step);
+        let stage = stage_of(
+            t as f64,
+            self.config.stages,
+            self.objective.schedule.alphas_cumprod.len(),
+        );
+        let d = self.dim();
+        let range = stage * d..(stage + 1) * d;
+        let param = |v: &[f32]| {
+            Tensor::<2>::from_data(
+                TensorData::new(v[range.clone()].to_vec(), [1, d]),
+                &self.device,
+            )
+            .require_grad()
+        };
+        let (key, value) = (param(&state.key), param(&state.value));
+        let latents = self.latents[photo][flip].clone();
+        let noise = Tensor::<4>::from_data(TensorData::new(noise, latents.shape()), &self.device);
+        let inputs = LossInputs {
+            latents,
+            noise,
+            timestep: t,
+        };
+        let loss = sefi_loss(
+            self.sd,
+            &self.objective,
+            &self.prompt,
+            key.clone(),
+            value.clone(),
+            &inputs,
+            &self.device,
+        );
+        let grads = loss.total.backward();
+        let missing = || TrainError::Read("no gradient reached the identity vectors".into());
+        let gk = read(key.grad(&grads).ok_or_else(missing)?).await?;
+        let gv = read(value.grad(&grads).ok_or_else(missing)?).await?;
+        let scalar = |t: Tensor<1>| async move {
+            let data = t
+                .into_data_async()
+                .await
+                .map_err(|e| TrainError::Read(e.to_string()))?;
+            Ok::<f64, TrainError>(
+                data.convert::<f64>()
+                    .try_to_vec::<f64>()
+                    .map_err(|e| TrainError::Read(format!("{e:?}")))?[0],
+            )
+        };
+        let (l, ln, la) = (
+            scalar(loss.total.detach()).await?,
+            scalar(loss.noise.detach()).await?,
+            scalar(loss.attention.detach()).await?,
+        );
+
+        // AdamW (PyTorch's, decoupled weight decay) on this stage's rows only.
+        state.stage_steps[stage] += 1;
+        let n = state.stage_steps[stage] as i32;
+        let c = &self.config;
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+            for i in 0..g.len() {
+                let gi = g[i] as f64;
+                let mut pi = p[i] as f64 * (1.0 - c.lr * c.weight_decay);
+                let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
+                let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
+                let m_hat = mi / (1.0 - b1.powi(n));
+                let v_hat = vi / (1.0 - b2.powi(n));
+                pi -= c.lr * m_hat / (v_hat.sqrt() + eps);
+                (p[i], m[i], v[i]) = (pi as f32, mi as f32, vi as f32);
+            }
+        };
+        update(
+            &mut state.key[range.clone()],
+            &mut state.m_key[range.clone()],
+            &mut state.v_key[range.clone()],
+            &gk,
+        );
+        update(
+            &mut state.value[range.clone()],
+            &mut state.m_value[range.clone()],
+            &mut state.v_value[range.clone()],
+            &gv,
+        );
+        state.step += 1;
+        Ok(StepReport {
+            step: state.step,
+            total: c.steps,
+            loss: l,
+            noise_loss: ln,
+            attn_loss: la,
+            timestep: t,
+            stage,
+        })
+    }
+
+    /// The identity the state holds.
+    pub fn identity(&self, state: &TrainState) -> Identity {
+        Identity {
+            token: self.config.token.clone(),
+            class_word: self.config.class_word.clone(),
+            stages: self.config.stages,
+            family: self.sd.family.base(),
+            dim: self.dim(),
+            key: state.key.clone(),
+            value: state.value.clone(),
+            fingerprint: self.fingerprint.clone(),
+            training: serde_json::json!({ "config": self.config, "steps_done": state.step }),
+        }
+    }
+
+    /// A checkpoint: the identity file with the optimizer state inside its `training`
+    /// metadata, so that one file resumes the run.
+    pub fn checkpoint(&self, state: &TrainState) -> Result<Vec<u8>, super::IdentityError> {
+        let mut identity = self.identity(state);
+        identity.training =
+            serde_json::json!({ "config": self.config, "steps_done": state.step, "state": state });
+        identity.to_bytes()
+    }
+
+    /// The state stored in a checkpoint, if it belongs to this run's settings.
+    pub fn resume_state(&self, checkpoint: &Identity) -> Result<TrainState, TrainError> {
+        let training = &checkpoint.training;
+        let config: TrainConfig = serde_json::from_value(training["config"].clone())
+            .map_err(|_| TrainError::Setup("the checkpoint holds no training settings".into()))?;
+        let same = TrainConfig {
+            steps: self.config.steps,
+            ..config.clone()
+        } == self.config;
+        if !same {
+            return Err(TrainError::Setup("the checkpoint was made with other settings (token, class word, seed, learning rate, ...); start a new run or use the same settings".into()));
+        }
+        serde_json::from_value(training["state"].clone())
+            .map_err(|_| TrainError::Setup("the checkpoint holds no optimizer state".into()))
+    }
+}
+
+/// Token ids as a tensor (tests and tools).
+pub fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
+    Tensor::from_data(
+        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
+        device,
+    )
+}
