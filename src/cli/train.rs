@@ -81,19 +81,9 @@ fn parse_crop(s: &str) -> Result<(u32, u32, u32), String> {
 
 /// Reads a photo as 8-bit RGB.
 pub fn read_photo(path: &Path) -> Result<RgbImage, String> {
-    let img = image::open(path)
-        .map_err(|e| {
-            format!(
-                "cannot read the photo {}: {e}. Use a PNG or JPEG file",
-                path.display()
-            )
-        })?
-        .to_rgb8();
-    Ok(RgbImage {
-        width: img.width() as usize,
-        height: img.height() as usize,
-        data: img.into_raw(),
-    })
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("cannot read the photo {}: {e}", path.display()))?;
+    decode_photo(&bytes).map_err(|e| format!("cannot read the photo {}: {e}", path.display()))
 }
 
 /// NAME.safetensors -> NAME.checkpoint.safetensors.
