@@ -115,6 +115,35 @@ pub struct TrainState {
     pub stage_steps: Vec<u32>,
 }
 
+/// One step's randomness: which photo, mirrored or not, the timestep and the noise.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Draw {
+    pub photo: usize,
+    /// 1: the mirror image.
+    pub flip: usize,
+    pub timestep: usize,
+    pub noise: Vec<f32>,
+}
+
+/// Which part of the objective to differentiate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Term {
+    Total,
+    Attention,
+}
+
+/// A loss and its gradients with respect to one stage's vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Gradients {
+    pub stage: usize,
+    pub loss: f64,
+    pub noise_loss: f64,
+    pub attn_loss: f64,
+    /// `[dim]` each.
+    pub key: Vec<f32>,
+    pub value: Vec<f32>,
+}
+
 /// One step's numbers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
@@ -365,12 +394,16 @@ impl<'a> Trainer<'a> {
         )
     }
 
-    /// One optimisation step: the loss at a random timestep, its gradient with respect to
-    /// that stage's key and value vectors, and an AdamW update of them.
-    pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
-        let (photo, flip, t, noise) = self.draws(state.step);
+    /// The loss of `state`'s vectors for one draw, and the gradient of `term` with respect
+    /// to the key and value vectors of the timestep's stage.
+    pub async fn gradients(
+        &self,
+        state: &TrainState,
+        draw: &Draw,
+        term: Term,
+    ) -> Result<Gradients, TrainError> {
         let stage = stage_of(
-            t as f64,
+            draw.timestep as f64,
             self.config.stages,
             self.objective.schedule.alphas_cumprod.len(),
         );
@@ -384,12 +417,15 @@ impl<'a> Trainer<'a> {
             .require_grad()
         };
         let (key, value) = (param(&state.key), param(&state.value));
-        let latents = self.latents[photo][flip].clone();
-        let noise = Tensor::<4>::from_data(TensorData::new(noise, latents.shape()), &self.device);
+        let latents = self.latents[draw.photo][draw.flip].clone();
+        let noise = Tensor::<4>::from_data(
+            TensorData::new(draw.noise.clone(), latents.shape()),
+            &self.device,
+        );
         let inputs = LossInputs {
             latents,
             noise,
-            timestep: t,
+            timestep: draw.timestep,
         };
         let loss = sefi_loss(
             self.sd,
@@ -400,10 +436,13 @@ impl<'a> Trainer<'a> {
             &inputs,
             &self.device,
         );
-        let grads = loss.total.backward();
+        let grads = match term {
+            Term::Total => loss.total.backward(),
+            Term::Attention => loss.attention.clone().backward(),
+        };
         let missing = || TrainError::Read("no gradient reached the identity vectors".into());
-        let gk = read(key.grad(&grads).ok_or_else(missing)?).await?;
-        let gv = read(value.grad(&grads).ok_or_else(missing)?).await?;
+        let key_grad = read(key.grad(&grads).ok_or_else(missing)?).await?;
+        let value_grad = read(value.grad(&grads).ok_or_else(missing)?).await?;
         let scalar = |t: Tensor<1>| async move {
             let data = t
                 .into_data_async()
@@ -415,11 +454,42 @@ impl<'a> Trainer<'a> {
                     .map_err(|e| TrainError::Read(format!("{e:?}")))?[0],
             )
         };
-        let (l, ln, la) = (
-            scalar(loss.total.detach()).await?,
-            scalar(loss.noise.detach()).await?,
-            scalar(loss.attention.detach()).await?,
+        Ok(Gradients {
+            stage,
+            loss: scalar(loss.total.detach()).await?,
+            noise_loss: scalar(loss.noise.detach()).await?,
+            attn_loss: scalar(loss.attention.detach()).await?,
+            key: key_grad,
+            value: value_grad,
+        })
+    }
+
+    /// The random draw of step `step`.
+    pub fn draw(&self, step: usize) -> Draw {
+        let (photo, flip, timestep, noise) = self.draws(step);
+        Draw {
+            photo,
+            flip,
+            timestep,
+            noise,
+        }
+    }
+
+    /// One optimisation step: the loss at a random timestep, its gradient with respect to
+    /// that stage's key and value vectors, and an AdamW update of them.
+    pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
+        let draw = self.draw(state.step);
+        let g = self.gradients(state, &draw, Term::Total).await?;
+        let (stage, t, l, ln, la, gk, gv) = (
+            g.stage,
+            draw.timestep,
+            g.loss,
+            g.noise_loss,
+            g.attn_loss,
+            g.key,
+            g.value,
         );
+        let range = stage * self.dim()..(stage + 1) * self.dim();
 
         // AdamW (PyTorch's, decoupled weight decay) on this stage's rows only.
         state.stage_steps[stage] += 1;

@@ -1,0 +1,552 @@
+//! SeFi identities: the loss and its gradients against PyTorch, stage routing, the attention
+//! term, training, resuming, identity files, and the `sefi train` / `generate --identity` flow.
+#![cfg(not(target_family = "wasm"))]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+use burn::tensor::{DType, Device, Tensor};
+use sefi::block_on;
+use sefi::identity::condition::fingerprint;
+use sefi::identity::train::{Draw, Photo, Term, TrainConfig, TrainState, Trainer, decode_photo};
+use sefi::identity::{Identity, IdentityError, stage_of};
+use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise};
+use sefi::schedule::Sampler;
+use sefi::sd::StableDiffusion;
+use sefi::weights::open::Variant;
+use sefi::weights::{Checkpoint, Family};
+
+fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+fn load(model: &str, device: &Device) -> (Checkpoint, StableDiffusion) {
+    let ckpt = block_on(Checkpoint::open_path(
+        &fixture(&format!("sd/{model}")),
+        Variant::Auto,
+        None,
+    ))
+    .unwrap();
+    let sd = block_on(StableDiffusion::load(
+        &ckpt,
+        device,
+        DType::F32,
+        &mut |_| {},
+    ))
+    .unwrap();
+    (ckpt, sd)
+}
+
+fn astronaut() -> Photo {
+    let bytes = std::fs::read(fixture("photos/astronaut.png")).unwrap();
+    Photo {
+        image: decode_photo(&bytes).unwrap(),
+        crop: None,
+    }
+}
+
+fn scalar(t: Tensor<1>) -> f64 {
+    block_on(pipeline::read_f32(t)).unwrap()[0] as f64
+}
+
+#[test]
+fn stages_split_the_timesteps_evenly() {
+    assert_eq!(stage_of(0.0, 5, 1000), 0);
+    assert_eq!(stage_of(199.0, 5, 1000), 0);
+    assert_eq!(stage_of(200.0, 5, 1000), 1);
+    assert_eq!(stage_of(999.0, 5, 1000), 4);
+    assert_eq!(stage_of(500.0, 1, 1000), 0);
+    assert_eq!(stage_of(957.375, 10, 1000), 9);
+}
+
+/// An identity with distinct random vectors per stage.
+fn random_identity(sd: &StableDiffusion, token: &str, seed: u64) -> Identity {
+    let fp = block_on(fingerprint(sd)).unwrap();
+    let d = fp.dim;
+    let mut x = seed;
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((x >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    };
+    Identity {
+        token: token.into(),
+        class_word: "person".into(),
+        stages: 5,
+        family: sd.family.base(),
+        dim: d,
+        key: (0..5 * d).map(|_| next()).collect(),
+        value: (0..5 * d).map(|_| next()).collect(),
+        fingerprint: fp,
+        training: serde_json::Value::Null,
+    }
+}
+
+#[test]
+fn each_timestep_uses_its_stages_vectors() {
+    let device = Device::flex();
+    let (_, sd) = load("tiny-sd1", &device);
+    // Two Euler steps at t = 999 and 0 (SD's own scheduler config: linspace spacing): stages
+    // 4 and 0 only.
+    let scheduler =
+        sefi::schedule::SchedulerConfig::for_prediction(sefi::config::Prediction::Epsilon);
+    assert_eq!(
+        sefi::schedule::Plan::new(Sampler::Euler, &scheduler, 2)
+            .unwrap()
+            .timesteps,
+        [999.0, 0.0]
+    );
+    let req = GenerateRequest {
+        prompt: "a photo of <x>".into(),
+        steps: 2,
+        sampler: Sampler::Euler,
+        width: 64,
+        height: 64,
+        seed: 5,
+        ..Default::default()
+    };
+    let run = |id: &Identity| {
+        let g = block_on(pipeline::generate(
+            &sd,
+            &scheduler,
+            &req,
+            std::slice::from_ref(id),
+            &GivenNoise::default(),
+            &device,
+            &mut |_| Flow::Continue,
+        ))
+        .unwrap();
+        block_on(pipeline::read_f32(g.latents)).unwrap()
+    };
+    let a = random_identity(&sd, "x", 1);
+    let base = run(&a);
+    let d = a.dim;
+    // Stages 1-3 are never used...
+    let mut other = a.clone();
+    for i in d..4 * d {
+        other.key[i] += 1.0;
+        other.value[i] -= 1.0;
+    }
+    // (The CPU backend's threaded sums may differ in the last bits between runs.)
+    assert!(
+        max_diff(&run(&other), &base) < 1e-5,
+        "stages 1-3 must not be used at t = 999 and 0"
+    );
+    // ...the key and the value of stages 4 and 0 each are.
+    for (stage, is_key) in [(4, true), (4, false), (0, true), (0, false)] {
+        let mut changed = a.clone();
+        let v = if is_key {
+            &mut changed.key
+        } else {
+            &mut changed.value
+        };
+        v[stage * d..(stage + 1) * d]
+            .iter_mut()
+            .for_each(|x| *x = -3.0 * *x);
+        let effect = max_diff(&run(&changed), &base);
+        assert!(
+            effect > 1e-4,
+            "stage {stage}'s {} must be used ({effect})",
+            if is_key { "key" } else { "value" }
+        );
+    }
+}
+
+#[test]
+fn two_identities_in_one_prompt_each_get_their_vectors() {
+    let device = Device::flex();
+    let (ckpt, sd) = load("tiny-sd1", &device);
+    let (a, b) = (random_identity(&sd, "a", 1), random_identity(&sd, "b", 2));
+    let req = GenerateRequest {
+        prompt: "a photo of <a> and <b>".into(),
+        steps: 2,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let run = |ids: &[Identity]| {
+        let g = block_on(pipeline::generate(
+            &sd,
+            &ckpt.scheduler,
+            &req,
+            ids,
+            &GivenNoise::default(),
+            &device,
+            &mut |_| Flow::Continue,
+        ))
+        .unwrap();
+        block_on(pipeline::read_f32(g.latents)).unwrap()
+    };
+    let ab = run(&[a.clone(), b.clone()]);
+    assert_eq!(
+        ab,
+        run(&[b.clone(), a.clone()]),
+        "identities are found by name, not order"
+    );
+    let mut b2 = b.clone();
+    b2.key.iter_mut().for_each(|x| *x = -*x);
+    assert!(
+        max_diff(&ab, &run(&[a.clone(), b2])) > 1e-3,
+        "<b>'s vectors are used"
+    );
+    let err = block_on(pipeline::generate(
+        &sd,
+        &ckpt.scheduler,
+        &req,
+        &[a],
+        &GivenNoise::default(),
+        &device,
+        &mut |_| Flow::Continue,
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("<b>") && err.to_string().contains("loaded: <a>"),
+        "{err}"
+    );
+}
+
+#[test]
+fn identity_files_round_trip_and_refuse_other_models() {
+    let device = Device::flex();
+    let (_, sd1) = load("tiny-sd1", &device);
+    let (_, sd2) = load("tiny-sd2", &device);
+    let id = random_identity(&sd1, "alice", 3);
+    let bytes = id.to_bytes().unwrap();
+    let back = block_on(Identity::from_bytes("alice.safetensors", bytes)).unwrap();
+    assert_eq!(back, id);
+    let fp1 = block_on(fingerprint(&sd1)).unwrap();
+    assert!(back.check_model(Family::Sd1, &fp1).is_ok());
+    let fp2 = block_on(fingerprint(&sd2)).unwrap();
+    let err = back.check_model(Family::Sd2V, &fp2).unwrap_err();
+    assert!(matches!(err, IdentityError::WrongFamily { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("learned on a sd1 model") && err.to_string().contains("sd2-v"),
+        "{err}"
+    );
+    // Same family, other weights.
+    let mut other = fp1.clone();
+    other.samples[0] += 0.5;
+    assert!(matches!(
+        back.check_model(Family::Sd1, &other),
+        Err(IdentityError::OtherModel { .. })
+    ));
+    // Not an identity file at all.
+    let model = std::fs::read(fixture(
+        "sd/tiny-sd1/vae/diffusion_pytorch_model.safetensors",
+    ))
+    .unwrap();
+    let err = block_on(Identity::from_bytes("vae.safetensors", model)).unwrap_err();
+    assert!(matches!(err, IdentityError::NotIdentity { .. }), "{err:?}");
+}
+
+fn trainer_config(steps: usize) -> TrainConfig {
+    let mut c = TrainConfig::new("alice", "person", 64);
+    c.steps = steps;
+    c.seed = 11;
+    c
+}
+
+#[test]
+fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load("tiny-sd1", &device);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(1),
+        &device,
+    ))
+    .unwrap();
+    let start = trainer.initial_state();
+    let noise: Vec<f32> = (0..4 * 8 * 8).map(|i| ((i as f32) * 0.37).sin()).collect();
+    let at_start = scalar(trainer.evaluate(&start, 500, &noise).attention);
+    assert!(
+        at_start.abs() < 1e-12,
+        "attention loss at the class word: {at_start}"
+    );
+    // Pushed away, it grows...
+    let mut pushed = start.clone();
+    for (i, x) in pushed.key.iter_mut().enumerate() {
+        *x += 0.3 * ((i as f32) * 1.3).cos();
+    }
+    let loss = trainer.evaluate(&pushed, 500, &noise);
+    let away = scalar(loss.attention.clone());
+    assert!(
+        away > 1e-8,
+        "attention loss away from the class word: {away}"
+    );
+    // ...and its gradient points away from the class word, so descending it pulls back.
+    let draw = Draw {
+        photo: 0,
+        flip: 0,
+        timestep: 500,
+        noise: noise.clone(),
+    };
+    let g = block_on(trainer.gradients(&pushed, &draw, Term::Attention)).unwrap();
+    assert!((g.attn_loss - away).abs() < 1e-9 * (1.0 + away));
+    let d = trainer.dim();
+    let rows = g.stage * d..(g.stage + 1) * d;
+    let offset: Vec<f32> = rows.clone().map(|i| pushed.key[i] - start.key[i]).collect();
+    let dot: f32 = g.key.iter().zip(&offset).map(|(a, b)| a * b).sum();
+    assert!(
+        dot > 0.0,
+        "the gradient points away from the class word ({dot})"
+    );
+    let norm = g.key.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let mut back = pushed.clone();
+    for (i, r) in rows.enumerate() {
+        back.key[r] -= 0.05 * g.key[i] / norm;
+    }
+    let after = scalar(trainer.evaluate(&back, 500, &noise).attention);
+    assert!(
+        after < away,
+        "one step down the gradient lowers it: {after} vs {away}"
+    );
+}
+
+#[test]
+fn resuming_reproduces_the_uninterrupted_run() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load("tiny-sd1", &device);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(6),
+        &device,
+    ))
+    .unwrap();
+    let mut straight = trainer.initial_state();
+    for _ in 0..6 {
+        block_on(trainer.step(&mut straight)).unwrap();
+    }
+    let mut first = trainer.initial_state();
+    for _ in 0..3 {
+        block_on(trainer.step(&mut first)).unwrap();
+    }
+    let saved = trainer.checkpoint(&first).unwrap();
+    let restored = block_on(Identity::from_bytes("ckpt", saved)).unwrap();
+    let mut resumed: TrainState = trainer.resume_state(&restored).unwrap();
+    assert_eq!(resumed, first);
+    for _ in 0..3 {
+        block_on(trainer.step(&mut resumed)).unwrap();
+    }
+    assert_eq!(resumed, straight);
+    assert_ne!(
+        straight.key,
+        trainer.initial_state().key,
+        "training moved the vectors"
+    );
+}
+
+#[test]
+fn training_lowers_the_noise_loss_on_fixed_draws() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load("tiny-sd1", &device);
+    let mut config = trainer_config(200);
+    config.lr = 2e-2;
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        config,
+        &device,
+    ))
+    .unwrap();
+    // The per-step loss is too noisy to show progress: measure on fixed (timestep, noise) pairs.
+    let fixed: Vec<Draw> = (0..16)
+        .map(|i| Draw {
+            photo: 0,
+            flip: 0,
+            ..trainer.draw(100_000 + i)
+        })
+        .collect();
+    let measure = |state: &TrainState| {
+        fixed
+            .iter()
+            .map(|d| scalar(trainer.evaluate(state, d.timestep, &d.noise).noise))
+            .sum::<f64>()
+            / fixed.len() as f64
+    };
+    let mut state = trainer.initial_state();
+    let before = measure(&state);
+    for _ in 0..200 {
+        block_on(trainer.step(&mut state)).unwrap();
+    }
+    let after = measure(&state);
+    eprintln!("noise loss on fixed draws: {before:.6} -> {after:.6}");
+    assert!(
+        after < before,
+        "training should lower the noise loss: {before} -> {after}"
+    );
+}
+
+#[test]
+fn training_on_wgpu_agrees_with_the_cpu() {
+    let gpu = block_on(sefi::device::DeviceChoice::Wgpu.open())
+        .expect("no wgpu adapter: run ./scripts/setup.sh test");
+    let run = |device: Device| {
+        let (ckpt, sd) = load("tiny-sd1", &device);
+        let trainer = block_on(Trainer::new(
+            &sd,
+            &ckpt.scheduler,
+            &[astronaut()],
+            trainer_config(3),
+            &device,
+        ))
+        .unwrap();
+        let mut state = trainer.initial_state();
+        let reports: Vec<_> = (0..3)
+            .map(|_| block_on(trainer.step(&mut state)).unwrap())
+            .collect();
+        (state, reports)
+    };
+    let (cpu, cpu_reports) = run(Device::flex().autodiff());
+    let (wgpu, wgpu_reports) = run(gpu.device.autodiff());
+    for (a, b) in cpu_reports.iter().zip(&wgpu_reports) {
+        assert_eq!((a.timestep, a.stage), (b.timestep, b.stage));
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-3 * a.loss.abs().max(1e-3),
+            "loss {} vs {}",
+            a.loss,
+            b.loss
+        );
+    }
+    let scale = cpu.key.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(
+        max_diff(&cpu.key, &wgpu.key) <= 1e-3 * scale,
+        "keys differ by {}",
+        max_diff(&cpu.key, &wgpu.key)
+    );
+    assert!(max_diff(&cpu.value, &wgpu.value) <= 1e-3 * scale);
+}
+
+#[test]
+fn train_then_generate_with_two_identities() {
+    let dir = std::env::temp_dir().join(format!("sefi-identity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sefi = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sefi"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    let model = fixture("sd/tiny-sd1").display().to_string();
+    let photo = fixture("photos/astronaut.png").display().to_string();
+    let out = |n: &str| dir.join(n).display().to_string();
+    let log = out("alice.jsonl");
+    sefi(&[
+        "train",
+        "--model",
+        &model,
+        "--image",
+        &photo,
+        "--token",
+        "alice",
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--log-json",
+        &log,
+        "--out",
+        &out("alice.safetensors"),
+    ]);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    for key in [
+        "step",
+        "loss",
+        "noise_loss",
+        "attn_loss",
+        "timestep",
+        "stage",
+    ] {
+        assert!(
+            lines.iter().all(|l| l.get(key).is_some()),
+            "{key} in every log line"
+        );
+    }
+    assert!(dir.join("alice.checkpoint.safetensors").exists());
+    sefi(&[
+        "train",
+        "--model",
+        &model,
+        "--image",
+        &photo,
+        "--token",
+        "rex",
+        "--class-word",
+        "dog",
+        "--crop",
+        "10,10,100",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        &out("rex.safetensors"),
+    ]);
+    sefi(&[
+        "generate",
+        "--model",
+        &model,
+        "--identity",
+        &out("alice.safetensors"),
+        "--identity",
+        &out("rex.safetensors"),
+        "--prompt",
+        "a photo of <alice> holding <rex> in front of the eiffel tower",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        &out("both.png"),
+    ]);
+    assert!(dir.join("both.png").exists());
+    // A bad photo is a clear error.
+    std::fs::write(dir.join("bad.jpg"), b"not a photo").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args([
+            "train",
+            "--model",
+            &model,
+            "--image",
+            &out("bad.jpg"),
+            "--token",
+            "x",
+            "--device",
+            "cpu",
+            "--out",
+            &out("x.safetensors"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("cannot read the photo"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
