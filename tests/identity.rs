@@ -149,7 +149,7 @@ fn each_timestep_uses_its_stages_vectors() {
         };
         v[stage * d..(stage + 1) * d]
             .iter_mut()
-            .for_each(|x| *x = -3.0 * *x);
+            .for_each(|x| *x *= -3.0);
         let effect = max_diff(&run(&changed), &base);
         assert!(
             effect > 1e-4,
@@ -465,6 +465,8 @@ fn train_then_generate_with_two_identities() {
         "cpu",
         "--log-json",
         &log,
+        "--attention-maps",
+        &out("maps"),
         "--out",
         &out("alice.safetensors"),
     ]);
@@ -488,6 +490,19 @@ fn train_then_generate_with_two_identities() {
         );
     }
     assert!(dir.join("alice.checkpoint.safetensors").exists());
+    for step in ["step-000002.png", "step-000004.png"] {
+        let file = std::fs::File::open(dir.join("maps").join(step)).unwrap();
+        let info = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .unwrap()
+            .info()
+            .clone();
+        assert_eq!(
+            (info.width, info.height),
+            (16, 8),
+            "two 8x8 maps side by side"
+        );
+    }
     sefi(&[
         "train",
         "--model",

@@ -57,6 +57,10 @@ pub struct TrainArgs {
     /// Continue from the checkpoint beside --out.
     #[arg(long)]
     pub resume: bool,
+    /// Every --save-every steps (or every 50), write the identity token's attention map beside
+    /// the class word's into this folder as PNG.
+    #[arg(long)]
+    pub attention_maps: Option<PathBuf>,
     /// Write one JSON object per step to this file.
     #[arg(long)]
     pub log_json: Option<PathBuf>,
@@ -170,6 +174,25 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         if args.save_every > 0 && r.step % args.save_every == 0 {
             std::fs::write(&checkpoint, trainer.checkpoint(&state)?)?;
+        }
+        let every = if args.save_every > 0 {
+            args.save_every
+        } else {
+            50
+        };
+        if let Some(dir) = &args.attention_maps
+            && (r.step % every == 0 || r.step == args.steps)
+        {
+            std::fs::create_dir_all(dir)?;
+            let image = crate::block_on(trainer.attention_maps(&state, &trainer.draw(r.step - 1)))?;
+            let text = format!(
+                "<{}> (left) and \"{}\" (right), step {}, t={}",
+                args.token, args.class_word, r.step, r.timestep
+            );
+            std::fs::write(
+                dir.join(format!("step-{:06}.png", r.step)),
+                crate::pipeline::png::encode(&image, &text)?,
+            )?;
         }
     }
     bar.finish();

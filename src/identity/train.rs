@@ -154,6 +154,8 @@ pub struct StepReport {
     pub attn_loss: f64,
     pub timestep: usize,
     pub stage: usize,
+    /// Speed of this step.
+    pub steps_per_second: f64,
 }
 
 /// A training run's fixed parts.
@@ -464,6 +466,61 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// The identity token's attention map beside the class word's (the target), for the first
+    /// identity at the finest cross-attention resolution, averaged over heads and layers,
+    /// each scaled to its maximum: a grey image twice as wide as high.
+    pub async fn attention_maps(
+        &self,
+        state: &TrainState,
+        draw: &Draw,
+    ) -> Result<RgbImage, TrainError> {
+        let loss = self.evaluate(state, draw.timestep, &draw.noise);
+        let finest = loss
+            .maps
+            .iter()
+            .map(|(a, _)| a.dims()[2])
+            .max()
+            .unwrap_or(0);
+        let mut maps = [vec![0f32; finest], vec![0f32; finest]];
+        let mut layers = 0;
+        for (a, r) in loss.maps.iter().filter(|(a, _)| a.dims()[2] == finest) {
+            layers += 1;
+            for (k, t) in [a, r].into_iter().enumerate() {
+                let [_, _, q, _] = t.dims();
+                // [b, heads, q, ids] -> mean over heads of identity 0 -> [q].
+                let m = t
+                    .clone()
+                    .detach()
+                    .narrow(0, 0, 1)
+                    .narrow(3, 0, 1)
+                    .mean_dim(1)
+                    .reshape([1, q]);
+                for (acc, v) in maps[k].iter_mut().zip(read(m).await?) {
+                    *acc += v;
+                }
+            }
+        }
+        let side = (finest as f64).sqrt().round() as usize;
+        if layers == 0 || side * side != finest {
+            return Err(TrainError::Setup("no square attention maps to draw".into()));
+        }
+        let mut data = Vec::with_capacity(2 * finest * 3);
+        for y in 0..side {
+            for map in &maps {
+                let max = map.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
+                for x in 0..side {
+                    let v = (map[y * side + x] / max * 255.0).round() as u8;
+                    data.extend([v, v, v]);
+                }
+            }
+        }
+        Ok(RgbImage {
+            width: 2 * side,
+            height: side,
+            data,
+        })
+    }
+
     /// The random draw of step `step`.
     pub fn draw(&self, step: usize) -> Draw {
         let (photo, flip, timestep, noise) = self.draws(step);
@@ -478,6 +535,7 @@ impl<'a> Trainer<'a> {
     /// One optimisation step: the loss at a random timestep, its gradient with respect to
     /// that stage's key and value vectors, and an AdamW update of them.
     pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
+        let started = web_time::Instant::now();
         let draw = self.draw(state.step);
         let g = self.gradients(state, &draw, Term::Total).await?;
         let (stage, t, l, ln, la, gk, gv) = (
@@ -529,6 +587,7 @@ impl<'a> Trainer<'a> {
             attn_loss: la,
             timestep: t,
             stage,
+            steps_per_second: 1.0 / started.elapsed().as_secs_f64().max(1e-9),
         })
     }
 
