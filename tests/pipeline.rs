@@ -134,6 +134,7 @@ fn run(
         sd,
         &ckpt.scheduler,
         req,
+        &[],
         given,
         device,
         &mut |_| Flow::Continue,
@@ -321,6 +322,7 @@ fn long_prompts_are_encoded_in_windows_with_a_warning() {
         &sd,
         &ckpt.scheduler,
         &req,
+        &[],
         &GivenNoise::default(),
         &device,
         &mut |e| {
