@@ -23,6 +23,9 @@ enum Mode {
     Shapes,
     /// Hand out loaded tensors (flat, reshaped on request).
     Loaded(RefCell<HashMap<String, Tensor<1>>>),
+    /// Hand out random weights of the right scale (benchmarks: speed does not depend on the
+    /// values).
+    Random,
 }
 
 /// The tensors a model is built from.
@@ -43,6 +46,18 @@ impl VarStore {
             mode: Mode::Shapes,
             requested: Default::default(),
             path: String::new(),
+            component,
+        }
+    }
+
+    /// A store of random weights: normal with standard deviation 1/sqrt(fan-in) for
+    /// matrices and kernels, ones for norm scales, zeros for biases.
+    pub fn random(device: &Device, component: Component) -> Self {
+        Self {
+            device: device.clone(),
+            mode: Mode::Random,
+            requested: Default::default(),
+            path: "random weights".into(),
             component,
         }
     }
@@ -109,6 +124,18 @@ impl<'a> Vars<'a> {
             Mode::Shapes => Ok(Tensor::<1>::zeros([1], &self.store.device)
                 .reshape([1; D])
                 .expand(shape)),
+            Mode::Random if D == 1 && name == "weight" => {
+                Ok(Tensor::ones(shape, &self.store.device))
+            }
+            Mode::Random if D == 1 => Ok(Tensor::zeros(shape, &self.store.device)),
+            Mode::Random => {
+                let fan_in = shape[1..].iter().product::<usize>().max(1) as f64;
+                Ok(Tensor::random(
+                    shape,
+                    burn::tensor::Distribution::Normal(0.0, fan_in.powf(-0.5)),
+                    &self.store.device,
+                ))
+            }
             Mode::Loaded(map) => {
                 let flat = map
                     .borrow_mut()

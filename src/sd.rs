@@ -82,6 +82,32 @@ pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError
 }
 
 impl StableDiffusion {
+    /// The models of `config` with random weights (benchmarks and memory measurements).
+    pub fn random(
+        config: &SdConfig,
+        family: Family,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        let store = |c| VarStore::random(device, c);
+        let (u, t, v) = (
+            store(Component::Unet),
+            store(Component::TextEncoder),
+            store(Component::Vae),
+        );
+        Ok(Self {
+            family,
+            config: config.clone(),
+            tokenizer: ClipTokenizer::openai(if family == Family::Sd1 {
+                "<|endoftext|>"
+            } else {
+                "!"
+            }),
+            text_encoder: ClipTextModel::new(t.root(), &config.text_encoder)?,
+            unet: UNet2DConditionModel::new(u.root(), &config.unet)?,
+            vae: AutoencoderKL::new(v.root(), &config.vae)?,
+        })
+    }
+
     /// Streams the three models onto `device`, weights in `dtype` (F32, or F16/BF16 where the
     /// device supports them).
     pub async fn load(

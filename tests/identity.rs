@@ -565,3 +565,71 @@ fn train_then_generate_with_two_identities() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Peak resident memory of this process (Linux), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// A measurement, not a check: the time and peak memory of SeFi training steps on the CPU.
+/// `SEFI_MODEL=tiny|sd15` (default tiny), `SEFI_RES` (default 64 for tiny, 256 for sd15),
+/// `SEFI_STEPS` (default 3). Run with
+/// `cargo test --release --test identity measure_training_step -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_training_step() {
+    let model = std::env::var("SEFI_MODEL").unwrap_or_else(|_| "tiny".into());
+    let full = model == "sd15";
+    let res: usize = std::env::var("SEFI_RES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if full { 256 } else { 64 });
+    let steps: usize = std::env::var("SEFI_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let device = Device::flex().autodiff();
+    let owned;
+    let (scheduler, sd) = if full {
+        let sd =
+            StableDiffusion::random(&sefi::config::SdConfig::v1_5(), Family::Sd1, &device).unwrap();
+        (
+            sefi::schedule::SchedulerConfig::for_prediction(sefi::config::Prediction::Epsilon),
+            sd,
+        )
+    } else {
+        owned = load("tiny-sd1", &device);
+        (owned.0.scheduler.clone(), owned.1)
+    };
+    let before = peak_rss_mib();
+    let mut config = TrainConfig::new("alice", "person", res);
+    config.steps = steps;
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &scheduler,
+        &[astronaut()],
+        config,
+        &device,
+    ))
+    .unwrap();
+    let mut state = trainer.initial_state();
+    let mut times = Vec::new();
+    for _ in 0..steps {
+        let t = std::time::Instant::now();
+        block_on(trainer.step(&mut state)).unwrap();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    eprintln!(
+        "{model} at {res} px: step {:.3} s (median of {steps}; fastest {:.3} s), peak RSS {:.0} MiB (after loading: {:.0} MiB)",
+        times[steps / 2],
+        times[0],
+        peak_rss_mib(),
+        before
+    );
+}
