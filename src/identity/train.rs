@@ -4,7 +4,7 @@
 //! Every step draws its randomness (photo, flip, timestep, noise) from a generator seeded by
 //! (seed, step), so a run resumed from a checkpoint continues exactly as the uninterrupted run.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use image::{RgbImage as Image, imageops::FilterType};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -630,12 +630,4 @@ impl<'a> Trainer<'a> {
         serde_json::from_value(training["state"].clone())
             .map_err(|_| TrainError::Setup("the checkpoint holds no optimizer state".into()))
     }
-}
-
-/// Token ids as a tensor (tests and tools).
-pub fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
-    Tensor::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
-        device,
-    )
 }
