@@ -430,6 +430,30 @@ fn training_on_wgpu_agrees_with_the_cpu() {
 }
 
 #[test]
+fn gradient_checkpointing_gives_the_same_training() {
+    let run = |device: Device| {
+        let (ckpt, sd) = load("tiny-sd1", &device);
+        let trainer = block_on(Trainer::new(
+            &sd,
+            &ckpt.scheduler,
+            &[astronaut()],
+            trainer_config(3),
+            &device,
+        ))
+        .unwrap();
+        let mut state = trainer.initial_state();
+        for _ in 0..3 {
+            block_on(trainer.step(&mut state)).unwrap();
+        }
+        state
+    };
+    let plain = run(Device::flex().autodiff());
+    let checkpointed = run(Device::flex().autodiff().gradient_checkpointing());
+    assert!(max_diff(&plain.key, &checkpointed.key) < 1e-5);
+    assert!(max_diff(&plain.value, &checkpointed.value) < 1e-5);
+}
+
+#[test]
 fn train_then_generate_with_two_identities() {
     let dir = std::env::temp_dir().join(format!("sefi-identity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -578,7 +602,7 @@ fn peak_rss_mib() -> f64 {
 
 /// A measurement, not a check: the time and peak memory of SeFi training steps on the CPU.
 /// `SEFI_MODEL=tiny|sd15` (default tiny), `SEFI_RES` (default 64 for tiny, 256 for sd15),
-/// `SEFI_STEPS` (default 3). Run with
+/// `SEFI_STEPS` (default 3), `SEFI_CHECKPOINTING=1`. Run with
 /// `cargo test --release --test identity measure_training_step -- --ignored --nocapture`.
 #[test]
 #[ignore]
@@ -593,7 +617,13 @@ fn measure_training_step() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
+    let checkpointing = std::env::var("SEFI_CHECKPOINTING").is_ok_and(|v| v == "1");
     let device = Device::flex().autodiff();
+    let device = if checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    };
     let owned;
     let (scheduler, sd) = if full {
         let sd =
@@ -626,7 +656,7 @@ fn measure_training_step() {
     }
     times.sort_by(f64::total_cmp);
     eprintln!(
-        "{model} at {res} px: step {:.3} s (median of {steps}; fastest {:.3} s), peak RSS {:.0} MiB (after loading: {:.0} MiB)",
+        "{model} at {res} px (gradient checkpointing: {checkpointing}): step {:.3} s (median of {steps}; fastest {:.3} s), peak RSS {:.0} MiB (after loading: {:.0} MiB)",
         times[steps / 2],
         times[0],
         peak_rss_mib(),

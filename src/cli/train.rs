@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// the class word's into this folder as PNG.
     #[arg(long)]
     pub attention_maps: Option<PathBuf>,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's gradient checkpointing): less memory, more time.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Write one JSON object per step to this file.
     #[arg(long)]
     pub log_json: Option<PathBuf>,
@@ -119,6 +123,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dev = crate::block_on(args.device.open())?;
     eprintln!("device: {} ({})", dev.info.adapter, dev.info.backend);
     let device = dev.device.clone().autodiff();
+    let device = if args.gradient_checkpointing {
+        device.gradient_checkpointing()
+    } else {
+        device
+    };
     let sd = crate::block_on(StableDiffusion::load(
         &ckpt,
         &device,
