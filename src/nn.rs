@@ -375,3 +375,12 @@ impl Activation {
         }
     }
 }
+
+/// Reads a tensor back to the host as f32, asynchronously (a synchronous read panics on
+/// WebGPU).
+pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
+    let data = t.into_data_async().await.map_err(|e| e.to_string())?;
+    data.convert::<f32>()
+        .try_to_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))
+}

@@ -12,8 +12,8 @@ use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
-use crate::weights::open::{Variant, config_from_dir};
-use crate::weights::{Checkpoint, FileSource, SafetensorsFile};
+use crate::weights::open::Variant;
+use crate::weights::{FileSource, SafetensorsFile};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -114,12 +114,7 @@ fn out_path(out: &Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let config = args
-        .config
-        .as_deref()
-        .map(|d| crate::block_on(config_from_dir(d)))
-        .transpose()?;
-    let ckpt = crate::block_on(Checkpoint::open_path(&args.model, Variant::Auto, config))?;
+    let ckpt = super::open_checkpoint(&args.model, args.config.as_deref(), Variant::Auto)?;
     let native = ckpt.config.unet.sample_size * 8;
     let seed = args.seed.unwrap_or_else(|| {
         let nanos = std::time::SystemTime::now()

@@ -7,8 +7,8 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::sd;
-use crate::weights::open::{Variant, config_from_dir};
-use crate::weights::{Checkpoint, Component, Family, Format, TokenizerSource};
+use crate::weights::open::Variant;
+use crate::weights::{Component, Family, Format, TokenizerSource};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -52,12 +52,7 @@ pub fn run(args: InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         Variant::Auto
     };
-    let config = args
-        .config
-        .as_deref()
-        .map(|d| crate::block_on(config_from_dir(d)))
-        .transpose()?;
-    let ckpt = crate::block_on(Checkpoint::open_path(&args.path, variant, config))?;
+    let ckpt = super::open_checkpoint(&args.path, args.config.as_deref(), variant)?;
     let layout = sd::validate(&ckpt, &shape_device());
     let report = Report {
         path: &ckpt.path,

@@ -38,6 +38,20 @@ pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
         .map_err(|e: crate::device::DeviceError| e.to_string())
 }
 
+/// Opens a model folder or file; `config` is a diffusers folder giving a single file's sizes.
+pub(crate) fn open_checkpoint(
+    model: &std::path::Path,
+    config: Option<&std::path::Path>,
+    variant: crate::weights::open::Variant,
+) -> Result<crate::weights::Checkpoint, crate::weights::WeightsError> {
+    let config = config
+        .map(|d| crate::block_on(crate::weights::open::config_from_dir(d)))
+        .transpose()?;
+    crate::block_on(crate::weights::Checkpoint::open_path(
+        model, variant, config,
+    ))
+}
+
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

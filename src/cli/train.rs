@@ -13,8 +13,7 @@ use crate::identity::Identity;
 use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
 use crate::pipeline::RgbImage;
 use crate::sd::StableDiffusion;
-use crate::weights::Checkpoint;
-use crate::weights::open::{Variant, config_from_dir};
+use crate::weights::open::Variant;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -114,12 +113,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let config = args
-        .config
-        .as_deref()
-        .map(|d| crate::block_on(config_from_dir(d)))
-        .transpose()?;
-    let ckpt = crate::block_on(Checkpoint::open_path(&args.model, Variant::Auto, config))?;
+    let ckpt = super::open_checkpoint(&args.model, args.config.as_deref(), Variant::Auto)?;
     let dev = crate::block_on(args.device.open())?;
     eprintln!("device: {} ({})", dev.info.adapter, dev.info.backend);
     let device = dev.device.clone().autodiff();

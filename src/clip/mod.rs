@@ -5,5 +5,5 @@ pub mod text_model;
 pub mod tokenizer;
 
 #[cfg(feature = "compute")]
-pub use text_model::{ClipTextModel, TextOutput};
+pub use text_model::{ClipTextModel, TextOutput, ids_tensor};
 pub use tokenizer::{ClipTokenizer, Piece, TokenizerError, Tokens};

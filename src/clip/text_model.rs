@@ -2,11 +2,22 @@
 //! (quick-gelu) and OpenCLIP ViT-H/14 for SD 2.x (gelu). It takes token ids, or token
 //! embeddings so that learned identity vectors can be spliced in at placeholder positions.
 
-use burn::tensor::{Int, Tensor, module::attention, ops::AttentionModuleOptions};
+use burn::tensor::{
+    Device, Int, Tensor, TensorData, module::attention, ops::AttentionModuleOptions,
+};
 
 use crate::config::TextConfig;
 use crate::nn::{Activation, Embedding, LayerNorm, Linear, Vars};
 use crate::weights::WeightsError;
+
+/// Token ids as the encoder takes them: `rows` sequences of equal length, `[rows, len]`.
+pub fn ids_tensor(ids: &[u32], rows: usize, device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(
+        TensorData::new(data, [rows, ids.len() / rows.max(1)]),
+        device,
+    )
+}
 
 /// What the encoder returns.
 #[derive(Clone, Debug)]

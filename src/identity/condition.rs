@@ -4,6 +4,8 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::{FINGERPRINT_ROWS, FINGERPRINT_VALUES, Fingerprint};
+use crate::clip::ids_tensor;
+use crate::nn::read_f32;
 use crate::sd::StableDiffusion;
 
 /// Token embeddings `[1, seq, dim]` with row `positions[j]` replaced by `vectors[j]`.
@@ -46,11 +48,11 @@ pub fn encode_spliced(
     vectors: Tensor<2>,
     device: &Device,
 ) -> Tensor<3> {
-    let t = Tensor::<2, Int>::from_data(
-        TensorData::new(ids.iter().map(|&i| i as i64).collect(), [1, ids.len()]),
-        device,
+    let embeds = splice(
+        sd.text_encoder.embed_tokens(ids_tensor(ids, 1, device)),
+        positions,
+        vectors,
     );
-    let embeds = splice(sd.text_encoder.embed_tokens(t), positions, vectors);
     let eos =
         Tensor::<1, Int>::from_data(TensorData::new(vec![eos_position(ids) as i64], [1]), device);
     sd.text_encoder
@@ -69,12 +71,7 @@ pub async fn fingerprint(sd: &StableDiffusion) -> Result<Fingerprint, String> {
             0,
             FINGERPRINT_VALUES.min(dim),
         );
-        let data = t.into_data_async().await.map_err(|e| e.to_string())?;
-        samples.extend(
-            data.convert::<f32>()
-                .try_to_vec::<f32>()
-                .map_err(|e| format!("{e:?}"))?,
-        );
+        samples.extend(read_f32(t).await?);
     }
     Ok(Fingerprint {
         vocab,

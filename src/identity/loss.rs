@@ -3,6 +3,7 @@
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::condition::encode_spliced;
+use crate::clip::ids_tensor;
 use crate::config::Prediction;
 use crate::schedule::TrainSchedule;
 use crate::sd::StableDiffusion;
@@ -65,14 +66,11 @@ pub fn sefi_loss(
 ) -> Loss {
     let c_k = encode_spliced(sd, &prompt.ids, &prompt.positions, key, device);
     let c_v = encode_spliced(sd, &prompt.ids, &prompt.positions, value, device);
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(
-            prompt.ids.iter().map(|&i| i as i64).collect(),
-            [1, prompt.ids.len()],
-        ),
-        device,
-    );
-    let c_r = sd.text_encoder.forward(ids).last_hidden_state.detach();
+    let c_r = sd
+        .text_encoder
+        .forward(ids_tensor(&prompt.ids, 1, device))
+        .last_hidden_state
+        .detach();
 
     let a = objective.schedule.alphas_cumprod[inputs.timestep];
     let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());

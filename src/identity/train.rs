@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::condition::fingerprint;
-use super::loss::{LossInputs, Objective, TrainPrompt, sefi_loss};
+use super::loss::{Loss, LossInputs, Objective, TrainPrompt, sefi_loss};
 use super::{Fingerprint, Identity, stage_of};
 use crate::pipeline::{RgbImage, tokenize_prompt};
 use crate::schedule::{SchedulerConfig, TrainSchedule};
@@ -207,14 +207,8 @@ fn prepare(photo: &Photo, side: usize, device: &Device) -> Result<[Tensor<4>; 2]
     ])
 }
 
-async fn read(t: Tensor<2>) -> Result<Vec<f32>, TrainError> {
-    let data = t
-        .into_data_async()
-        .await
-        .map_err(|e| TrainError::Read(e.to_string()))?;
-    data.convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| TrainError::Read(format!("{e:?}")))
+async fn read<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, TrainError> {
+    crate::nn::read_f32(t).await.map_err(TrainError::Read)
 }
 
 impl<'a> Trainer<'a> {
@@ -362,63 +356,33 @@ impl<'a> Trainer<'a> {
     }
 
     /// The loss of fixed vectors at a given timestep and noise (for evaluation), photo 0.
-    pub fn evaluate(&self, state: &TrainState, t: usize, noise: &[f32]) -> super::loss::Loss {
-        let stage = stage_of(
-            t as f64,
-            self.config.stages,
-            self.objective.schedule.alphas_cumprod.len(),
-        );
-        let d = self.dim();
-        let row = |v: &[f32]| {
-            Tensor::<2>::from_data(
-                TensorData::new(v[stage * d..(stage + 1) * d].to_vec(), [1, d]),
-                &self.device,
-            )
-        };
-        let latents = self.latents[0][0].clone();
-        let noise = Tensor::<4>::from_data(
-            TensorData::new(noise.to_vec(), latents.shape()),
-            &self.device,
-        );
-        let inputs = LossInputs {
-            latents,
-            noise,
+    pub fn evaluate(&self, state: &TrainState, t: usize, noise: &[f32]) -> Loss {
+        let draw = Draw {
+            photo: 0,
+            flip: 0,
             timestep: t,
+            noise: noise.to_vec(),
         };
-        sefi_loss(
-            self.sd,
-            &self.objective,
-            &self.prompt,
-            row(&state.key),
-            row(&state.value),
-            &inputs,
-            &self.device,
-        )
+        self.loss(state, &draw, false).0
     }
 
-    /// The loss of `state`'s vectors for one draw, and the gradient of `term` with respect
-    /// to the key and value vectors of the timestep's stage.
-    pub async fn gradients(
-        &self,
-        state: &TrainState,
-        draw: &Draw,
-        term: Term,
-    ) -> Result<Gradients, TrainError> {
+    /// The loss for one draw, and the stage's key and value leaves it was computed from
+    /// (tracked for gradients when `grad`).
+    fn loss(&self, state: &TrainState, draw: &Draw, grad: bool) -> (Loss, Tensor<2>, Tensor<2>) {
         let stage = stage_of(
             draw.timestep as f64,
             self.config.stages,
             self.objective.schedule.alphas_cumprod.len(),
         );
         let d = self.dim();
-        let range = stage * d..(stage + 1) * d;
-        let param = |v: &[f32]| {
-            Tensor::<2>::from_data(
-                TensorData::new(v[range.clone()].to_vec(), [1, d]),
+        let row = |v: &[f32]| {
+            let t = Tensor::<2>::from_data(
+                TensorData::new(v[stage * d..(stage + 1) * d].to_vec(), [1, d]),
                 &self.device,
-            )
-            .require_grad()
+            );
+            if grad { t.require_grad() } else { t }
         };
-        let (key, value) = (param(&state.key), param(&state.value));
+        let (key, value) = (row(&state.key), row(&state.value));
         let latents = self.latents[draw.photo][draw.flip].clone();
         let noise = Tensor::<4>::from_data(
             TensorData::new(draw.noise.clone(), latents.shape()),
@@ -438,6 +402,23 @@ impl<'a> Trainer<'a> {
             &inputs,
             &self.device,
         );
+        (loss, key, value)
+    }
+
+    /// The loss of `state`'s vectors for one draw, and the gradient of `term` with respect
+    /// to the key and value vectors of the timestep's stage.
+    pub async fn gradients(
+        &self,
+        state: &TrainState,
+        draw: &Draw,
+        term: Term,
+    ) -> Result<Gradients, TrainError> {
+        let (loss, key, value) = self.loss(state, draw, true);
+        let stage = stage_of(
+            draw.timestep as f64,
+            self.config.stages,
+            self.objective.schedule.alphas_cumprod.len(),
+        );
         let grads = match term {
             Term::Total => loss.total.backward(),
             Term::Attention => loss.attention.clone().backward(),
@@ -446,15 +427,7 @@ impl<'a> Trainer<'a> {
         let key_grad = read(key.grad(&grads).ok_or_else(missing)?).await?;
         let value_grad = read(value.grad(&grads).ok_or_else(missing)?).await?;
         let scalar = |t: Tensor<1>| async move {
-            let data = t
-                .into_data_async()
-                .await
-                .map_err(|e| TrainError::Read(e.to_string()))?;
-            Ok::<f64, TrainError>(
-                data.convert::<f64>()
-                    .try_to_vec::<f64>()
-                    .map_err(|e| TrainError::Read(format!("{e:?}")))?[0],
-            )
+            Ok::<f64, TrainError>(f64::from(read(t.detach()).await?[0]))
         };
         Ok(Gradients {
             stage,

@@ -5,12 +5,12 @@ pub mod png;
 
 use std::collections::HashMap;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
-use crate::clip::Piece;
+use crate::clip::{Piece, ids_tensor};
 use crate::identity::condition::encode_spliced;
 use crate::identity::{Identity, stage_of};
 use crate::schedule::{Plan, Sampler, ScheduleError, Scheduler, SchedulerConfig};
@@ -236,8 +236,8 @@ pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>,
 /// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`.
 fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -> Tensor<3> {
     let k = windows.len();
-    let flat: Vec<i64> = windows.iter().flatten().map(|&i| i as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(flat, [k, CHUNK + 2]), device);
+    let flat: Vec<u32> = windows.iter().flatten().copied().collect();
+    let ids = ids_tensor(&flat, k, device);
     let states = sd.text_encoder.forward(ids).last_hidden_state;
     let d = states.dims()[2];
     states.reshape([1, k * (CHUNK + 2), d])
@@ -346,13 +346,7 @@ fn to_device(h: &HostLatents, device: &Device) -> Tensor<4> {
 
 /// Reads a tensor back (asynchronously, as WebGPU requires).
 pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, PipelineError> {
-    let data = t
-        .into_data_async()
-        .await
-        .map_err(|e| PipelineError::Read(e.to_string()))?;
-    data.convert::<f32>()
-        .try_to_vec::<f32>()
-        .map_err(|e| PipelineError::Read(format!("{e:?}")))
+    crate::nn::read_f32(t).await.map_err(PipelineError::Read)
 }
 
 /// Generates images from a prompt.
