@@ -2,14 +2,16 @@
 //! term, training, resuming, identity files, and the `sefi train` / `generate --identity` flow.
 #![cfg(not(target_family = "wasm"))]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
+
+mod common;
+use common::{fixture, load_model};
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 use sefi::block_on;
 use sefi::identity::condition::fingerprint;
 use sefi::identity::train::{Draw, Photo, Term, TrainConfig, TrainState, Trainer, decode_photo};
@@ -17,31 +19,7 @@ use sefi::identity::{Identity, IdentityError, stage_of};
 use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise};
 use sefi::schedule::Sampler;
 use sefi::sd::StableDiffusion;
-use sefi::weights::open::Variant;
-use sefi::weights::{Checkpoint, Family};
-
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
-
-fn load(model: &str, device: &Device) -> (Checkpoint, StableDiffusion) {
-    let ckpt = block_on(Checkpoint::open_path(
-        &fixture(&format!("sd/{model}")),
-        Variant::Auto,
-        None,
-    ))
-    .unwrap();
-    let sd = block_on(StableDiffusion::load(
-        &ckpt,
-        device,
-        DType::F32,
-        &mut |_| {},
-    ))
-    .unwrap();
-    (ckpt, sd)
-}
+use sefi::weights::Family;
 
 fn astronaut() -> Photo {
     let bytes = std::fs::read(fixture("photos/astronaut.png")).unwrap();
@@ -92,7 +70,7 @@ fn random_identity(sd: &StableDiffusion, token: &str, seed: u64) -> Identity {
 #[test]
 fn each_timestep_uses_its_stages_vectors() {
     let device = Device::flex();
-    let (_, sd) = load("tiny-sd1", &device);
+    let (_, sd) = load_model("tiny-sd1", &device);
     // Two Euler steps at t = 999 and 0 (SD's own scheduler config: linspace spacing): stages
     // 4 and 0 only.
     let scheduler =
@@ -162,7 +140,7 @@ fn each_timestep_uses_its_stages_vectors() {
 #[test]
 fn two_identities_in_one_prompt_each_get_their_vectors() {
     let device = Device::flex();
-    let (ckpt, sd) = load("tiny-sd1", &device);
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
     let (a, b) = (random_identity(&sd, "a", 1), random_identity(&sd, "b", 2));
     let req = GenerateRequest {
         prompt: "a photo of <a> and <b>".into(),
@@ -215,8 +193,8 @@ fn two_identities_in_one_prompt_each_get_their_vectors() {
 #[test]
 fn identity_files_round_trip_and_refuse_other_models() {
     let device = Device::flex();
-    let (_, sd1) = load("tiny-sd1", &device);
-    let (_, sd2) = load("tiny-sd2", &device);
+    let (_, sd1) = load_model("tiny-sd1", &device);
+    let (_, sd2) = load_model("tiny-sd2", &device);
     let id = random_identity(&sd1, "alice", 3);
     let bytes = id.to_bytes().unwrap();
     let back = block_on(Identity::from_bytes("alice.safetensors", bytes)).unwrap();
@@ -256,7 +234,7 @@ fn trainer_config(steps: usize) -> TrainConfig {
 #[test]
 fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
     let device = Device::flex().autodiff();
-    let (ckpt, sd) = load("tiny-sd1", &device);
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
     let trainer = block_on(Trainer::new(
         &sd,
         &ckpt.scheduler,
@@ -315,7 +293,7 @@ fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
 #[test]
 fn resuming_reproduces_the_uninterrupted_run() {
     let device = Device::flex().autodiff();
-    let (ckpt, sd) = load("tiny-sd1", &device);
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
     let trainer = block_on(Trainer::new(
         &sd,
         &ckpt.scheduler,
@@ -350,7 +328,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
 #[test]
 fn training_lowers_the_noise_loss_on_fixed_draws() {
     let device = Device::flex().autodiff();
-    let (ckpt, sd) = load("tiny-sd1", &device);
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
     let mut config = trainer_config(200);
     config.lr = 2e-2;
     let trainer = block_on(Trainer::new(
@@ -394,7 +372,7 @@ fn training_on_wgpu_agrees_with_the_cpu() {
     let gpu = block_on(sefi::device::DeviceChoice::Wgpu.open())
         .expect("no wgpu adapter: run ./scripts/setup.sh test");
     let run = |device: Device| {
-        let (ckpt, sd) = load("tiny-sd1", &device);
+        let (ckpt, sd) = load_model("tiny-sd1", &device);
         let trainer = block_on(Trainer::new(
             &sd,
             &ckpt.scheduler,
@@ -432,7 +410,7 @@ fn training_on_wgpu_agrees_with_the_cpu() {
 #[test]
 fn gradient_checkpointing_gives_the_same_training() {
     let run = |device: Device| {
-        let (ckpt, sd) = load("tiny-sd1", &device);
+        let (ckpt, sd) = load_model("tiny-sd1", &device);
         let trainer = block_on(Trainer::new(
             &sd,
             &ckpt.scheduler,
@@ -633,7 +611,7 @@ fn measure_training_step() {
             sd,
         )
     } else {
-        owned = load("tiny-sd1", &device);
+        owned = load_model("tiny-sd1", &device);
         (owned.0.scheduler.clone(), owned.1)
     };
     let before = peak_rss_mib();

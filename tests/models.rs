@@ -2,7 +2,7 @@
 //! models (goldens from `tests/fixtures/sd/generate.py`), and loading every file format.
 #![cfg(not(target_family = "wasm"))]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use sefi::block_on;
@@ -10,46 +10,13 @@ use sefi::config::SdConfig;
 use sefi::sd::StableDiffusion;
 use sefi::unet::{AttentionCapture, Context};
 use sefi::weights::open::Variant;
-use sefi::weights::{Checkpoint, Family, FileSource, Format, SafetensorsFile};
+use sefi::weights::{Checkpoint, Family, Format};
 
 /// f32 on the CPU: what the goldens are compared with.
 const TOL_CPU: f32 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd")
-        .join(name)
-}
-
-struct Goldens(SafetensorsFile);
-
-impl Goldens {
-    fn open(model: &str) -> Self {
-        let src = FileSource::open(&fixture(model).join("goldens.safetensors")).unwrap();
-        Self(block_on(SafetensorsFile::open(Box::new(src))).unwrap())
-    }
-
-    fn host(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let t = block_on(self.0.read(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"));
-        (t.to_f32(), t.shape)
-    }
-
-    fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
-        let (v, shape) = self.host(name);
-        Tensor::from_data(TensorData::new(v, shape), device)
-    }
-
-    /// Token ids are stored as int64.
-    fn ids(&self, name: &str, device: &Device) -> Tensor<2, Int> {
-        let shape = self.0.info(name).unwrap().shape.clone();
-        let bytes = block_on(self.0.read_bytes(name)).unwrap();
-        let ids: Vec<i64> = bytes
-            .chunks_exact(8)
-            .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        Tensor::from_data(TensorData::new(ids, shape), device)
-    }
-}
+mod common;
+use common::{Goldens, sd_fixture as fixture};
 
 fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
     let shape = t.dims().to_vec();
@@ -91,7 +58,7 @@ fn load(ckpt: &Checkpoint, device: &Device) -> StableDiffusion {
 
 /// Every golden of one tiny model against the loaded model.
 fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
-    let g = Goldens::open(model);
+    let g = Goldens::open(&format!("sd/{model}/goldens.safetensors"));
     let what = |s: &str| format!("{model} {s}");
 
     // Text encoder, from ids and from spliced embeddings.
@@ -99,17 +66,17 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     let out = sd.text_encoder.forward(ids.clone());
     assert_close(
         out.last_hidden_state,
-        g.host("text.last_hidden_state"),
+        g.f32("text.last_hidden_state"),
         tol,
         &what("text last_hidden_state"),
     );
     assert_close(
         out.penultimate,
-        g.host("text.penultimate"),
+        g.f32("text.penultimate"),
         tol,
         &what("text penultimate"),
     );
-    assert_close(out.pooled, g.host("text.pooled"), tol, &what("text pooled"));
+    assert_close(out.pooled, g.f32("text.pooled"), tol, &what("text pooled"));
     let mut embeds = sd.text_encoder.embed_tokens(ids.clone());
     let d = embeds.dims()[2];
     let vector: Tensor<1> = g.tensor("text.from_embeds.vector", device);
@@ -118,7 +85,7 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     let spliced = sd.text_encoder.forward_embeds(embeds, eos);
     assert_close(
         spliced.last_hidden_state,
-        g.host("text.from_embeds.last_hidden_state"),
+        g.f32("text.from_embeds.last_hidden_state"),
         tol,
         &what("text from embeds"),
     );
@@ -128,18 +95,18 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     let context = Context::new(g.tensor("unet.context", device));
     let t: Tensor<1> = g.tensor("unet.timesteps", device);
     let out = sd.unet.forward(sample.clone(), t.clone(), &context, None);
-    assert_close(out, g.host("unet.out"), tol, &what("unet out (t=999,1)"));
+    assert_close(out, g.f32("unet.out"), tol, &what("unet out (t=999,1)"));
     let t500: Tensor<1> = g.tensor("unet.timesteps_t500", device);
     assert_close(
         sd.unet.forward(sample.clone(), t500, &context, None),
-        g.host("unet.out_t500"),
+        g.f32("unet.out_t500"),
         tol,
         &what("unet out (t=500,250)"),
     );
     let kv = Context::split(context.key.clone(), g.tensor("unet.value_context", device));
     assert_close(
         sd.unet.forward(sample.clone(), t.clone(), &kv, None),
-        g.host("unet.out_kv"),
+        g.f32("unet.out_kv"),
         tol,
         &what("unet out, split K/V"),
     );
@@ -148,7 +115,7 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     let captured = sd.unet.forward(sample, t, &context, Some(&mut capture));
     assert_close(
         captured,
-        g.host("unet.out"),
+        g.f32("unet.out"),
         tol,
         &what("unet out while capturing"),
     );
@@ -156,7 +123,7 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     for (i, map) in capture.maps.into_iter().enumerate() {
         assert_close(
             map,
-            g.host(&format!("attn.{i}")),
+            g.f32(&format!("attn.{i}")),
             tol,
             &what(&format!("attention probabilities {i}")),
         );
@@ -166,19 +133,19 @@ fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
     let posterior = sd.vae.encode(g.tensor("vae.image", device));
     assert_close(
         posterior.mean,
-        g.host("vae.posterior_mean"),
+        g.f32("vae.posterior_mean"),
         tol,
         &what("vae posterior mean"),
     );
     assert_close(
         posterior.logvar,
-        g.host("vae.posterior_logvar"),
+        g.f32("vae.posterior_logvar"),
         tol,
         &what("vae posterior logvar"),
     );
     assert_close(
         sd.vae.decode(g.tensor("vae.latents", device)),
-        g.host("vae.decoded"),
+        g.f32("vae.decoded"),
         tol,
         &what("vae decode"),
     );

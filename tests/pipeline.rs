@@ -3,22 +3,16 @@
 //! (goldens from `tests/fixtures/pipeline/generate.py`).
 #![cfg(not(target_family = "wasm"))]
 
-use std::path::{Path, PathBuf};
-
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{Device, Tensor};
 use sefi::block_on;
 use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise, HostLatents};
 use sefi::schedule::{Plan, Sampler, SchedulerConfig, TrainSchedule};
 use sefi::sd::StableDiffusion;
-use sefi::weights::open::Variant;
-use sefi::weights::{Checkpoint, FileSource, SafetensorsFile};
+use sefi::weights::Checkpoint;
 use serde_json::Value;
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
+mod common;
+use common::{Goldens, fixture, load_model};
 
 fn json(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap()
@@ -89,29 +83,11 @@ fn sampler_tables_match_diffusers() {
     assert_eq!(checked, 5 * 3 * 3, "5 samplers x 3 configs x 3 step counts");
 }
 
-struct Goldens(SafetensorsFile);
-
-impl Goldens {
-    fn open(model: &str) -> Self {
-        let src = FileSource::open(&fixture(&format!("pipeline/{model}.safetensors"))).unwrap();
-        Self(block_on(SafetensorsFile::open(Box::new(src))).unwrap())
-    }
-
-    fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let t = block_on(self.0.read(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"));
-        (t.to_f32(), t.shape)
-    }
-
-    fn latents(&self, name: &str) -> HostLatents {
-        let (data, shape) = self.f32(name);
-        HostLatents {
-            shape: shape.try_into().unwrap(),
-            data,
-        }
-    }
-
-    fn u8(&self, name: &str) -> Vec<u8> {
-        block_on(self.0.read_bytes(name)).unwrap()
+fn latents(g: &Goldens, name: &str) -> HostLatents {
+    let (data, shape) = g.f32(name);
+    HostLatents {
+        shape: shape.try_into().unwrap(),
+        data,
     }
 }
 
@@ -144,20 +120,8 @@ fn run(
 
 fn check_model(model: &str) {
     let device = Device::flex();
-    let ckpt = block_on(Checkpoint::open_path(
-        &fixture(&format!("sd/{model}")),
-        Variant::Auto,
-        None,
-    ))
-    .unwrap();
-    let sd = block_on(StableDiffusion::load(
-        &ckpt,
-        &device,
-        DType::F32,
-        &mut |_| {},
-    ))
-    .unwrap();
-    let g = Goldens::open(model);
+    let (ckpt, sd) = load_model(model, &device);
+    let g = Goldens::open(&format!("pipeline/{model}.safetensors"));
     let inputs = &json("pipeline/pipeline.json")["inputs"];
     let base = GenerateRequest {
         prompt: inputs["prompt"].as_str().unwrap().into(),
@@ -183,7 +147,7 @@ fn check_model(model: &str) {
     assert!(rel_err(&embeds, &want) < 1e-4, "{model} prompt embeddings");
 
     let initial = GivenNoise {
-        initial: Some(g.latents("latents.init")),
+        initial: Some(latents(&g, "latents.init")),
         steps: None,
     };
     for sampler in Sampler::ALL {
@@ -258,7 +222,7 @@ fn check_model(model: &str) {
         ..base
     };
     let two = GivenNoise {
-        initial: Some(g.latents("latents.init2")),
+        initial: Some(latents(&g, "latents.init2")),
         steps: None,
     };
     let out = run(&sd, &ckpt, &req, &two, &device);
@@ -283,19 +247,7 @@ fn tiny_sd2_generations_match_diffusers() {
 #[test]
 fn long_prompts_are_encoded_in_windows_with_a_warning() {
     let device = Device::flex();
-    let ckpt = block_on(Checkpoint::open_path(
-        &fixture("sd/tiny-sd1"),
-        Variant::Auto,
-        None,
-    ))
-    .unwrap();
-    let sd = block_on(StableDiffusion::load(
-        &ckpt,
-        &device,
-        DType::F32,
-        &mut |_| {},
-    ))
-    .unwrap();
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
     let long = "a very detailed photo of a red car ".repeat(12);
     let windows = pipeline::prompt_windows(&sd, &long).unwrap();
     assert_eq!(windows.len(), 2);

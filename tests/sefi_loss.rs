@@ -2,44 +2,15 @@
 //! transformers' text encoder (goldens from `tests/fixtures/sefi/generate.py`).
 #![cfg(not(target_family = "wasm"))]
 
-use std::path::{Path, PathBuf};
-
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use sefi::block_on;
 use sefi::identity::condition::encode_spliced;
 use sefi::identity::loss::{LossInputs, Objective, TrainPrompt, sefi_loss};
 use sefi::pipeline::read_f32;
 use sefi::schedule::TrainSchedule;
-use sefi::sd::StableDiffusion;
-use sefi::weights::open::Variant;
-use sefi::weights::{Checkpoint, FileSource, SafetensorsFile};
 
-fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path)
-}
-
-struct Goldens(SafetensorsFile);
-
-impl Goldens {
-    fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
-        let t = block_on(self.0.read(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"));
-        (t.to_f32(), t.shape)
-    }
-
-    fn ints(&self, name: &str) -> Vec<i64> {
-        let b = block_on(self.0.read_bytes(name)).unwrap();
-        b.chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    }
-
-    fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
-        let (v, s) = self.f32(name);
-        Tensor::from_data(TensorData::new(v, s), device)
-    }
-}
+mod common;
+use common::{Goldens, load_model};
 
 /// Largest |a - b| relative to the largest |b|.
 fn rel(a: &[f32], b: &[f32]) -> f32 {
@@ -54,21 +25,8 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 fn check(model: &str) {
     let device = Device::flex().autodiff();
-    let ckpt = block_on(Checkpoint::open_path(
-        &fixture(&format!("sd/{model}")),
-        Variant::Auto,
-        None,
-    ))
-    .unwrap();
-    let sd = block_on(StableDiffusion::load(
-        &ckpt,
-        &device,
-        DType::F32,
-        &mut |_| {},
-    ))
-    .unwrap();
-    let src = FileSource::open(&fixture(&format!("sefi/{model}.safetensors"))).unwrap();
-    let g = Goldens(block_on(SafetensorsFile::open(Box::new(src))).unwrap());
+    let (ckpt, sd) = load_model(model, &device);
+    let g = Goldens::open(&format!("sefi/{model}.safetensors"));
     let objective = Objective {
         schedule: TrainSchedule::new(&ckpt.scheduler),
         prediction: ckpt.scheduler.prediction_type,

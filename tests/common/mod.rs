@@ -1,0 +1,81 @@
+//! Helpers shared by the native integration tests: fixture paths, golden files, models.
+#![allow(dead_code)] // each test crate uses a part
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use sefi::block_on;
+use sefi::sd::StableDiffusion;
+use sefi::weights::open::Variant;
+use sefi::weights::{Checkpoint, FileSource, SafetensorsFile};
+
+/// A path under `tests/fixtures`.
+pub fn fixture(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+/// A path under `tests/fixtures/sd` (the tiny models).
+pub fn sd_fixture(name: &str) -> PathBuf {
+    fixture("sd").join(name)
+}
+
+/// A tiny model from `tests/fixtures/sd`, loaded in f32.
+pub fn load_model(model: &str, device: &Device) -> (Checkpoint, StableDiffusion) {
+    let ckpt = block_on(Checkpoint::open_path(
+        &sd_fixture(model),
+        Variant::Auto,
+        None,
+    ))
+    .unwrap();
+    let sd = block_on(StableDiffusion::load(
+        &ckpt,
+        device,
+        DType::F32,
+        &mut |_| {},
+    ))
+    .unwrap();
+    (ckpt, sd)
+}
+
+/// A safetensors file of reference outputs.
+pub struct Goldens(pub SafetensorsFile);
+
+impl Goldens {
+    /// `path` under `tests/fixtures`.
+    pub fn open(path: &str) -> Self {
+        let src = FileSource::open(&fixture(path)).unwrap();
+        Self(block_on(SafetensorsFile::open(Box::new(src))).unwrap())
+    }
+
+    /// A float tensor's values (any float dtype) and shape.
+    pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
+        let t = block_on(self.0.read(name)).unwrap_or_else(|e| panic!("golden {name}: {e}"));
+        (t.to_f32(), t.shape)
+    }
+
+    /// An int64 tensor's values.
+    pub fn ints(&self, name: &str) -> Vec<i64> {
+        let b = block_on(self.0.read_bytes(name)).unwrap();
+        b.chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    /// A uint8 tensor's bytes.
+    pub fn u8(&self, name: &str) -> Vec<u8> {
+        block_on(self.0.read_bytes(name)).unwrap()
+    }
+
+    pub fn tensor<const D: usize>(&self, name: &str, device: &Device) -> Tensor<D> {
+        let (v, shape) = self.f32(name);
+        Tensor::from_data(TensorData::new(v, shape), device)
+    }
+
+    /// Token ids (int64) as a tensor.
+    pub fn ids(&self, name: &str, device: &Device) -> Tensor<2, Int> {
+        let shape = self.0.info(name).unwrap().shape.clone();
+        Tensor::from_data(TensorData::new(self.ints(name), shape), device)
+    }
+}
