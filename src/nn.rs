@@ -25,7 +25,7 @@ enum Mode {
     Loaded(RefCell<HashMap<String, Tensor<1>>>),
     /// Hand out random weights of the right scale (benchmarks: speed does not depend on the
     /// values).
-    Random,
+    Random(DType),
 }
 
 /// The tensors a model is built from.
@@ -52,10 +52,10 @@ impl VarStore {
 
     /// A store of random weights: normal with standard deviation 1/sqrt(fan-in) for
     /// matrices and kernels, ones for norm scales, zeros for biases.
-    pub fn random(device: &Device, component: Component) -> Self {
+    pub fn random(device: &Device, component: Component, dtype: DType) -> Self {
         Self {
             device: device.clone(),
-            mode: Mode::Random,
+            mode: Mode::Random(dtype),
             requested: Default::default(),
             path: "random weights".into(),
             component,
@@ -124,17 +124,20 @@ impl<'a> Vars<'a> {
             Mode::Shapes => Ok(Tensor::<1>::zeros([1], &self.store.device)
                 .reshape([1; D])
                 .expand(shape)),
-            Mode::Random if D == 1 && name == "weight" => {
-                Ok(Tensor::ones(shape, &self.store.device))
+            Mode::Random(dtype) if D == 1 && name == "weight" => {
+                Ok(Tensor::<D>::ones(shape, &self.store.device).cast(*dtype))
             }
-            Mode::Random if D == 1 => Ok(Tensor::zeros(shape, &self.store.device)),
-            Mode::Random => {
+            Mode::Random(dtype) if D == 1 => {
+                Ok(Tensor::<D>::zeros(shape, &self.store.device).cast(*dtype))
+            }
+            Mode::Random(dtype) => {
                 let fan_in = shape[1..].iter().product::<usize>().max(1) as f64;
-                Ok(Tensor::random(
+                Ok(Tensor::<D>::random(
                     shape,
                     burn::tensor::Distribution::Normal(0.0, fan_in.powf(-0.5)),
                     &self.store.device,
-                ))
+                )
+                .cast(*dtype))
             }
             Mode::Loaded(map) => {
                 let flat = map
@@ -298,12 +301,18 @@ impl GroupNorm {
     /// `[n, c, h, w]` -> same shape.
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
-        let grouped = x.reshape([n, self.groups, (c / self.groups) * h * w]);
+        // Statistics in F32 whatever the weights' dtype (F16 variances overflow).
+        let dtype = x.dtype();
+        let grouped = x
+            .cast(DType::F32)
+            .reshape([n, self.groups, (c / self.groups) * h * w]);
         let (var, mean) = grouped.clone().var_mean_bias(2);
         let normed = (grouped - mean)
             .div(var.add_scalar(self.eps).sqrt())
             .reshape([n, c, h, w]);
-        normed * self.weight.clone().reshape([1, c, 1, 1]) + self.bias.clone().reshape([1, c, 1, 1])
+        (normed * self.weight.clone().cast(DType::F32).reshape([1, c, 1, 1])
+            + self.bias.clone().cast(DType::F32).reshape([1, c, 1, 1]))
+        .cast(dtype)
     }
 }
 
@@ -325,7 +334,15 @@ impl LayerNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.weight.clone(), Some(self.bias.clone()), self.eps)
+        // In F32 whatever the weights' dtype, as for group norm.
+        let dtype = x.dtype();
+        layer_norm(
+            x.cast(DType::F32),
+            self.weight.clone().cast(DType::F32),
+            Some(self.bias.clone().cast(DType::F32)),
+            self.eps,
+        )
+        .cast(dtype)
     }
 }
 

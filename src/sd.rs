@@ -87,8 +87,9 @@ impl StableDiffusion {
         config: &SdConfig,
         family: Family,
         device: &Device,
+        dtype: DType,
     ) -> Result<Self, WeightsError> {
-        let store = |c| VarStore::random(device, c);
+        let store = |c| VarStore::random(device, c, dtype);
         let (u, t, v) = (
             store(Component::Unet),
             store(Component::TextEncoder),

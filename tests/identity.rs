@@ -5,13 +5,13 @@
 use std::process::Command;
 
 mod common;
-use common::{fixture, load_model};
+use common::{fixture, load_model, load_model_in};
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use sefi::block_on;
 use sefi::identity::condition::fingerprint;
 use sefi::identity::train::{Draw, Photo, Term, TrainConfig, TrainState, Trainer, decode_photo};
@@ -408,6 +408,62 @@ fn training_on_wgpu_agrees_with_the_cpu() {
 }
 
 #[test]
+fn half_precision_weights_train_like_f32() {
+    let run = |device: Device, dtype: DType| {
+        let (ckpt, sd) = load_model_in("tiny-sd1", &device, dtype);
+        let trainer = block_on(Trainer::new(
+            &sd,
+            &ckpt.scheduler,
+            &[astronaut()],
+            trainer_config(3),
+            &device,
+        ))
+        .unwrap();
+        let mut state = trainer.initial_state();
+        let start = state.clone();
+        let reports: Vec<_> = (0..3)
+            .map(|_| block_on(trainer.step(&mut state)).unwrap())
+            .collect();
+        // What training changed: AdamW moves every component by about the learning rate, so
+        // compare the displacements' directions.
+        let moved: Vec<f32> = state
+            .key
+            .iter()
+            .chain(&state.value)
+            .zip(start.key.iter().chain(&start.value))
+            .map(|(a, b)| a - b)
+            .collect();
+        (moved, reports)
+    };
+    let (reference, reference_reports) = run(Device::flex().autodiff(), DType::F32);
+    let mut runs = vec![("cpu F16", Device::flex().autodiff())];
+    let gpu = block_on(sefi::device::DeviceChoice::Wgpu.open()).expect("no wgpu adapter");
+    if gpu.info.f16 {
+        runs.push(("wgpu F16", gpu.device.autodiff()));
+    }
+    for (what, device) in runs {
+        let (moved, reports) = run(device, DType::F16);
+        for (a, b) in reference_reports.iter().zip(&reports) {
+            assert_eq!((a.timestep, a.stage), (b.timestep, b.stage));
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-2 * a.loss.abs(),
+                "{what}: loss {} vs F32 {}",
+                b.loss,
+                a.loss
+            );
+        }
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+        let cos =
+            dot(&moved, &reference) / (dot(&moved, &moved) * dot(&reference, &reference)).sqrt();
+        eprintln!("{what}: updates' cosine with F32's {cos}");
+        assert!(
+            cos > 0.95,
+            "{what}: the vectors moved elsewhere than in F32 ({cos})"
+        );
+    }
+}
+
+#[test]
 fn gradient_checkpointing_gives_the_same_training() {
     let run = |device: Device| {
         let (ckpt, sd) = load_model("tiny-sd1", &device);
@@ -521,6 +577,8 @@ fn train_then_generate_with_two_identities() {
         "2",
         "--device",
         "cpu",
+        "--dtype",
+        "f16",
         "--out",
         &out("rex.safetensors"),
     ]);
@@ -538,6 +596,8 @@ fn train_then_generate_with_two_identities() {
         "3",
         "--device",
         "cpu",
+        "--dtype",
+        "f16",
         "--out",
         &out("both.png"),
     ]);
@@ -596,6 +656,11 @@ fn measure_training_step() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let checkpointing = std::env::var("SEFI_CHECKPOINTING").is_ok_and(|v| v == "1");
+    let precision: sefi::device::Precision = std::env::var("SEFI_DTYPE")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()
+        .unwrap();
+    let dtype = precision.dtype();
     let device = Device::flex().autodiff();
     let device = if checkpointing {
         device.gradient_checkpointing()
@@ -605,13 +670,14 @@ fn measure_training_step() {
     let owned;
     let (scheduler, sd) = if full {
         let sd =
-            StableDiffusion::random(&sefi::config::SdConfig::v1_5(), Family::Sd1, &device).unwrap();
+            StableDiffusion::random(&sefi::config::SdConfig::v1_5(), Family::Sd1, &device, dtype)
+                .unwrap();
         (
             sefi::schedule::SchedulerConfig::for_prediction(sefi::config::Prediction::Epsilon),
             sd,
         )
     } else {
-        owned = load_model("tiny-sd1", &device);
+        owned = load_model_in("tiny-sd1", &device, dtype);
         (owned.0.scheduler.clone(), owned.1)
     };
     let before = peak_rss_mib();
@@ -634,7 +700,7 @@ fn measure_training_step() {
     }
     times.sort_by(f64::total_cmp);
     eprintln!(
-        "{model} at {res} px (gradient checkpointing: {checkpointing}): step {:.3} s (median of {steps}; fastest {:.3} s), peak RSS {:.0} MiB (after loading: {:.0} MiB)",
+        "{model} at {res} px, weights in {precision} (gradient checkpointing: {checkpointing}): step {:.3} s (median of {steps}; fastest {:.3} s), peak RSS {:.0} MiB (after loading: {:.0} MiB)",
         times[steps / 2],
         times[0],
         peak_rss_mib(),

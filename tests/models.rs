@@ -53,7 +53,16 @@ fn open(path: &Path, variant: Variant, config: Option<SdConfig>) -> Checkpoint {
 }
 
 fn load(ckpt: &Checkpoint, device: &Device) -> StableDiffusion {
-    block_on(StableDiffusion::load(ckpt, device, DType::F32, &mut |_| {})).unwrap()
+    load_in(ckpt, device, DType::F32)
+}
+
+fn load_in(ckpt: &Checkpoint, device: &Device, dtype: DType) -> StableDiffusion {
+    let sd = block_on(StableDiffusion::load(ckpt, device, dtype, &mut |_| {})).unwrap();
+    assert_eq!(
+        [sd.text_encoder.dtype(), sd.unet.dtype(), sd.vae.dtype()],
+        [dtype; 3]
+    );
+    sd
 }
 
 /// Every golden of one tiny model against the loaded model.
@@ -196,6 +205,26 @@ fn fp16_variant_and_single_files_give_the_same_outputs() {
     }
 }
 
+/// Half-precision weights: activations in F16/BF16 (norms in F32), so errors scale with the
+/// format's epsilon (F16 2^-11, BF16 2^-8) times the values' size.
+const TOL_F16: f32 = 2e-2;
+const TOL_BF16: f32 = 1e-1;
+/// burn's wgpu kernels also accumulate F16 products in F16 (the CPU backend and cuBLAS in
+/// F32): about four times the CPU's F16 error.
+const TOL_F16_WGPU: f32 = 8e-2;
+
+#[test]
+fn half_precision_weights_stay_close_to_diffusers_on_the_cpu() {
+    let device = Device::flex();
+    for model in ["tiny-sd1", "tiny-sd2"] {
+        let ckpt = open(&fixture(model), Variant::Auto, None);
+        for (dtype, tol) in [(DType::F16, TOL_F16), (DType::BF16, TOL_BF16)] {
+            eprintln!("{model} in {dtype:?}");
+            check_parity(model, &load_in(&ckpt, &device, dtype), &device, tol);
+        }
+    }
+}
+
 /// Software Vulkan (lavapipe) or a real GPU, in f32.
 const TOL_WGPU: f32 = 1e-3;
 
@@ -216,5 +245,10 @@ fn tiny_models_match_diffusers_on_wgpu() {
             folder
         };
         check_parity(model, &load(&ckpt, &gpu.device), &gpu.device, TOL_WGPU);
+        if gpu.info.f16 {
+            eprintln!("{model} in F16");
+            let sd = load_in(&ckpt, &gpu.device, DType::F16);
+            check_parity(model, &sd, &gpu.device, TOL_F16_WGPU);
+        }
     }
 }

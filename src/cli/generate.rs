@@ -3,11 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
@@ -48,6 +47,10 @@ pub struct GenerateArgs {
     pub num_images: usize,
     #[arg(long, default_value = "auto", value_parser = super::parse_device)]
     pub device: DeviceChoice,
+    /// The frozen weights' precision: auto (f16 on a GPU that has it, else f32), f32, f16
+    /// or bf16.
+    #[arg(long = "dtype", default_value = "auto", value_parser = super::parse_precision)]
+    pub precision: Precision,
     /// Initial noise: a safetensors file with one tensor `latents` of shape
     /// [num_images, 4, height/8, width/8], used as diffusers uses its `latents=` argument.
     #[arg(long)]
@@ -142,14 +145,18 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
 
     let dev = crate::block_on(args.device.open())?;
-    eprintln!("device: {} ({})", dev.info.adapter, dev.info.backend);
+    let precision = dev.info.resolve(args.precision)?;
+    eprintln!(
+        "device: {} ({}), weights in {precision}",
+        dev.info.adapter, dev.info.backend
+    );
     let load_bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg:12} [{bar:30}] {pos}/{len}").expect("template"),
     );
     let sd = crate::block_on(StableDiffusion::load(
         &ckpt,
         &dev.device,
-        DType::F32,
+        precision.dtype(),
         &mut |p| {
             load_bar.set_message(p.component.to_string());
             load_bar.set_length(p.tensors_total as u64);

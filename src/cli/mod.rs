@@ -33,6 +33,11 @@ pub enum Command {
 }
 
 /// Parses `--device auto|cpu|wgpu|cuda`.
+pub(crate) fn parse_precision(s: &str) -> Result<crate::device::Precision, String> {
+    s.parse()
+        .map_err(|e: crate::device::DeviceError| e.to_string())
+}
+
 pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     s.parse()
         .map_err(|e: crate::device::DeviceError| e.to_string())

@@ -4,11 +4,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use burn::tensor::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::device::DeviceChoice;
+use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
 use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
 use crate::pipeline::RgbImage;
@@ -69,6 +68,10 @@ pub struct TrainArgs {
     pub log_json: Option<PathBuf>,
     #[arg(long, default_value = "auto", value_parser = super::parse_device)]
     pub device: DeviceChoice,
+    /// The frozen weights' precision: auto (f16 on a GPU that has it, else f32), f32, f16
+    /// or bf16.
+    #[arg(long = "dtype", default_value = "auto", value_parser = super::parse_precision)]
+    pub precision: Precision,
     /// The identity file to write (`.safetensors`).
     #[arg(long)]
     pub out: PathBuf,
@@ -115,7 +118,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .collect::<Result<Vec<_>, _>>()?;
     let ckpt = super::open_checkpoint(&args.model, args.config.as_deref(), Variant::Auto)?;
     let dev = crate::block_on(args.device.open())?;
-    eprintln!("device: {} ({})", dev.info.adapter, dev.info.backend);
+    let precision = dev.info.resolve(args.precision)?;
+    eprintln!(
+        "device: {} ({}), weights in {precision}",
+        dev.info.adapter, dev.info.backend
+    );
     let device = dev.device.clone().autodiff();
     let device = if args.gradient_checkpointing {
         device.gradient_checkpointing()
@@ -125,7 +132,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let sd = crate::block_on(StableDiffusion::load(
         &ckpt,
         &device,
-        DType::F32,
+        precision.dtype(),
         &mut |_| {},
     ))?;
 

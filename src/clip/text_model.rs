@@ -3,7 +3,7 @@
 //! embeddings so that learned identity vectors can be spliced in at placeholder positions.
 
 use burn::tensor::{
-    Device, Int, Tensor, TensorData, module::attention, ops::AttentionModuleOptions,
+    DType, Device, Int, Tensor, TensorData, module::attention, ops::AttentionModuleOptions,
 };
 
 use crate::config::TextConfig;
@@ -143,10 +143,15 @@ impl ClipTextModel {
         self.token_embedding.weight.clone()
     }
 
-    /// Token embeddings of `ids` (`[batch, seq]` -> `[batch, seq, hidden]`), before position
-    /// embeddings: the sequence to splice learned vectors into.
+    /// Token embeddings of `ids` (`[batch, seq]` -> `[batch, seq, hidden]`, F32), before
+    /// position embeddings: the sequence to splice learned vectors into.
     pub fn embed_tokens(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        self.token_embedding.forward(ids)
+        self.token_embedding.forward(ids).cast(DType::F32)
+    }
+
+    /// The weights' dtype. Inputs are cast to it; outputs come back as F32.
+    pub fn dtype(&self) -> DType {
+        self.position_embedding.dtype()
     }
 
     /// Encodes token ids; the pooled output is taken at the first end token (the largest id).
@@ -160,7 +165,7 @@ impl ClipTextModel {
     /// end-token position for the pooled output.
     pub fn forward_embeds(&self, embeds: Tensor<3>, eos: Tensor<1, Int>) -> TextOutput {
         let [b, s, d] = embeds.dims();
-        let mut x = embeds
+        let mut x = embeds.cast(self.dtype())
             + self
                 .position_embedding
                 .clone()
@@ -174,7 +179,8 @@ impl ClipTextModel {
             }
             x = layer.forward(x);
         }
-        let last_hidden_state = self.final_layer_norm.forward(x);
+        let last_hidden_state = self.final_layer_norm.forward(x).cast(DType::F32);
+        let penultimate = penultimate.cast(DType::F32);
         let index = eos.reshape([b, 1, 1]).expand([b, 1, d]);
         let pooled = last_hidden_state.clone().gather(1, index).reshape([b, d]);
         TextOutput {

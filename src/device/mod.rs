@@ -78,6 +78,64 @@ impl FromStr for DeviceChoice {
     }
 }
 
+/// The dtype frozen model weights are kept in. Learned vectors, losses and optimiser state are
+/// always F32; activations follow the weights, with norms and timestep features in F32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// F16 on a hardware GPU that supports it (half the memory and traffic), F32 elsewhere:
+    /// CPUs and software adapters compute half floats no faster.
+    #[default]
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl FromStr for Precision {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Precision::Auto),
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "f16" | "fp16" | "float16" | "half" => Ok(Precision::F16),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(DeviceError::UnknownPrecision(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+impl DeviceInfo {
+    /// `precision` made concrete for this device, or why the device cannot do it.
+    pub fn resolve(&self, precision: Precision) -> Result<Precision, DeviceError> {
+        let unsupported = || DeviceError::UnsupportedPrecision {
+            precision,
+            adapter: self.adapter.clone(),
+        };
+        match precision {
+            Precision::Auto if self.f16 && !self.software && self.backend != Backend::Cpu => {
+                Ok(Precision::F16)
+            }
+            Precision::Auto | Precision::F32 => Ok(Precision::F32),
+            Precision::F16 if self.f16 => Ok(Precision::F16),
+            Precision::Bf16 if self.bf16 => Ok(Precision::Bf16),
+            Precision::F16 | Precision::Bf16 => Err(unsupported()),
+        }
+    }
+}
+
 /// Adapter limits that decide which models and resolutions fit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GpuLimits {
@@ -116,6 +174,13 @@ pub struct DeviceInfo {
 pub enum DeviceError {
     #[error("unknown device `{0}`: use auto, cpu, wgpu or cuda")]
     UnknownChoice(String),
+    #[error("unknown precision `{0}`: use auto, f32, f16 or bf16")]
+    UnknownPrecision(String),
+    #[error("{adapter} cannot compute in {precision}; choose f32 or auto")]
+    UnsupportedPrecision {
+        precision: Precision,
+        adapter: String,
+    },
     #[error(
         "this build has no {backend} backend; rebuild with `cargo build --release --features {backend}` or pick another --device"
     )]

@@ -6,6 +6,17 @@ use super::{Backend, DeviceChoice, DeviceError, DeviceInfo};
 #[cfg(feature = "wgpu")]
 use super::{GpuLimits, WEBGPU_HINT};
 
+impl super::Precision {
+    /// The dtype of a resolved precision (`Auto` unresolved means F32).
+    pub fn dtype(self) -> DType {
+        match self {
+            super::Precision::Auto | super::Precision::F32 => DType::F32,
+            super::Precision::F16 => DType::F16,
+            super::Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// A ready device and what it is.
 #[derive(Clone, Debug)]
 pub struct ComputeDevice {

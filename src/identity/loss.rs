@@ -1,6 +1,6 @@
 //! SeFi's training objective: noise prediction plus the face-wise attention loss.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::condition::encode_spliced;
 use crate::clip::ids_tensor;
@@ -29,6 +29,16 @@ pub struct Loss {
     pub layers: Vec<Tensor<1>>,
     /// The identity token's maps and the class word's, per layer: `[b, heads, hw, ids]`.
     pub maps: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+/// What a loss is multiplied by before the backward pass, and its gradients divided by after,
+/// for a model computing in `dtype`. F16 gradients under 6e-8 flush to zero, and the attention
+/// term's are that small; the scale lifts them into range. BF16 and F32 have F32's range.
+pub fn loss_scale(dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => 1024.0,
+        _ => 1.0,
+    }
 }
 
 /// The fixed parts of the objective.

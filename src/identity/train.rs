@@ -11,7 +11,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 
 use super::condition::fingerprint;
-use super::loss::{Loss, LossInputs, Objective, TrainPrompt, sefi_loss};
+use super::loss::{Loss, LossInputs, Objective, TrainPrompt, loss_scale, sefi_loss};
 use super::{Fingerprint, Identity, stage_of};
 use crate::pipeline::{RgbImage, tokenize_prompt};
 use crate::schedule::{SchedulerConfig, TrainSchedule};
@@ -95,6 +95,10 @@ pub enum TrainError {
     Read(String),
     #[error("cancelled at step {0}")]
     Cancelled(usize),
+    #[error(
+        "the gradients are not finite (the loss diverged); lower the learning rate, or train with f32 weights"
+    )]
+    NonFinite,
 }
 
 /// Everything that changes during training: what a checkpoint holds.
@@ -413,19 +417,33 @@ impl<'a> Trainer<'a> {
         draw: &Draw,
         term: Term,
     ) -> Result<Gradients, TrainError> {
-        let (loss, key, value) = self.loss(state, draw, true);
         let stage = stage_of(
             draw.timestep as f64,
             self.config.stages,
             self.objective.schedule.alphas_cumprod.len(),
         );
-        let grads = match term {
-            Term::Total => loss.total.backward(),
-            Term::Attention => loss.attention.clone().backward(),
+        // Loss scaling for F16 models, halved (and the pass redone: a backward pass consumes
+        // its graph) while the scaled gradients overflow.
+        let mut scale = loss_scale(self.sd.unet.dtype());
+        let (loss, key_grad, value_grad) = loop {
+            let (loss, key, value) = self.loss(state, draw, true);
+            let objective = match term {
+                Term::Total => loss.total.clone(),
+                Term::Attention => loss.attention.clone(),
+            };
+            let grads = objective.mul_scalar(scale).backward();
+            let missing = || TrainError::Read("no gradient reached the identity vectors".into());
+            let mut k = read(key.grad(&grads).ok_or_else(missing)?).await?;
+            let mut v = read(value.grad(&grads).ok_or_else(missing)?).await?;
+            if k.iter().chain(&v).all(|g| g.is_finite()) {
+                k.iter_mut().chain(&mut v).for_each(|g| *g /= scale);
+                break (loss, k, v);
+            }
+            if scale <= 1.0 {
+                return Err(TrainError::NonFinite);
+            }
+            scale /= 2.0;
         };
-        let missing = || TrainError::Read("no gradient reached the identity vectors".into());
-        let key_grad = read(key.grad(&grads).ok_or_else(missing)?).await?;
-        let value_grad = read(value.grad(&grads).ok_or_else(missing)?).await?;
         let scalar = |t: Tensor<1>| async move {
             Ok::<f64, TrainError>(f64::from(read(t.detach()).await?[0]))
         };

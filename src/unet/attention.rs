@@ -5,7 +5,7 @@
 //! identity tokens), and can report its attention probabilities at chosen token positions.
 
 use burn::tensor::{
-    Int, Tensor,
+    DType, Int, Tensor,
     activation::{gelu, softmax},
     module::attention,
     ops::AttentionModuleOptions,
@@ -108,10 +108,12 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, n, _] = x.dims();
         let q = self.to_q.forward(x.clone());
+        // Contexts arrive in F32 from the text encoder; they meet the weights in their dtype.
+        let dtype = self.to_k.weight.dtype();
         let (k, v) = match context {
             Some(c) => (
-                self.to_k.forward(c.key.clone()),
-                self.to_v.forward(c.value.clone()),
+                self.to_k.forward(c.key.clone().cast(dtype)),
+                self.to_v.forward(c.value.clone().cast(dtype)),
             ),
             None => (self.to_k.forward(x.clone()), self.to_v.forward(x)),
         };
@@ -131,7 +133,7 @@ impl Attention {
                     let [cb, m, _] = context.dims();
                     let kr = self
                         .to_k
-                        .forward(context.clone())
+                        .forward(context.clone().cast(dtype))
                         .reshape([cb, m, self.heads, dh])
                         .swap_dims(1, 2);
                     let qd = q.clone().detach();
@@ -139,12 +141,15 @@ impl Attention {
                     let probs = softmax(qd.matmul(kr.swap_dims(2, 3)).mul_scalar(scale), 3);
                     capture
                         .reference_maps
-                        .push(probs.select(3, positions.clone()).detach());
+                        .push(probs.select(3, positions.clone()).cast(DType::F32).detach());
                 }
                 let probs = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar(scale), 3);
-                capture
-                    .maps
-                    .push(probs.clone().select(3, capture.positions.clone()));
+                capture.maps.push(
+                    probs
+                        .clone()
+                        .select(3, capture.positions.clone())
+                        .cast(DType::F32),
+                );
                 probs.matmul(v)
             }
             None => attention(q, k, v, None, None, AttentionModuleOptions::default()),

@@ -7,7 +7,7 @@
 pub mod attention;
 pub mod resnet;
 
-use burn::tensor::{Tensor, TensorData, activation::silu};
+use burn::tensor::{DType, Tensor, TensorData, activation::silu};
 
 pub use attention::{AttentionCapture, Context, Transformer2DModel};
 pub use resnet::{ResnetBlock2D, Upsample2D};
@@ -205,8 +205,9 @@ impl UNet2DConditionModel {
         let freqs: Vec<f32> = (0..half)
             .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
             .collect();
-        let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &timesteps.device())
-            .cast(timesteps.dtype());
+        // In F32 whatever the weights: timesteps up to 999 lose their units digit in F16.
+        let timesteps = timesteps.cast(DType::F32);
+        let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &timesteps.device());
         let [b] = timesteps.dims();
         let args = timesteps.reshape([b, 1]) * freqs.reshape([1, half]);
         let (sin, cos) = (args.clone().sin(), args.cos());
@@ -227,12 +228,13 @@ impl UNet2DConditionModel {
         context: &Context,
         mut capture: Option<&mut AttentionCapture>,
     ) -> Tensor<4> {
-        let temb = self
-            .linear_2
-            .forward(silu(self.linear_1.forward(self.time_proj(timesteps))));
+        let dtype = self.dtype();
+        let temb = self.linear_2.forward(silu(
+            self.linear_1.forward(self.time_proj(timesteps).cast(dtype)),
+        ));
         let temb = Some(&temb);
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = self.conv_in.forward(sample.cast(dtype));
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
@@ -270,6 +272,13 @@ impl UNet2DConditionModel {
             }
         }
 
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(self.conv_norm_out.forward(x)))
+            .cast(DType::F32)
+    }
+
+    /// The weights' dtype. Inputs are cast to it; outputs (and captured maps) come back as F32.
+    pub fn dtype(&self) -> DType {
+        self.conv_in.weight.dtype()
     }
 }

@@ -1,7 +1,7 @@
 //! `AutoencoderKL` (diffusers' `models/autoencoders/autoencoder_kl.py` and `vae.py`): images
 //! to latent distributions and latents back to images.
 
-use burn::tensor::{Tensor, activation::silu};
+use burn::tensor::{DType, Tensor, activation::silu};
 
 use crate::config::VaeConfig;
 use crate::nn::{Conv2d, GroupNorm, Vars};
@@ -227,10 +227,14 @@ impl AutoencoderKL {
         })
     }
 
-    /// Images in [-1, 1], `[b, 3, h, w]` -> the latent posterior. Multiply a latent by
+    /// Images in [-1, 1], `[b, 3, h, w]` (F32) -> the latent posterior (F32). Multiply a latent by
     /// `config.scaling_factor` before handing it to the UNet.
     pub fn encode(&self, image: Tensor<4>) -> Posterior {
-        let moments = self.quant_conv.forward(self.encoder.forward(image));
+        let image = image.cast(self.dtype());
+        let moments = self
+            .quant_conv
+            .forward(self.encoder.forward(image))
+            .cast(DType::F32);
         let [mean, logvar] = moments.chunk(2, 1).try_into().expect("two chunks");
         Posterior {
             mean,
@@ -240,6 +244,14 @@ impl AutoencoderKL {
 
     /// Latents (already divided by the scaling factor) -> images in about [-1, 1].
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(self.post_quant_conv.forward(latents))
+        let latents = latents.cast(self.dtype());
+        self.decoder
+            .forward(self.post_quant_conv.forward(latents))
+            .cast(DType::F32)
+    }
+
+    /// The weights' dtype. Inputs are cast to it; outputs come back as F32.
+    pub fn dtype(&self) -> DType {
+        self.quant_conv.weight.dtype()
     }
 }

@@ -23,19 +23,18 @@ pub fn sd_fixture(name: &str) -> PathBuf {
 
 /// A tiny model from `tests/fixtures/sd`, loaded in f32.
 pub fn load_model(model: &str, device: &Device) -> (Checkpoint, StableDiffusion) {
+    load_model_in(model, device, DType::F32)
+}
+
+/// A fixture model with its weights in `dtype`.
+pub fn load_model_in(model: &str, device: &Device, dtype: DType) -> (Checkpoint, StableDiffusion) {
     let ckpt = block_on(Checkpoint::open_path(
         &sd_fixture(model),
         Variant::Auto,
         None,
     ))
     .unwrap();
-    let sd = block_on(StableDiffusion::load(
-        &ckpt,
-        device,
-        DType::F32,
-        &mut |_| {},
-    ))
-    .unwrap();
+    let sd = block_on(StableDiffusion::load(&ckpt, device, dtype, &mut |_| {})).unwrap();
     (ckpt, sd)
 }
 
