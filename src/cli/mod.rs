@@ -1,5 +1,6 @@
 //! The `sefi` command line: thin wrappers that turn the core's results into terminal output.
 
+mod bench;
 mod device;
 mod generate;
 mod inspect;
@@ -30,6 +31,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Tell what a model folder or checkpoint file is, without loading its weights.
     Inspect(inspect::InspectArgs),
+    /// Measure the speed and memory of the main pieces of work (random weights).
+    Bench(bench::BenchArgs),
 }
 
 /// Parses `--device auto|cpu|wgpu|cuda`.
@@ -63,6 +66,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Device(args) => device::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
     };
