@@ -14,7 +14,9 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 use burn::tensor::{DType, Device, Tensor};
 use sefi::block_on;
 use sefi::identity::condition::fingerprint;
-use sefi::identity::train::{Draw, Photo, Term, TrainConfig, TrainState, Trainer, decode_photo};
+use sefi::identity::train::{
+    Draw, Photo, StepReport, Term, TrainConfig, TrainState, Trainer, decode_photo,
+};
 use sefi::identity::{Identity, IdentityError, stage_of};
 use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise};
 use sefi::schedule::Sampler;
@@ -231,6 +233,26 @@ fn trainer_config(steps: usize) -> TrainConfig {
     c
 }
 
+/// Three training steps on the tiny SD 1 model with its weights in `dtype`: the state before and
+/// after, and the step reports.
+fn three_steps(device: Device, dtype: DType) -> (TrainState, TrainState, Vec<StepReport>) {
+    let (ckpt, sd) = load_model_in("tiny-sd1", &device, dtype);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(3),
+        &device,
+    ))
+    .unwrap();
+    let start = trainer.initial_state();
+    let mut state = start.clone();
+    let reports = (0..3)
+        .map(|_| block_on(trainer.step(&mut state)).unwrap())
+        .collect();
+    (start, state, reports)
+}
+
 #[test]
 fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
     let device = Device::flex().autodiff();
@@ -371,24 +393,8 @@ fn training_lowers_the_noise_loss_on_fixed_draws() {
 fn training_on_wgpu_agrees_with_the_cpu() {
     let gpu = block_on(sefi::device::DeviceChoice::Wgpu.open())
         .expect("no wgpu adapter: run ./scripts/setup.sh test");
-    let run = |device: Device| {
-        let (ckpt, sd) = load_model("tiny-sd1", &device);
-        let trainer = block_on(Trainer::new(
-            &sd,
-            &ckpt.scheduler,
-            &[astronaut()],
-            trainer_config(3),
-            &device,
-        ))
-        .unwrap();
-        let mut state = trainer.initial_state();
-        let reports: Vec<_> = (0..3)
-            .map(|_| block_on(trainer.step(&mut state)).unwrap())
-            .collect();
-        (state, reports)
-    };
-    let (cpu, cpu_reports) = run(Device::flex().autodiff());
-    let (wgpu, wgpu_reports) = run(gpu.device.autodiff());
+    let (_, cpu, cpu_reports) = three_steps(Device::flex().autodiff(), DType::F32);
+    let (_, wgpu, wgpu_reports) = three_steps(gpu.device.autodiff(), DType::F32);
     for (a, b) in cpu_reports.iter().zip(&wgpu_reports) {
         assert_eq!((a.timestep, a.stage), (b.timestep, b.stage));
         assert!(
@@ -410,20 +416,7 @@ fn training_on_wgpu_agrees_with_the_cpu() {
 #[test]
 fn half_precision_weights_train_like_f32() {
     let run = |device: Device, dtype: DType| {
-        let (ckpt, sd) = load_model_in("tiny-sd1", &device, dtype);
-        let trainer = block_on(Trainer::new(
-            &sd,
-            &ckpt.scheduler,
-            &[astronaut()],
-            trainer_config(3),
-            &device,
-        ))
-        .unwrap();
-        let mut state = trainer.initial_state();
-        let start = state.clone();
-        let reports: Vec<_> = (0..3)
-            .map(|_| block_on(trainer.step(&mut state)).unwrap())
-            .collect();
+        let (start, state, reports) = three_steps(device, dtype);
         // What training changed: AdamW moves every component by about the learning rate, so
         // compare the displacements' directions.
         let moved: Vec<f32> = state
@@ -465,24 +458,11 @@ fn half_precision_weights_train_like_f32() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_training() {
-    let run = |device: Device| {
-        let (ckpt, sd) = load_model("tiny-sd1", &device);
-        let trainer = block_on(Trainer::new(
-            &sd,
-            &ckpt.scheduler,
-            &[astronaut()],
-            trainer_config(3),
-            &device,
-        ))
-        .unwrap();
-        let mut state = trainer.initial_state();
-        for _ in 0..3 {
-            block_on(trainer.step(&mut state)).unwrap();
-        }
-        state
-    };
-    let plain = run(Device::flex().autodiff());
-    let checkpointed = run(Device::flex().autodiff().gradient_checkpointing());
+    let (_, plain, _) = three_steps(Device::flex().autodiff(), DType::F32);
+    let (_, checkpointed, _) = three_steps(
+        Device::flex().autodiff().gradient_checkpointing(),
+        DType::F32,
+    );
     assert!(max_diff(&plain.key, &checkpointed.key) < 1e-5);
     assert!(max_diff(&plain.value, &checkpointed.value) < 1e-5);
 }
