@@ -20,7 +20,6 @@ pub mod device;
 pub mod identity;
 #[cfg(feature = "compute")]
 pub mod nn;
-#[cfg(feature = "compute")]
 pub mod pipeline;
 pub mod schedule;
 #[cfg(feature = "compute")]
@@ -31,7 +30,6 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-#[cfg(feature = "web")]
 pub mod app;
 #[cfg(feature = "cli")]
 pub mod cli;

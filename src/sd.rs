@@ -60,6 +60,16 @@ pub fn validate(checkpoint: &Checkpoint, device: &Device) -> Result<(), WeightsE
 pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError> {
     match source {
         TokenizerSource::Bundled { pad_token } => Ok(ClipTokenizer::openai(pad_token)),
+        TokenizerSource::Texts {
+            vocab,
+            merges,
+            pad_token,
+        } => {
+            ClipTokenizer::from_files(vocab, merges, pad_token).map_err(|e| WeightsError::Config {
+                file: "tokenizer/vocab.json".into(),
+                reason: e.to_string(),
+            })
+        }
         TokenizerSource::Files {
             vocab,
             merges,

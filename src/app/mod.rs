@@ -1,8 +1,15 @@
 //! The browser app: a leptos UI on the main thread and all model work in a dedicated Web
-//! Worker, talking through the typed messages of [`protocol`].
+//! Worker, talking through the typed messages of [`protocol`]. [`catalog`] and [`fit`] are
+//! plain data and build everywhere.
 
+pub mod catalog;
+pub mod fit;
+#[cfg(feature = "web")]
 pub mod protocol;
+#[cfg(all(feature = "web", target_family = "wasm"))]
 mod ui;
+#[cfg(feature = "web")]
 pub mod worker;
 
+#[cfg(all(feature = "web", target_family = "wasm"))]
 pub use ui::mount;

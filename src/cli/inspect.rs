@@ -115,6 +115,9 @@ fn print_text(r: &Report) {
         TokenizerSource::Files {
             vocab, pad_token, ..
         } => println!("tokenizer     {vocab} (pad {pad_token:?})"),
+        TokenizerSource::Texts { pad_token, .. } => {
+            println!("tokenizer     the model's own (pad {pad_token:?})")
+        }
         TokenizerSource::Bundled { pad_token } => {
             println!("tokenizer     bundled CLIP vocabulary (pad {pad_token:?})")
         }

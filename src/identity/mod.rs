@@ -5,6 +5,7 @@
 pub mod condition;
 #[cfg(feature = "compute")]
 pub mod loss;
+pub mod settings;
 #[cfg(feature = "compute")]
 pub mod train;
 

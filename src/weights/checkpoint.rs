@@ -108,8 +108,30 @@ pub enum TokenizerSource {
         merges: String,
         pad_token: String,
     },
+    /// The same files' contents, read beforehand (the browser, where files are not paths).
+    Texts {
+        vocab: String,
+        merges: String,
+        pad_token: String,
+    },
     /// The CLIP vocabulary bundled with SeFi Studio (single-file checkpoints carry none).
     Bundled { pad_token: String },
+}
+
+/// The padding token a tokenizer folder names in `special_tokens_map.json` or
+/// `tokenizer_config.json` (either as a string or as `{"content": ...}`); CLIP's end token
+/// when neither names one.
+pub fn pad_token_of(configs: &[&str]) -> String {
+    configs
+        .iter()
+        .filter_map(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .find_map(|v| {
+            let pad = &v["pad_token"];
+            pad.as_str()
+                .or_else(|| pad["content"].as_str())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "<|endoftext|>".to_string())
 }
 
 /// Where one model tensor is stored.

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::checkpoint::{DiffusersParts, TokenizerSource};
+use super::checkpoint::{DiffusersParts, TokenizerSource, pad_token_of};
 use super::{ByteSource, Checkpoint, FileSource, WeightsError};
 use crate::config::SdConfig;
 
@@ -67,21 +67,17 @@ fn tokenizer(dir: &Path) -> Result<Option<TokenizerSource>, WeightsError> {
     if !vocab.exists() || !merges.exists() {
         return Ok(None);
     }
-    let mut pad_token = "<|endoftext|>".to_string();
+    let mut configs = Vec::new();
     for f in ["special_tokens_map.json", "tokenizer_config.json"] {
         if let Some(text) = read_text(&dir.join(f))? {
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| WeightsError::Config {
-                    file: dir.join(f).display().to_string(),
-                    reason: e.to_string(),
-                })?;
-            let pad = &v["pad_token"];
-            if let Some(s) = pad.as_str().or_else(|| pad["content"].as_str()) {
-                pad_token = s.to_string();
-                break;
-            }
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| WeightsError::Config {
+                file: dir.join(f).display().to_string(),
+                reason: e.to_string(),
+            })?;
+            configs.push(text);
         }
     }
+    let pad_token = pad_token_of(&configs.iter().map(String::as_str).collect::<Vec<_>>());
     Ok(Some(TokenizerSource::Files {
         vocab: vocab.display().to_string(),
         merges: merges.display().to_string(),

@@ -1,0 +1,397 @@
+//! Where models come from: the presets, what a typed address means (a Hub repository, a
+//! diffusers folder, one `.safetensors` file), which files a folder needs, and the manifest
+//! that records a model in the browser's storage. Plain data, so it is tested natively.
+
+use serde::{Deserialize, Serialize};
+
+/// A model offered in the model panel's list. Add entries here to offer more.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preset {
+    pub name: &'static str,
+    /// What users type for it: a Hub repository or any address [`ModelSource::parse`] takes.
+    pub address: &'static str,
+    /// Download the `*.fp16.safetensors` variant (half the bytes; the GPU may still compute in
+    /// f32).
+    pub fp16: bool,
+    pub note: &'static str,
+}
+
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "Stable Diffusion 1.5",
+        address: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        fp16: true,
+        note: "512 px, about 2.1 GB to download",
+    },
+    Preset {
+        name: "Stable Diffusion 2.1 base",
+        address: "stabilityai/stable-diffusion-2-1-base",
+        fp16: true,
+        note: "512 px, about 2.6 GB to download",
+    },
+];
+
+const HUB: &str = "https://huggingface.co";
+
+/// What a typed model address points at.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum ModelSource {
+    /// A diffusers folder; `base` ends with `/` and file paths are appended to it.
+    Folder { base: String },
+    /// One original-layout `.safetensors` checkpoint.
+    SingleFile { url: String },
+}
+
+/// Why an address cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("type a model address: a Hugging Face repository such as {example}, or the URL of a diffusers folder or of a .safetensors file", example = PRESETS[0].address)]
+    Empty,
+    #[error(
+        "{0} is a PyTorch pickle file; SeFi Studio only opens .safetensors files, which cannot hide code. Most models publish one"
+    )]
+    Pickle(String),
+    #[error(
+        "`{0}` is not a web address (it should start with https://) or a Hub repository (owner/name)"
+    )]
+    NotAnAddress(String),
+}
+
+impl ModelSource {
+    /// Understands, for the model-URL box:
+    /// - `owner/name`: a repository on the Hugging Face Hub;
+    /// - `https://huggingface.co/owner/name` (the repository's page) or its `/tree/main` page;
+    /// - any URL ending in `.safetensors`: one single-file checkpoint;
+    /// - any other URL: a diffusers folder (`unet/`, `vae/`, ... below it);
+    /// - a path on this site (`/models/x/`), resolved against `origin`.
+    pub fn parse(input: &str, origin: &str) -> Result<Self, SourceError> {
+        let s = input.trim();
+        if s.is_empty() {
+            return Err(SourceError::Empty);
+        }
+        let path_part = s.split(['?', '#']).next().unwrap_or(s);
+        let lower = path_part.to_ascii_lowercase();
+        if [".ckpt", ".pt", ".pth", ".bin", ".pkl"]
+            .iter()
+            .any(|e| lower.ends_with(e))
+        {
+            return Err(SourceError::Pickle(s.into()));
+        }
+        let url = if s.starts_with("https://") || s.starts_with("http://") {
+            s.to_string()
+        } else if s.starts_with('/') {
+            format!("{}{s}", origin.trim_end_matches('/'))
+        } else if is_repo_id(s) {
+            format!("{HUB}/{s}/resolve/main/")
+        } else {
+            return Err(SourceError::NotAnAddress(s.into()));
+        };
+        // A repository's page on the Hub: its files are under /resolve/main/.
+        let url = match url.strip_prefix(&format!("{HUB}/")) {
+            Some(rest) if !rest.contains("/resolve/") => {
+                let repo: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+                match repo[..] {
+                    [owner, name] | [owner, name, "tree", "main"] => {
+                        format!("{HUB}/{owner}/{name}/resolve/main/")
+                    }
+                    _ => url,
+                }
+            }
+            _ => url,
+        };
+        if lower.ends_with(".safetensors") {
+            Ok(ModelSource::SingleFile { url })
+        } else {
+            let base = if url.ends_with('/') {
+                url
+            } else {
+                format!("{url}/")
+            };
+            Ok(ModelSource::Folder { base })
+        }
+    }
+
+    /// The address the cache is keyed by.
+    pub fn address(&self) -> &str {
+        match self {
+            ModelSource::Folder { base } => base,
+            ModelSource::SingleFile { url } => url,
+        }
+    }
+
+    /// A short name for lists: the repository or the file name.
+    pub fn display_name(&self) -> String {
+        let a = self.address().trim_end_matches('/');
+        if let Some(rest) = a.strip_prefix(&format!("{HUB}/")) {
+            let parts: Vec<&str> = rest.split('/').collect();
+            if parts.len() >= 2 && !a.ends_with(".safetensors") {
+                return format!("{}/{}", parts[0], parts[1]);
+            }
+        }
+        a.rsplit('/').next().unwrap_or(a).to_string()
+    }
+
+    /// The host the page must be allowed to connect to.
+    pub fn host(&self) -> Option<&str> {
+        let a = self.address();
+        let rest = a.split_once("://")?.1;
+        Some(rest.split(['/', '?', '#']).next().unwrap_or(rest))
+    }
+}
+
+fn is_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        })
+}
+
+/// One file a model needs, with the names it may have (the first that exists is taken).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// Names relative to the folder, in order of preference.
+    pub candidates: Vec<String>,
+    /// A model works without it (the defaults stand in).
+    pub optional: bool,
+}
+
+/// The files of a diffusers folder that SeFi Studio reads, weights in the preferred variant
+/// first.
+pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
+    let weights = |dir: &str, stem: &str| {
+        let (full, half) = (
+            format!("{dir}/{stem}.safetensors"),
+            format!("{dir}/{stem}.fp16.safetensors"),
+        );
+        Wanted {
+            candidates: if fp16_first {
+                vec![half, full]
+            } else {
+                vec![full, half]
+            },
+            optional: false,
+        }
+    };
+    let file = |p: &str, optional| Wanted {
+        candidates: vec![p.to_string()],
+        optional,
+    };
+    vec![
+        file("unet/config.json", false),
+        file("text_encoder/config.json", false),
+        file("vae/config.json", false),
+        file("scheduler/scheduler_config.json", true),
+        file("tokenizer/vocab.json", true),
+        file("tokenizer/merges.txt", true),
+        file("tokenizer/special_tokens_map.json", true),
+        file("tokenizer/tokenizer_config.json", true),
+        weights("text_encoder", "model"),
+        weights("unet", "diffusion_pytorch_model"),
+        weights("vae", "diffusion_pytorch_model"),
+    ]
+}
+
+/// A stable name for a model's storage folder: FNV-1a of its address.
+pub fn model_id(address: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in address.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Files are stored in parts of this size: a part is written whole and then never touched, so
+/// an interrupted download resumes at the last finished part without rewriting what is there.
+pub const PART_SIZE: u64 = 64 << 20;
+
+/// One stored file of a model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFile {
+    /// Path relative to the model (`unet/diffusion_pytorch_model.safetensors`, or `model.safetensors`
+    /// for a single file).
+    pub path: String,
+    /// Where it came from (`None`: the user's own file).
+    pub url: Option<String>,
+    /// Size in bytes, once known.
+    pub size: Option<u64>,
+    /// All bytes are stored.
+    pub complete: bool,
+}
+
+impl StoredFile {
+    /// Number of parts a file of `size` bytes is stored in.
+    pub fn parts(size: u64) -> u64 {
+        size.div_ceil(PART_SIZE).max(1)
+    }
+}
+
+/// A model in storage: `models/<id>/manifest.json`, beside its files' parts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub id: String,
+    pub name: String,
+    /// The address it was loaded from, or `local:<name>` for the user's files.
+    pub address: String,
+    pub single_file: bool,
+    pub files: Vec<StoredFile>,
+    /// Every needed file is stored.
+    pub complete: bool,
+    /// Milliseconds since the epoch of the last use, for "load the last model".
+    pub last_used: f64,
+}
+
+impl Manifest {
+    pub fn bytes(&self) -> u64 {
+        self.files.iter().filter_map(|f| f.size).sum()
+    }
+
+    pub fn file(&self, path: &str) -> Option<&StoredFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+}
+
+/// Whether the page's Content-Security-Policy lets it connect to `url`: its `connect-src`
+/// (or `default-src`) list against the URL's scheme and host. Checked before a download so
+/// that a refused host gets an explanation instead of an opaque network failure.
+pub fn csp_allows(policy: &str, url: &str, page_origin: &str) -> bool {
+    let directive = |name: &str| {
+        policy
+            .split(';')
+            .map(str::trim)
+            .find_map(|d| d.strip_prefix(name).map(str::trim))
+            .map(str::to_string)
+    };
+    let Some(sources) = directive("connect-src ").or_else(|| directive("default-src ")) else {
+        return true;
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let origin = format!("{scheme}://{host}");
+    sources.split_whitespace().any(|s| match s {
+        "'self'" => origin == page_origin.trim_end_matches('/'),
+        "*" => true,
+        s => match s.split_once("://") {
+            Some((sch, h)) if sch == scheme => match h.strip_prefix("*.") {
+                Some(suffix) => {
+                    host.ends_with(&format!(".{suffix}")) && host.len() > suffix.len() + 1
+                }
+                None => h.trim_end_matches('/') == host,
+            },
+            _ => false,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGIN: &str = "http://127.0.0.1:8080";
+
+    #[test]
+    fn understands_addresses() {
+        let hub = ModelSource::parse("stable-diffusion-v1-5/stable-diffusion-v1-5", ORIGIN);
+        assert_eq!(
+            hub,
+            Ok(ModelSource::Folder {
+                base: "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/resolve/main/".into()
+            })
+        );
+        let page = ModelSource::parse(
+            "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/tree/main",
+            ORIGIN,
+        );
+        assert_eq!(page, hub);
+        assert_eq!(
+            hub.unwrap().display_name(),
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        );
+        let single = ModelSource::parse("/fixtures/tiny-sd1.safetensors", ORIGIN).unwrap();
+        assert_eq!(
+            single,
+            ModelSource::SingleFile {
+                url: "http://127.0.0.1:8080/fixtures/tiny-sd1.safetensors".into()
+            }
+        );
+        assert_eq!(single.display_name(), "tiny-sd1.safetensors");
+        assert_eq!(single.host(), Some("127.0.0.1:8080"));
+        let folder = ModelSource::parse("http://127.0.0.1:8080/fixtures/tiny-sd1", ORIGIN).unwrap();
+        assert_eq!(folder.address(), "http://127.0.0.1:8080/fixtures/tiny-sd1/");
+        assert_eq!(folder.display_name(), "tiny-sd1");
+        assert!(matches!(
+            ModelSource::parse("https://x.org/m/model.ckpt", ORIGIN),
+            Err(SourceError::Pickle(_))
+        ));
+        assert_eq!(ModelSource::parse("  ", ORIGIN), Err(SourceError::Empty));
+        assert!(matches!(
+            ModelSource::parse("just words", ORIGIN),
+            Err(SourceError::NotAnAddress(_))
+        ));
+    }
+
+    #[test]
+    fn folder_files_prefer_the_chosen_variant() {
+        let files = folder_files(true);
+        let unet = files
+            .iter()
+            .find(|w| w.candidates[0].starts_with("unet/diffusion"))
+            .unwrap();
+        assert_eq!(
+            unet.candidates,
+            [
+                "unet/diffusion_pytorch_model.fp16.safetensors",
+                "unet/diffusion_pytorch_model.safetensors"
+            ]
+        );
+        assert!(!unet.optional);
+        assert_eq!(
+            folder_files(false).iter().filter(|w| !w.optional).count(),
+            6
+        );
+    }
+
+    #[test]
+    fn ids_are_stable_and_distinct() {
+        assert_eq!(model_id("a"), model_id("a"));
+        assert_ne!(model_id("a/"), model_id("a"));
+        assert_eq!(model_id("").len(), 16);
+        assert_eq!(StoredFile::parts(0), 1);
+        assert_eq!(StoredFile::parts(PART_SIZE), 1);
+        assert_eq!(StoredFile::parts(PART_SIZE + 1), 2);
+    }
+
+    #[test]
+    fn reads_the_policy_like_the_browser() {
+        let policy = "default-src 'none'; script-src 'self'; connect-src 'self' https://huggingface.co https://*.huggingface.co https://*.hf.co; img-src blob:";
+        let ok = |u| csp_allows(policy, u, ORIGIN);
+        assert!(ok(
+            "http://127.0.0.1:8080/fixtures/tiny-sd1/unet/config.json"
+        ));
+        assert!(ok("https://huggingface.co/a/b/resolve/main/x"));
+        assert!(ok("https://cdn-lfs-us-1.hf.co/x"));
+        assert!(!ok("https://hf.co/x"), "a wildcard needs a subdomain");
+        assert!(!ok("http://huggingface.co/x"), "the scheme must match");
+        assert!(!ok("https://example.org/model.safetensors"));
+        assert!(
+            !ok("http://127.0.0.1:9999/x"),
+            "another port is another origin"
+        );
+        assert!(!csp_allows(
+            "default-src 'none'",
+            "https://example.org/",
+            ORIGIN
+        ));
+        assert!(csp_allows(
+            "script-src 'self'",
+            "https://example.org/",
+            ORIGIN
+        ));
+    }
+}
