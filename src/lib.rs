@@ -24,6 +24,8 @@ pub mod pipeline;
 pub mod schedule;
 #[cfg(feature = "compute")]
 pub mod sd;
+#[cfg(all(feature = "web", target_family = "wasm"))]
+pub mod store;
 #[cfg(feature = "compute")]
 pub mod unet;
 #[cfg(feature = "compute")]

@@ -3,8 +3,8 @@
 #![cfg(target_family = "wasm")]
 
 use gloo_worker::Codec;
-use sefi::app::protocol::{JsCodec, Request, Response};
-use sefi::app::worker::handle;
+use sefi::app::protocol::{JsCodec, Response};
+use sefi::app::worker::gpu_check;
 use sefi::check::{TOLERANCE, inputs, reference};
 use sefi::device::{Backend, DeviceChoice, DeviceError};
 use wasm_bindgen_test::*;
@@ -13,8 +13,9 @@ wasm_bindgen_test_configure!(run_in_dedicated_worker);
 
 #[wasm_bindgen_test]
 async fn gpu_check_runs_autodiff_on_webgpu_in_a_worker() {
-    let Response::GpuCheck(result) = handle(Request::GpuCheck).await;
-    let report = result.expect("WebGPU available in the test browser (--enable-unsafe-webgpu)");
+    let report = gpu_check()
+        .await
+        .expect("WebGPU available in the test browser (--enable-unsafe-webgpu)");
     assert_eq!(report.device.backend, Backend::Wgpu);
     assert!(report.device.limits.is_some());
 
@@ -36,8 +37,7 @@ async fn gpu_check_runs_autodiff_on_webgpu_in_a_worker() {
 
 #[wasm_bindgen_test]
 async fn messages_survive_the_worker_codec() {
-    let Response::GpuCheck(result) = handle(Request::GpuCheck).await;
-    let response = Response::GpuCheck(result);
+    let response = Response::GpuCheck(gpu_check().await);
     let back: Response = JsCodec::decode(JsCodec::encode(response.clone()));
     assert_eq!(back, response);
 }

@@ -238,6 +238,9 @@ pub struct Manifest {
     /// The address it was loaded from, or `local:<name>` for the user's files.
     pub address: String,
     pub single_file: bool,
+    /// Weights were asked for in their fp16 variant (a resumed download keeps to it).
+    #[serde(default)]
+    pub fp16: bool,
     pub files: Vec<StoredFile>,
     /// Every needed file is stored.
     pub complete: bool,

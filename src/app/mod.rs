@@ -1,14 +1,16 @@
 //! The browser app: a leptos UI on the main thread and all model work in a dedicated Web
 //! Worker, talking through the typed messages of [`protocol`]. [`catalog`] and [`fit`] are
-//! plain data and build everywhere.
+//! plain data and build (and are tested) everywhere.
 
+#[cfg(all(feature = "web", target_family = "wasm"))]
+pub mod acquire;
 pub mod catalog;
 pub mod fit;
-#[cfg(feature = "web")]
+#[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod protocol;
 #[cfg(all(feature = "web", target_family = "wasm"))]
 mod ui;
-#[cfg(feature = "web")]
+#[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod worker;
 
 #[cfg(all(feature = "web", target_family = "wasm"))]

@@ -139,8 +139,4 @@ impl GenerateRequest {
         }
         Ok(())
     }
-
-    pub(crate) fn latent_shape(&self, channels: usize) -> [usize; 4] {
-        [self.num_images, channels, self.height / 8, self.width / 8]
-    }
 }

@@ -229,7 +229,12 @@ pub async fn generate(
 ) -> Result<Generated, PipelineError> {
     req.validate()?;
     let plan = Plan::new(req.sampler, scheduler, req.steps)?;
-    let shape = req.latent_shape(sd.config.unet.in_channels);
+    let shape = [
+        req.num_images,
+        sd.config.unet.in_channels,
+        req.height / 8,
+        req.width / 8,
+    ];
     let per_image = shape[1] * shape[2] * shape[3];
     let n = req.num_images;
 

@@ -1,84 +1,25 @@
-//! leptos components of the page. They only show state and send requests; the worker computes.
+//! The "Your GPU" panel: the adapter, its limits, the autodiff check, and whether the loaded
+//! model fits.
 
-use gloo_worker::Spawnable;
 use leptos::prelude::*;
 
-use super::protocol::{GpuReport, JsCodec, Request, Response, WorkerError};
-use super::worker::{self, GpuWorker};
+use super::widgets::bytes;
+use super::{Ctx, ModelState};
+use crate::app::protocol::{GpuReport, WorkerError};
 use crate::check::TOLERANCE;
 use crate::device::{DeviceInfo, WEBGPU_HINT};
 
-/// Mounts the app on `<body>`; called by the page binary.
-pub fn mount() {
-    console_error_panic_hook::set_once();
-    leptos::mount::mount_to_body(App);
-}
-
-#[component]
-fn App() -> impl IntoView {
-    view! {
-        <header class="top">
-            <h1>"SeFi Studio"</h1>
-            <p class="tagline">
-                "Personalise image models with one photo, on your own GPU. "
-                "Your photos never leave this device."
-            </p>
-        </header>
-        <main>
-            <GpuPanel />
-        </main>
-    }
-}
-
-#[derive(Clone, Debug)]
-enum GpuState {
+#[derive(Clone, Debug, PartialEq)]
+pub enum GpuState {
     Checking,
     Ready(Box<GpuReport>),
     Failed(WorkerError),
 }
 
-/// Whether this browser exposes WebGPU at all (`navigator.gpu`), checked before starting
-/// the worker so that the explanation appears at once.
-fn browser_has_webgpu() -> bool {
-    let navigator = web_sys::window().map(|w| w.navigator());
-    navigator.is_some_and(|n| {
-        js_sys::Reflect::get(&n, &"gpu".into()).is_ok_and(|gpu| !gpu.is_undefined())
-    })
-}
-
 #[component]
-fn GpuPanel() -> impl IntoView {
-    let (state, set_state) = signal(GpuState::Checking);
-    if browser_has_webgpu() {
-        let bridge = GpuWorker::spawner()
-            .encoding::<JsCodec>()
-            .callback(move |response| match response {
-                Response::GpuCheck(Ok(report)) => set_state.set(GpuState::Ready(Box::new(report))),
-                Response::GpuCheck(Err(e)) => set_state.set(GpuState::Failed(e)),
-            })
-            .spawn_with_loader(worker::LOADER);
-        bridge.send(Request::GpuCheck);
-        // The bridge must live as long as the page: dropping it terminates the worker.
-        StoredValue::new_local(bridge);
-        // A worker that fails to start (blocked script, out of memory) never answers.
-        set_timeout(
-            move || {
-                if matches!(state.get_untracked(), GpuState::Checking) {
-                    set_state.set(GpuState::Failed(WorkerError::Other(
-                        "The GPU worker did not answer within two minutes. Reload the page; if it \
-                         happens again, open the browser's developer console for the reason."
-                            .into(),
-                    )));
-                }
-            },
-            std::time::Duration::from_secs(120),
-        );
-    } else {
-        set_state.set(GpuState::Failed(WorkerError::NoWebGpu(
-            "navigator.gpu is missing".into(),
-        )));
-    }
-
+pub fn GpuPanel() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let state = ctx.gpu;
     view! {
         <section class="panel" id="gpu" data-testid="gpu-panel">
             <h2>"Your GPU"</h2>
@@ -94,6 +35,7 @@ fn GpuPanel() -> impl IntoView {
                 GpuState::Ready(report) => view! { <GpuReportView report=*report /> }.into_any(),
                 GpuState::Failed(error) => view! { <GpuError error /> }.into_any(),
             }}
+            <FitView />
         </section>
     }
 }
@@ -186,7 +128,7 @@ fn GpuError(error: WorkerError) -> impl IntoView {
             format!("{WEBGPU_HINT}."),
             Some(detail),
         ),
-        WorkerError::Other(message) => ("error", "The GPU check failed", message, None),
+        other => ("error", "The GPU check failed", other.to_string(), None),
     };
     view! {
         <div class="status error" data-testid="gpu-status" data-state=state role="alert">
@@ -205,5 +147,42 @@ fn GpuError(error: WorkerError) -> impl IntoView {
                 "Nothing is uploaded: SeFi Studio needs a GPU in this browser to learn and paint on your device."
             </p>
         </div>
+    }
+}
+
+/// Whether the loaded model fits, and what to change when it does not.
+#[component]
+fn FitView() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    move || {
+        let ModelState::Ready(info) = ctx.model.get() else {
+            return None;
+        };
+        let f = info.fit.clone();
+        Some(view! {
+            <h3>"Does the model fit?"</h3>
+            <dl class="facts" data-testid="gpu-fit">
+                <dt>"weights"</dt>
+                <dd>{format!("{} ({})", bytes(f.weights_bytes as f64), info.dtype)}</dd>
+                <dt>{format!("generating at {} px", f.resolution)}</dt>
+                <dd>{format!("about {} of GPU memory", bytes(f.generate_bytes as f64))}</dd>
+                <dt>{format!("training at {} px", f.resolution)}</dt>
+                <dd>{format!("about {} of GPU memory", bytes(f.train_bytes as f64))}</dd>
+                {f.largest_generate_side.map(|s| view! {
+                    <dt>"largest image"</dt>
+                    <dd>{format!("{s} × {s} px (the GPU's buffer limit)")}</dd>
+                })}
+            </dl>
+            {if f.advice.is_empty() {
+                view! {
+                    <p class="status ok">
+                        "Fits this GPU's limits. Browsers do not tell how much memory a GPU has: "
+                        "if it has less than the figures above, use a smaller size."
+                    </p>
+                }.into_any()
+            } else {
+                f.advice.into_iter().map(|a| view! { <p class="status error">{a}</p> }).collect_view().into_any()
+            }}
+        })
     }
 }

@@ -1,0 +1,560 @@
+//! Bringing a model into storage: downloading it from an address (streamed, in parts, resumed
+//! after an interruption) or copying the user's own files. Runs on the page, whose
+//! Content-Security-Policy decides which hosts it may reach; the worker then reads the model
+//! from storage.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use js_sys::{Reflect, Uint8Array};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{File, Headers, ReadableStreamDefaultReader, RequestInit, Response};
+
+use super::catalog::{
+    Manifest, ModelSource, PART_SIZE, StoredFile, Wanted, folder_files, model_id,
+};
+use crate::store::{Store, StoreError, Writer, estimate};
+
+/// Why a model could not be brought into storage.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum AcquireError {
+    #[error(
+        "this site may only download models from the hosts its Content-Security-Policy lists, and {host} is not one of them (a guarantee that nothing is sent elsewhere). Download the files yourself and pick them with \"Your files\", or ask the site's owner to add the host"
+    )]
+    BlockedHost { host: String },
+    #[error("{0}")]
+    Network(String),
+    #[error("{0}")]
+    BadModel(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stopped")]
+    Cancelled,
+}
+
+impl AcquireError {
+    /// The `data-kind` the page shows it with.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AcquireError::BlockedHost { .. } => "blocked-host",
+            AcquireError::Network(_) => "network",
+            AcquireError::BadModel(_) => "bad-model",
+            AcquireError::Store(StoreError::Full) => "storage-full",
+            AcquireError::Store(_) => "storage",
+            AcquireError::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// How far a download or copy is.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Progress {
+    pub file: String,
+    /// Bytes stored so far, all files.
+    pub bytes: u64,
+    /// Of the current file.
+    pub file_bytes: u64,
+    pub file_total: Option<u64>,
+}
+
+/// Where a stored file's parts live: `models/<id>/<path with / as __>.<part>`.
+pub fn part_prefix(id: &str, path: &str) -> String {
+    format!("models/{id}/{}", path.replace('/', "__"))
+}
+
+pub fn manifest_path(id: &str) -> String {
+    format!("models/{id}/manifest.json")
+}
+
+pub async fn read_manifest(store: &Store, id: &str) -> Result<Option<Manifest>, StoreError> {
+    Ok(store
+        .read_text(&manifest_path(id))
+        .await?
+        .and_then(|t| serde_json::from_str(&t).ok()))
+}
+
+pub async fn write_manifest(store: &Store, m: &Manifest) -> Result<(), StoreError> {
+    let text = serde_json::to_string_pretty(m).expect("plain data");
+    store.write(&manifest_path(&m.id), text.as_bytes()).await
+}
+
+/// Every stored model, most recently used first.
+pub async fn list_models(store: &Store) -> Result<Vec<Manifest>, StoreError> {
+    let mut out = Vec::new();
+    for id in store.list("models").await? {
+        if let Some(m) = read_manifest(store, &id).await? {
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| b.last_used.total_cmp(&a.last_used));
+    Ok(out)
+}
+
+fn now() -> f64 {
+    js_sys::Date::now()
+}
+
+fn network(url: &str, e: &JsValue) -> AcquireError {
+    let detail = Reflect::get(e, &"message".into())
+        .ok()
+        .and_then(|m| m.as_string())
+        .unwrap_or_default();
+    AcquireError::Network(format!(
+        "could not download {url} ({detail}). Check the connection and the address; the server must allow downloads from other sites (CORS). What is stored so far is kept: load again to resume"
+    ))
+}
+
+/// Bytes of the stored whole parts of a file, removing a partial last part.
+async fn stored_prefix(store: &Store, prefix: &str) -> Result<u64, StoreError> {
+    let mut have = 0;
+    for k in 0.. {
+        match store.size(&format!("{prefix}.{k}")).await? {
+            Some(s) if s == PART_SIZE => have += s,
+            Some(_) => {
+                store.remove(&format!("{prefix}.{k}")).await?;
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(have)
+}
+
+/// Writes a stream of chunks into parts, starting at byte `start` of the file (a part
+/// boundary), skipping the first `skip` bytes of the stream.
+struct PartWriter<'a> {
+    store: &'a Store,
+    prefix: String,
+    at: u64,
+    part: Option<(Writer, u64)>,
+}
+
+impl PartWriter<'_> {
+    async fn write(&mut self, chunk: &Uint8Array) -> Result<(), StoreError> {
+        let mut offset = 0u32;
+        while offset < chunk.length() {
+            if self.part.is_none() {
+                let k = self.at / PART_SIZE;
+                let w = self.store.writer(&format!("{}.{k}", self.prefix)).await?;
+                self.part = Some((w, 0));
+            }
+            let (w, filled) = self.part.as_mut().expect("opened above");
+            let room = (PART_SIZE - *filled).min(u64::from(chunk.length() - offset)) as u32;
+            w.write_js(&chunk.subarray(offset, offset + room)).await?;
+            *filled += u64::from(room);
+            self.at += u64::from(room);
+            offset += room;
+            if *filled == PART_SIZE {
+                let (w, _) = self.part.take().expect("open");
+                w.close().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<u64, StoreError> {
+        if let Some((w, _)) = self.part.take() {
+            w.close().await?;
+        }
+        Ok(self.at)
+    }
+
+    async fn abort(mut self) {
+        if let Some((w, _)) = self.part.take() {
+            w.abort().await;
+        }
+    }
+}
+
+fn header(h: &Headers, name: &str) -> Option<String> {
+    h.get(name).ok().flatten()
+}
+
+/// Total size from `Content-Range: bytes a-b/total` or `Content-Length`.
+fn total_size(resp: &Response) -> Option<u64> {
+    let h = resp.headers();
+    if resp.status() == 206 {
+        header(&h, "content-range").and_then(|r| r.rsplit('/').next()?.parse().ok())
+    } else {
+        header(&h, "content-length").and_then(|l| l.parse().ok())
+    }
+}
+
+async fn fetch(url: &str, from: u64) -> Result<Response, AcquireError> {
+    let window = web_sys::window().expect("the page has a window");
+    let init = RequestInit::new();
+    init.set_method("GET");
+    if from > 0 {
+        let headers = Headers::new().map_err(|e| network(url, &e))?;
+        headers
+            .set("Range", &format!("bytes={from}-"))
+            .map_err(|e| network(url, &e))?;
+        init.set_headers(&headers);
+    }
+    let resp = JsFuture::from(window.fetch_with_str_and_init(url, &init))
+        .await
+        .map_err(|e| network(url, &e))?;
+    Ok(resp.unchecked_into())
+}
+
+/// Downloads one file into parts; `Ok(None)` when the server has no such file.
+async fn download_file(
+    store: &Store,
+    id: &str,
+    path: &str,
+    url: &str,
+    done_before: u64,
+    cancel: &Cell<bool>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Option<u64>, AcquireError> {
+    let prefix = part_prefix(id, path);
+    let have = stored_prefix(store, &prefix).await?;
+    let resp = fetch(url, have).await?;
+    match resp.status() {
+        404 | 410 => return Ok(None),
+        200 | 206 => {}
+        416 if have > 0 => {
+            // Everything was stored but the last part's close was lost: start over.
+            store.remove(&format!("{prefix}.0")).await?;
+            return Box::pin(download_file(
+                store,
+                id,
+                path,
+                url,
+                done_before,
+                cancel,
+                progress,
+            ))
+            .await;
+        }
+        s => {
+            return Err(AcquireError::Network(format!(
+                "{url} answered {s} {}; check the address (private models need to be downloaded yourself and picked as files)",
+                resp.status_text()
+            )));
+        }
+    }
+    // A server that ignores `Range` sends the whole file again: skip what is stored.
+    let mut skip = if resp.status() == 200 { have } else { 0 };
+    let size = total_size(&resp);
+    if let (Some(size), Ok((usage, quota))) = (size, estimate().await) {
+        let needed = size.saturating_sub(have) as f64;
+        if quota > 0.0 && usage + needed > quota {
+            return Err(AcquireError::Store(StoreError::Full));
+        }
+    }
+    let body = resp
+        .body()
+        .ok_or_else(|| AcquireError::Network(format!("{url} sent no body")))?;
+    let reader: ReadableStreamDefaultReader = body.get_reader().unchecked_into();
+    let mut writer = PartWriter {
+        store,
+        prefix,
+        at: have,
+        part: None,
+    };
+    let result: Result<(), AcquireError> = async {
+        loop {
+            if cancel.get() {
+                let _ = JsFuture::from(reader.cancel()).await;
+                return Err(AcquireError::Cancelled);
+            }
+            let item = JsFuture::from(reader.read())
+                .await
+                .map_err(|e| network(url, &e))?;
+            if Reflect::get(&item, &"done".into())
+                .ok()
+                .and_then(|d| d.as_bool())
+                .unwrap_or(true)
+            {
+                return Ok(());
+            }
+            let chunk: Uint8Array = Reflect::get(&item, &"value".into())
+                .map_err(|e| network(url, &e))?
+                .unchecked_into();
+            let chunk = if skip > 0 {
+                let n = skip.min(u64::from(chunk.length())) as u32;
+                skip -= u64::from(n);
+                chunk.subarray(n, chunk.length())
+            } else {
+                chunk
+            };
+            writer.write(&chunk).await?;
+            progress(Progress {
+                file: path.into(),
+                bytes: done_before + writer.at,
+                file_bytes: writer.at,
+                file_total: size,
+            });
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        writer.abort().await;
+        return Err(e);
+    }
+    let got = writer.finish().await?;
+    if let Some(size) = size
+        && got != size
+    {
+        return Err(AcquireError::Network(format!(
+            "{url} ended after {got} of {size} bytes; load again to resume"
+        )));
+    }
+    Ok(Some(got))
+}
+
+/// Downloads a model (or finishes an interrupted download) into storage.
+pub async fn download(
+    store: &Store,
+    source: &ModelSource,
+    fp16: bool,
+    cancel: Rc<Cell<bool>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest, AcquireError> {
+    let id = model_id(source.address());
+    let mut manifest = match read_manifest(store, &id).await? {
+        Some(m) => m,
+        None => Manifest {
+            id: id.clone(),
+            name: source.display_name(),
+            address: source.address().into(),
+            single_file: matches!(source, ModelSource::SingleFile { .. }),
+            fp16,
+            files: Vec::new(),
+            complete: false,
+            last_used: now(),
+        },
+    };
+    if manifest.complete {
+        manifest.last_used = now();
+        write_manifest(store, &manifest).await?;
+        return Ok(manifest);
+    }
+    write_manifest(store, &manifest).await?;
+    let wanted: Vec<(Wanted, String)> = match source {
+        ModelSource::SingleFile { url } => vec![(
+            Wanted {
+                candidates: vec!["model.safetensors".into()],
+                optional: false,
+            },
+            url.clone(),
+        )],
+        ModelSource::Folder { base } => folder_files(manifest.fp16)
+            .into_iter()
+            .map(|w| (w, base.clone()))
+            .collect(),
+    };
+    let mut done = 0;
+    for (want, base) in wanted {
+        let mut found = false;
+        for name in &want.candidates {
+            if let Some(f) = manifest.file(name).filter(|f| f.complete) {
+                done += f.size.unwrap_or(0);
+                found = true;
+                break;
+            }
+            let url = if manifest.single_file {
+                base.clone()
+            } else {
+                format!("{base}{name}")
+            };
+            let got = download_file(store, &id, name, &url, done, &cancel, progress).await?;
+            if let Some(size) = got {
+                manifest.files.retain(|f| &f.path != name);
+                manifest.files.push(StoredFile {
+                    path: name.clone(),
+                    url: Some(url),
+                    size: Some(size),
+                    complete: true,
+                });
+                write_manifest(store, &manifest).await?;
+                done += size;
+                found = true;
+                break;
+            }
+        }
+        if !found && !want.optional {
+            return Err(AcquireError::BadModel(if manifest.single_file {
+                format!("{} was not found (404)", source.address())
+            } else {
+                format!(
+                    "{} is not a diffusers model folder: it has no {}. Give the address of the folder that holds unet/, vae/ and text_encoder/, or of a single .safetensors file",
+                    source.address(),
+                    want.candidates.join(" or ")
+                )
+            }));
+        }
+    }
+    manifest.complete = true;
+    manifest.last_used = now();
+    write_manifest(store, &manifest).await?;
+    Ok(manifest)
+}
+
+/// The path of a picked file inside its folder, without the folder's own name
+/// (`tiny/unet/config.json` -> `unet/config.json`).
+fn relative_path(file: &File) -> String {
+    let rel = Reflect::get(file, &"webkitRelativePath".into())
+        .ok()
+        .and_then(|p| p.as_string())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| file.name());
+    match rel.split_once('/') {
+        Some((_, rest)) => rest.to_string(),
+        None => rel,
+    }
+}
+
+/// Copies the user's own files into storage: one `.safetensors` checkpoint, or the files of a
+/// diffusers folder (picked as a folder).
+pub async fn copy_files(
+    store: &Store,
+    files: Vec<File>,
+    cancel: Rc<Cell<bool>>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Manifest, AcquireError> {
+    let named: Vec<(String, File)> = files.into_iter().map(|f| (relative_path(&f), f)).collect();
+    let pickle = named.iter().find(|(p, _)| {
+        [".ckpt", ".pt", ".pth", ".bin"]
+            .iter()
+            .any(|e| p.to_ascii_lowercase().ends_with(e))
+    });
+    let is_folder = named.iter().any(|(p, _)| p.starts_with("unet/"));
+    let chosen: Vec<(String, File)> = if is_folder {
+        let mut out = Vec::new();
+        for want in folder_files(false) {
+            match want
+                .candidates
+                .iter()
+                .find_map(|c| named.iter().find(|(p, _)| p == c))
+            {
+                Some(f) => out.push(f.clone()),
+                None if want.optional => {}
+                None => {
+                    return Err(AcquireError::BadModel(format!(
+                        "the folder has no {}; pick the model's folder (the one with unet/, vae/ and text_encoder/)",
+                        want.candidates.join(" or ")
+                    )));
+                }
+            }
+        }
+        out
+    } else {
+        let singles: Vec<_> = named
+            .iter()
+            .filter(|(p, _)| p.to_ascii_lowercase().ends_with(".safetensors"))
+            .collect();
+        match singles[..] {
+            [(_, f)] => vec![("model.safetensors".to_string(), f.clone())],
+            _ if pickle.is_some() => {
+                return Err(AcquireError::BadModel(format!(
+                    "{} is a PyTorch pickle file; SeFi Studio only opens .safetensors files, which cannot hide code. Most models publish one",
+                    pickle.map(|(p, _)| p.as_str()).unwrap_or_default()
+                )));
+            }
+            [] => {
+                return Err(AcquireError::BadModel(
+                    "pick one .safetensors checkpoint, or a diffusers model folder".into(),
+                ));
+            }
+            _ => {
+                return Err(AcquireError::BadModel(
+                    "several .safetensors files were picked: pick one checkpoint, or the model's whole folder".into(),
+                ));
+            }
+        }
+    };
+    let name = if is_folder {
+        named
+            .first()
+            .and_then(|(_, f)| {
+                Reflect::get(f, &"webkitRelativePath".into())
+                    .ok()
+                    .and_then(|p| p.as_string())
+                    .and_then(|p| p.split('/').next().map(str::to_string))
+            })
+            .unwrap_or_else(|| "my model".into())
+    } else {
+        chosen[0].1.name()
+    };
+    let total: u64 = chosen.iter().map(|(_, f)| f.size() as u64).sum();
+    let identity: String = chosen
+        .iter()
+        .map(|(p, f)| format!("{p}:{}:{}", f.size(), f.last_modified()))
+        .collect();
+    let id = model_id(&format!("local:{name}:{identity}"));
+    if let Some(m) = read_manifest(store, &id).await?
+        && m.complete
+    {
+        return Ok(m);
+    }
+    if let Ok((usage, quota)) = estimate().await
+        && quota > 0.0
+        && usage + total as f64 > quota
+    {
+        return Err(AcquireError::Store(StoreError::Full));
+    }
+    let mut manifest = Manifest {
+        id: id.clone(),
+        name,
+        address: format!("local:{id}"),
+        single_file: !is_folder,
+        fp16: false,
+        files: Vec::new(),
+        complete: false,
+        last_used: now(),
+    };
+    let mut done = 0u64;
+    for (path, file) in chosen {
+        let prefix = part_prefix(&id, &path);
+        let size = file.size() as u64;
+        for k in 0..StoredFile::parts(size) {
+            if cancel.get() {
+                return Err(AcquireError::Cancelled);
+            }
+            let (a, b) = (k * PART_SIZE, ((k + 1) * PART_SIZE).min(size));
+            let blob = file
+                .slice_with_f64_and_f64(a as f64, b as f64)
+                .map_err(|e| AcquireError::BadModel(format!("cannot read {path}: {e:?}")))?;
+            let mut w = store.writer(&format!("{prefix}.{k}")).await?;
+            if let Err(e) = w.write_blob(&blob).await {
+                w.abort().await;
+                return Err(e.into());
+            }
+            w.close().await?;
+            done += b - a;
+            progress(Progress {
+                file: path.clone(),
+                bytes: done,
+                file_bytes: done,
+                file_total: Some(total),
+            });
+        }
+        manifest.files.push(StoredFile {
+            path,
+            url: None,
+            size: Some(size),
+            complete: true,
+        });
+        write_manifest(store, &manifest).await?;
+    }
+    manifest.complete = true;
+    write_manifest(store, &manifest).await?;
+    Ok(manifest)
+}
+
+/// Marks a model as the last used one.
+pub async fn touch(store: &Store, id: &str) -> Result<(), StoreError> {
+    if let Some(mut m) = read_manifest(store, id).await? {
+        m.last_used = now();
+        write_manifest(store, &m).await?;
+    }
+    Ok(())
+}
+
+/// Whether a JS value is a `File` (drag-and-drop hands over other kinds too).
+pub fn as_file(v: JsValue) -> Option<File> {
+    v.dyn_into::<File>().ok()
+}

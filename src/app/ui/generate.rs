@@ -1,0 +1,545 @@
+//! The generate panel: prompt with identity chips, settings, per-step progress with a live
+//! preview, and the gallery kept in storage.
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::widgets::{ErrorBox, UiError, blob_url, blob_url_of, random_seed, revoke};
+use super::{Ctx, ModelState, store};
+use crate::app::protocol::{GenerateJob, Request, Response};
+use crate::pipeline::GenerateRequest;
+use crate::schedule::Sampler;
+
+/// Square sizes offered, and two portrait/landscape ones.
+const SIZES: &[(&str, usize, usize)] = &[
+    ("64", 64, 64),
+    ("128", 128, 128),
+    ("256", 256, 256),
+    ("384", 384, 384),
+    ("512", 512, 512),
+    ("512x768", 512, 768),
+    ("768x512", 768, 512),
+    ("768", 768, 768),
+    ("1024", 1024, 1024),
+];
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenView {
+    pub running: bool,
+    pub step: usize,
+    pub total: usize,
+    pub preview: Option<String>,
+    pub error: Option<UiError>,
+    pub warnings: Vec<String>,
+}
+
+/// What a gallery image was made with: `gallery/<name>.json` beside `gallery/<name>.png`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GalleryMeta {
+    pub name: String,
+    pub request: GenerateRequest,
+    pub seed: u64,
+    pub model: String,
+    pub parameters: String,
+    pub created: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GalleryItem {
+    pub meta: GalleryMeta,
+    pub url: String,
+    /// Not in storage (it was full): only this page has it.
+    pub unsaved: bool,
+}
+
+pub async fn load_gallery(ctx: Ctx) {
+    let Ok(s) = store().await else { return };
+    let mut items = Vec::new();
+    for name in s.list("gallery").await.unwrap_or_default() {
+        let Some(stem) = name.strip_suffix(".json") else {
+            continue;
+        };
+        let (Ok(Some(text)), Ok(file)) = (
+            s.read_text(&format!("gallery/{name}")).await,
+            s.file(&format!("gallery/{stem}.png")).await,
+        ) else {
+            continue;
+        };
+        if let Ok(meta) = serde_json::from_str::<GalleryMeta>(&text) {
+            items.push(GalleryItem {
+                meta,
+                url: blob_url_of(&file),
+                unsaved: false,
+            });
+        }
+    }
+    items.sort_by(|a, b| b.meta.created.total_cmp(&a.meta.created));
+    ctx.gallery.set(items);
+}
+
+pub fn on_crash(ctx: Ctx, error: UiError) {
+    ctx.generation.update(|g| {
+        if g.running {
+            g.running = false;
+            g.error = Some(error);
+        }
+    });
+}
+
+pub fn on_response(ctx: Ctx, response: Response) {
+    match response {
+        Response::GenStep {
+            step,
+            total,
+            preview,
+        } => ctx.generation.update(|g| {
+            g.step = step;
+            g.total = total;
+            if let Some(p) = preview {
+                if let Some(old) = g.preview.take() {
+                    revoke(&old);
+                }
+                g.preview = Some(blob_url(&p, "image/png"));
+            }
+        }),
+        Response::GenDone { images, warnings } => {
+            ctx.generation.update(|g| {
+                g.running = false;
+                g.warnings = warnings;
+                if let Some(old) = g.preview.take() {
+                    revoke(&old);
+                }
+            });
+            let Some(job) = LAST_JOB.with(|j| j.borrow().clone()) else {
+                return;
+            };
+            spawn_local(async move {
+                let created = js_sys::Date::now();
+                let mut save_error = None;
+                let mut fresh = Vec::new();
+                for (i, image) in images.into_iter().enumerate() {
+                    let name = format!("{created:.0}-{i}");
+                    let meta = GalleryMeta {
+                        name: name.clone(),
+                        request: job.request.clone(),
+                        seed: image.seed,
+                        model: job.model_name.clone(),
+                        parameters: image.parameters,
+                        created: created + i as f64,
+                    };
+                    let saved = async {
+                        let s = store().await?;
+                        s.write(&format!("gallery/{name}.png"), &image.png).await?;
+                        let text = serde_json::to_string(&meta).expect("plain data");
+                        s.write(&format!("gallery/{name}.json"), text.as_bytes())
+                            .await?;
+                        Ok::<_, UiError>(())
+                    }
+                    .await;
+                    if let Err(e) = &saved {
+                        save_error = Some(UiError::new(
+                            &e.kind,
+                            format!(
+                                "{} The new image is shown below but not kept: download it before leaving the page.",
+                                e.message
+                            ),
+                        ));
+                    }
+                    fresh.push(GalleryItem {
+                        meta,
+                        url: blob_url(&image.png, "image/png"),
+                        unsaved: saved.is_err(),
+                    });
+                }
+                fresh.reverse();
+                ctx.gallery.update(|g| {
+                    fresh.append(g);
+                    *g = fresh;
+                });
+                if save_error.is_some() {
+                    ctx.generation.update(|g| g.error = save_error);
+                }
+            });
+        }
+        Response::GenFailed(e) => ctx.generation.update(|g| {
+            g.running = false;
+            if let Some(old) = g.preview.take() {
+                revoke(&old);
+            }
+            g.error = Some(e.into());
+        }),
+        _ => {}
+    }
+}
+
+thread_local! {
+    /// The job being run, for the gallery's records.
+    static LAST_JOB: std::cell::RefCell<Option<GenerateJob>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Placeholder names (`<name>`) in a prompt.
+fn placeholders(prompt: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = prompt;
+    while let Some(a) = rest.find('<') {
+        let after = &rest[a + 1..];
+        match after.find('>') {
+            Some(b) => {
+                out.push(after[..b].to_string());
+                rest = &after[b + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+#[component]
+pub fn GeneratePanel() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let steps = RwSignal::new(25usize);
+    let guidance = RwSignal::new(7.5f64);
+    let sampler = RwSignal::new(Sampler::DpmPp2mKarras);
+    let size = RwSignal::new("512".to_string());
+    let count = RwSignal::new(1usize);
+    let prompt_ref = NodeRef::<leptos::html::Textarea>::new();
+    let model_ready = move || matches!(ctx.model.get(), ModelState::Ready(_));
+
+    // The model's native size once one is ready.
+    Effect::new(move |_| {
+        if let ModelState::Ready(info) = ctx.model.get() {
+            let native = info.resolution.to_string();
+            if SIZES.iter().any(|s| s.0 == native) {
+                size.set(native);
+            }
+        }
+    });
+
+    let insert = move |token: String| {
+        let text = format!("<{token}>");
+        let at = prompt_ref
+            .get()
+            .and_then(|t| t.selection_start().ok().flatten())
+            .map(|i| i as usize);
+        ctx.prompt.update(|p| {
+            // selectionStart counts UTF-16 units; fall back to the end when they differ.
+            let at = at.filter(|&i| i <= p.len() && p.is_char_boundary(i) && p.is_ascii());
+            match at {
+                Some(i) => p.insert_str(i, &text),
+                None => p.push_str(&text),
+            }
+        });
+    };
+
+    let generate = move |_| {
+        let ModelState::Ready(info) = ctx.model.get_untracked() else {
+            return;
+        };
+        let (_, width, height) = SIZES
+            .iter()
+            .copied()
+            .find(|s| s.0 == size.get_untracked())
+            .unwrap_or(("512", 512, 512));
+        let request = GenerateRequest {
+            prompt: ctx.prompt.get_untracked(),
+            negative_prompt: ctx.negative.get_untracked(),
+            steps: steps.get_untracked().max(1),
+            guidance: guidance.get_untracked(),
+            sampler: sampler.get_untracked(),
+            seed: ctx.seed.get_untracked(),
+            width,
+            height,
+            num_images: count.get_untracked().clamp(1, 8),
+            preview_every: 1,
+        };
+        ctx.generation.update(|g| {
+            g.running = true;
+            g.step = 0;
+            g.total = request.steps;
+            g.error = None;
+            g.warnings.clear();
+        });
+        spawn_local(async move {
+            let mut identities = Vec::new();
+            for name in placeholders(&request.prompt) {
+                if let Some(bytes) = super::identity::identity_bytes(&name).await {
+                    identities.push(ByteBuf::from(bytes));
+                }
+            }
+            let job = GenerateJob {
+                request,
+                identities,
+                model_name: info.name.clone(),
+            };
+            LAST_JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
+            ctx.send(Request::Generate(job));
+        });
+    };
+
+    view! {
+        <section class="panel" id="generate" data-testid="generate-panel">
+            <h2><span class="num">"3"</span>" Generate"</h2>
+            <div class="chips" aria-label="Your identities">
+                <For
+                    each=move || ctx.identities.get()
+                    key=|e| e.token.clone()
+                    children=move |e| {
+                        let token = e.token.clone();
+                        view! {
+                            <button
+                                class="chip"
+                                data-testid="identity-chip"
+                                title=format!("Insert <{}> ({})", e.token, e.class_word)
+                                on:click=move |_| insert(token.clone())
+                            >
+                                {format!("<{}>", e.token)}
+                            </button>
+                        }
+                    }
+                />
+            </div>
+            <label class="block">
+                <span>"Prompt"</span>
+                <textarea
+                    node_ref=prompt_ref
+                    data-testid="prompt"
+                    rows="3"
+                    placeholder="a photo of <alice> holding a basketball in front of the Eiffel Tower"
+                    prop:value=move || ctx.prompt.get()
+                    on:input=move |ev| ctx.prompt.set(event_target_value(&ev))
+                ></textarea>
+            </label>
+            <label class="block">
+                <span>"Negative prompt"</span>
+                <textarea
+                    data-testid="negative-prompt"
+                    rows="2"
+                    placeholder="blurry, low quality"
+                    prop:value=move || ctx.negative.get()
+                    on:input=move |ev| ctx.negative.set(event_target_value(&ev))
+                ></textarea>
+            </label>
+            <div class="form-grid">
+                <label>
+                    <span>"Steps"</span>
+                    <input
+                        type="number"
+                        min="1"
+                        max="150"
+                        data-testid="gen-steps"
+                        prop:value=move || steps.get().to_string()
+                        on:input=move |ev| {
+                            if let Ok(v) = event_target_value(&ev).parse() {
+                                steps.set(v)
+                            }
+                        }
+                    />
+                </label>
+                <label>
+                    <span>"Guidance"</span>
+                    <input
+                        type="number"
+                        min="1"
+                        step="0.5"
+                        data-testid="gen-guidance"
+                        prop:value=move || guidance.get().to_string()
+                        on:input=move |ev| {
+                            if let Ok(v) = event_target_value(&ev).parse() {
+                                guidance.set(v)
+                            }
+                        }
+                    />
+                </label>
+                <label>
+                    <span>"Seed"</span>
+                    <span class="with-button">
+                        <input
+                            type="number"
+                            min="0"
+                            data-testid="seed"
+                            prop:value=move || ctx.seed.get().to_string()
+                            on:input=move |ev| {
+                                if let Ok(v) = event_target_value(&ev).parse::<u64>() {
+                                    ctx.seed.set(v.min((1 << 53) - 1))
+                                }
+                            }
+                        />
+                        <button
+                            data-testid="seed-dice"
+                            title="A new random seed"
+                            aria-label="A new random seed"
+                            on:click=move |_| ctx.seed.set(random_seed())
+                        >
+                            "Random"
+                        </button>
+                    </span>
+                </label>
+                <label>
+                    <span>"Sampler"</span>
+                    <select
+                        data-testid="gen-sampler"
+                        on:change=move |ev| {
+                            if let Ok(s) = event_target_value(&ev).parse() {
+                                sampler.set(s)
+                            }
+                        }
+                    >
+                        {Sampler::ALL
+                            .map(|s| {
+                                view! {
+                                    <option value=s.name() selected=move || sampler.get() == s>
+                                        {s.webui_name()}
+                                    </option>
+                                }
+                            })
+                            .collect_view()}
+                    </select>
+                </label>
+                <label>
+                    <span>"Size"</span>
+                    <select data-testid="gen-size" on:change=move |ev| size.set(event_target_value(&ev))>
+                        {SIZES
+                            .iter()
+                            .map(|&(value, w, h)| {
+                                view! {
+                                    <option value=value selected=move || size.get() == value>
+                                        {format!("{w} × {h}")}
+                                    </option>
+                                }
+                            })
+                            .collect_view()}
+                    </select>
+                </label>
+                <label>
+                    <span>"Images"</span>
+                    <input
+                        type="number"
+                        min="1"
+                        max="8"
+                        data-testid="gen-count"
+                        prop:value=move || count.get().to_string()
+                        on:input=move |ev| {
+                            if let Ok(v) = event_target_value(&ev).parse() {
+                                count.set(v)
+                            }
+                        }
+                    />
+                </label>
+            </div>
+            <div class="row">
+                <button
+                    class="primary"
+                    data-testid="generate"
+                    disabled=move || !model_ready() || ctx.generation.with(|g| g.running)
+                    on:click=generate
+                >
+                    "Generate"
+                </button>
+                <Show when=move || ctx.generation.with(|g| g.running)>
+                    <button data-testid="gen-cancel" on:click=move |_| ctx.send(Request::CancelGenerate)>
+                        "Stop"
+                    </button>
+                </Show>
+                {move || (!model_ready()).then(|| view! { <span class="muted">" Load a model first."</span> })}
+            </div>
+            <Show when=move || ctx.generation.with(|g| g.running || g.step > 0)>
+                <div class="row">
+                    <progress
+                        class="grow"
+                        data-testid="gen-progress"
+                        data-step=move || ctx.generation.with(|g| g.step)
+                        max=move || ctx.generation.with(|g| g.total.max(1))
+                        value=move || ctx.generation.with(|g| g.step)
+                    ></progress>
+                    <span class="muted">
+                        {move || ctx.generation.with(|g| format!("step {} of {}", g.step, g.total))}
+                    </span>
+                    {move || ctx.generation.with(|g| g.preview.clone()).map(|src| view! {
+                        <img class="preview" data-testid="gen-preview" src=src alt="Preview of the image being made" />
+                    })}
+                </div>
+            </Show>
+            {move || ctx.generation.with(|g| g.error.clone()).map(|error| view! { <ErrorBox error testid="gen-error" /> })}
+            {move || ctx.generation.with(|g| g.warnings.clone()).into_iter().map(|w| view! { <p class="warning">{w}</p> }).collect_view()}
+            <Gallery />
+        </section>
+    }
+}
+
+#[component]
+fn Gallery() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let delete = move |name: String, url: String| {
+        spawn_local(async move {
+            if let Ok(s) = store().await {
+                let _ = s.remove(&format!("gallery/{name}.png")).await;
+                let _ = s.remove(&format!("gallery/{name}.json")).await;
+            }
+            revoke(&url);
+            ctx.gallery.update(|g| g.retain(|i| i.meta.name != name));
+        })
+    };
+    view! {
+        <div class="gallery" data-testid="gallery">
+            <For
+                each=move || ctx.gallery.get()
+                key=|i| i.url.clone()
+                children=move |item: GalleryItem| {
+                    let meta = item.meta.clone();
+                    let (seed, prompt, negative) = (meta.seed, meta.request.prompt.clone(), meta.request.negative_prompt.clone());
+                    let (name, url) = (meta.name.clone(), item.url.clone());
+                    view! {
+                        <figure class="result">
+                            <img
+                                data-testid="result-image"
+                                src=item.url.clone()
+                                alt=meta.request.prompt.clone()
+                                title=meta.parameters.clone()
+                                width=meta.request.width
+                                height=meta.request.height
+                            />
+                            <figcaption>
+                                <p class="prompt">{meta.request.prompt.clone()}</p>
+                                <p class="muted">
+                                    {format!(
+                                        "seed {} · {} steps · {} × {}{}",
+                                        meta.seed,
+                                        meta.request.steps,
+                                        meta.request.width,
+                                        meta.request.height,
+                                        if item.unsaved { " · not kept in storage" } else { "" }
+                                    )}
+                                </p>
+                                <a
+                                    class="button"
+                                    data-testid="download"
+                                    href=item.url.clone()
+                                    download=format!("sefi-{}.png", meta.name)
+                                >
+                                    "Download PNG"
+                                </a>
+                                <button data-testid="use-seed" on:click=move |_| ctx.seed.set(seed)>
+                                    "Use this seed"
+                                </button>
+                                <button
+                                    data-testid="reuse-prompt"
+                                    on:click=move |_| {
+                                        ctx.prompt.set(prompt.clone());
+                                        ctx.negative.set(negative.clone());
+                                    }
+                                >
+                                    "Use this prompt"
+                                </button>
+                                <button class="danger" on:click=move |_| delete(name.clone(), url.clone())>
+                                    "Delete"
+                                </button>
+                            </figcaption>
+                        </figure>
+                    }
+                }
+            />
+        </div>
+    }
+}

@@ -1,0 +1,249 @@
+//! leptos components of the page. They show state, keep the user's things in storage and send
+//! requests; the worker computes. One [`Ctx`] of signals is shared by the panels.
+
+mod generate;
+mod gpu;
+mod identity;
+mod model;
+mod widgets;
+
+use gloo_worker::{Spawnable, WorkerBridge};
+use leptos::prelude::*;
+
+use super::catalog::Manifest;
+use super::protocol::{JsCodec, ModelInfo, Request, Response, WorkerError};
+use super::worker::{self, GpuWorker};
+use crate::store::{Store, StoreError};
+
+pub use generate::{GalleryItem, GenView};
+pub use gpu::GpuState;
+pub use identity::{IdentityEntry, TrainView};
+pub use widgets::UiError;
+
+/// Mounts the app on `<body>`; called by the page binary.
+pub fn mount() {
+    console_error_panic_hook::set_once();
+    leptos::mount::mount_to_body(App);
+}
+
+/// Where the model panel stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelState {
+    Empty,
+    /// Bringing files into storage.
+    Acquiring {
+        phase: &'static str,
+        name: String,
+        file: String,
+        bytes: u64,
+        file_bytes: u64,
+        file_total: Option<u64>,
+        /// Bytes per second.
+        speed: f64,
+    },
+    /// Moving tensors to the GPU.
+    Loading {
+        name: String,
+        done: usize,
+        total: usize,
+    },
+    Ready(Box<ModelInfo>),
+    Failed(UiError),
+}
+
+/// The page's shared state.
+#[derive(Clone, Copy)]
+pub struct Ctx {
+    pub gpu: RwSignal<GpuState>,
+    pub model: RwSignal<ModelState>,
+    /// The model the worker is loading or holds.
+    pub model_id: RwSignal<Option<String>>,
+    /// Why the last download or copy failed (the loaded model, if any, stays usable).
+    pub model_error: RwSignal<Option<UiError>>,
+    pub cached: RwSignal<Vec<Manifest>>,
+    pub quota: RwSignal<Option<(f64, f64)>>,
+    pub train: RwSignal<TrainView>,
+    pub identities: RwSignal<Vec<IdentityEntry>>,
+    pub generation: RwSignal<GenView>,
+    pub gallery: RwSignal<Vec<GalleryItem>>,
+    pub prompt: RwSignal<String>,
+    pub negative: RwSignal<String>,
+    pub seed: RwSignal<u64>,
+    worker: StoredValue<Option<WorkerBridge<GpuWorker>>, LocalStorage>,
+}
+
+impl Ctx {
+    pub fn send(&self, request: Request) {
+        self.worker.with_value(|w| {
+            if let Some(w) = w {
+                w.send(request);
+            }
+        });
+    }
+
+    /// Starts (or restarts, after a crash) the GPU worker and runs the GPU check.
+    fn start_worker(self) {
+        let bridge = GpuWorker::spawner()
+            .encoding::<JsCodec>()
+            .callback(move |response| self.on_response(response))
+            .spawn_with_loader(worker::LOADER);
+        bridge.send(Request::GpuCheck);
+        // Dropping the old bridge terminates a crashed worker.
+        self.worker.set_value(Some(bridge));
+        // A worker that fails to start (blocked script, out of memory) never answers.
+        set_timeout(
+            move || {
+                if matches!(self.gpu.get_untracked(), GpuState::Checking) {
+                    self.gpu.set(GpuState::Failed(WorkerError::Other(
+                        "The GPU worker did not answer within three minutes. Reload the page; if it \
+                         happens again, open the browser's developer console for the reason."
+                            .into(),
+                    )));
+                }
+            },
+            std::time::Duration::from_secs(180),
+        );
+    }
+
+    fn on_response(self, response: Response) {
+        match response {
+            Response::GpuCheck(r) => {
+                let ok = r.is_ok();
+                self.gpu.set(match r {
+                    Ok(report) => GpuState::Ready(Box::new(report)),
+                    Err(e) => GpuState::Failed(e),
+                });
+                if ok {
+                    model::on_gpu_ready(self);
+                }
+            }
+            Response::ModelProgress { done, total } => self.model.update(|m| {
+                if let ModelState::Loading {
+                    done: d, total: t, ..
+                } = m
+                {
+                    (*d, *t) = (done, total);
+                }
+            }),
+            Response::ModelReady(info) => model::on_ready(self, info),
+            Response::ModelFailed(e) => {
+                self.model_id.set(None);
+                self.model.set(ModelState::Failed(e.into()));
+            }
+            Response::TrainStep(_)
+            | Response::TrainMaps { .. }
+            | Response::TrainCheckpoint { .. }
+            | Response::TrainStopped { .. }
+            | Response::TrainDone { .. }
+            | Response::TrainFailed(_) => identity::on_response(self, response),
+            Response::GenStep { .. } | Response::GenDone { .. } | Response::GenFailed(_) => {
+                generate::on_response(self, response)
+            }
+            Response::Crashed(e) => self.on_crash(e),
+        }
+    }
+
+    /// The worker's wasm instance is gone: say why everywhere it matters, start a new one.
+    /// Storage (models, identities, checkpoints, gallery) is untouched.
+    fn on_crash(self, e: WorkerError) {
+        let error = UiError::from(e);
+        self.model_id.set(None);
+        self.model.set(ModelState::Failed(error.clone()));
+        identity::on_crash(self, error.clone());
+        generate::on_crash(self, error);
+        self.gpu.set(GpuState::Checking);
+        // Not from inside the dying worker's callback.
+        set_timeout(
+            move || self.start_worker(),
+            std::time::Duration::from_millis(50),
+        );
+    }
+}
+
+/// Whether this browser exposes WebGPU at all (`navigator.gpu`), checked before starting
+/// the worker so that the explanation appears at once.
+fn browser_has_webgpu() -> bool {
+    let navigator = web_sys::window().map(|w| w.navigator());
+    navigator.is_some_and(|n| {
+        js_sys::Reflect::get(&n, &"gpu".into()).is_ok_and(|gpu| !gpu.is_undefined())
+    })
+}
+
+/// Opens storage, reporting failures as a [`UiError`].
+pub async fn store() -> Result<Store, UiError> {
+    Store::open().await.map_err(UiError::from)
+}
+
+impl From<StoreError> for UiError {
+    fn from(e: StoreError) -> Self {
+        let kind = if e == StoreError::Full {
+            "storage-full"
+        } else {
+            "storage"
+        };
+        UiError::new(kind, e.to_string())
+    }
+}
+
+#[component]
+fn App() -> impl IntoView {
+    let ctx = Ctx {
+        gpu: RwSignal::new(GpuState::Checking),
+        model: RwSignal::new(ModelState::Empty),
+        model_id: RwSignal::new(None),
+        model_error: RwSignal::new(None),
+        cached: RwSignal::new(Vec::new()),
+        quota: RwSignal::new(None),
+        train: RwSignal::new(TrainView::default()),
+        identities: RwSignal::new(Vec::new()),
+        generation: RwSignal::new(GenView::default()),
+        gallery: RwSignal::new(Vec::new()),
+        prompt: RwSignal::new(String::new()),
+        negative: RwSignal::new(String::new()),
+        seed: RwSignal::new(widgets::random_seed()),
+        worker: StoredValue::new_local(None),
+    };
+    provide_context(ctx);
+    if browser_has_webgpu() {
+        ctx.start_worker();
+    } else {
+        ctx.gpu.set(GpuState::Failed(WorkerError::NoWebGpu(
+            "navigator.gpu is missing".into(),
+        )));
+    }
+    leptos::task::spawn_local(async move {
+        model::refresh_cache(ctx).await;
+        identity::load_list(ctx).await;
+        identity::look_for_unfinished_run(ctx).await;
+        generate::load_gallery(ctx).await;
+        crate::store::persist().await;
+    });
+
+    view! {
+        <header class="top">
+            <div class="brand">
+                <h1>"SeFi Studio"</h1>
+                <p class="tagline">
+                    "Teach an image model who you are from one photo, then paint yourself anywhere. "
+                    "Everything runs on your own GPU; your photos never leave this device."
+                </p>
+            </div>
+            <nav class="steps" aria-label="Steps">
+                <a href="#model">"1 · Model"</a>
+                <a href="#identity">"2 · Identity"</a>
+                <a href="#generate">"3 · Generate"</a>
+                <a href="#gpu">"Your GPU"</a>
+            </nav>
+        </header>
+        <main>
+            <model::ModelPanel />
+            <identity::IdentityPanel />
+            <generate::GeneratePanel />
+            <gpu::GpuPanel />
+        </main>
+        <footer class="foot">
+            "SeFi Studio is a static site: models download straight from their hosts into this browser's storage, "
+            "and nothing you add is sent anywhere."
+        </footer>
+    }
+}

@@ -1,0 +1,445 @@
+//! The model panel: presets, an address, or the user's own files; download progress; the
+//! models kept in storage.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+
+use super::widgets::{ErrorBox, UiError, bytes, dropped_files, duration, input_files};
+use super::{Ctx, ModelState, store};
+use crate::app::acquire::{self, AcquireError, Progress};
+use crate::app::catalog::{Manifest, ModelSource, PRESETS, csp_allows};
+use crate::app::protocol::{ModelInfo, Request};
+use crate::store::estimate;
+
+thread_local! {
+    /// Set to stop the download in progress.
+    static CANCEL: Rc<Cell<bool>> = Rc::new(Cell::new(false));
+    /// A model to load once the GPU check is done.
+    static PENDING: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+fn gpu_ready(ctx: Ctx) -> bool {
+    matches!(ctx.gpu.get_untracked(), super::GpuState::Ready(_))
+}
+
+/// Sends the stored model to the GPU (now, or once the GPU check is done).
+fn load_stored(ctx: Ctx, m: &Manifest) {
+    if ctx.model_id.get_untracked().as_deref() == Some(m.id.as_str())
+        && matches!(
+            ctx.model.get_untracked(),
+            ModelState::Ready(_) | ModelState::Loading { .. }
+        )
+    {
+        return;
+    }
+    if let super::GpuState::Failed(e) = ctx.gpu.get_untracked() {
+        ctx.model.set(ModelState::Failed(e.into()));
+        return;
+    }
+    ctx.model_id.set(Some(m.id.clone()));
+    ctx.model.set(ModelState::Loading {
+        name: m.name.clone(),
+        done: 0,
+        total: 0,
+    });
+    if gpu_ready(ctx) {
+        ctx.send(Request::LoadModel { id: m.id.clone() });
+    } else {
+        PENDING.with(|p| *p.borrow_mut() = Some(m.id.clone()));
+    }
+}
+
+pub fn on_gpu_ready(ctx: Ctx) {
+    if let Some(id) = PENDING.with(|p| p.borrow_mut().take()) {
+        ctx.send(Request::LoadModel { id });
+    }
+}
+
+pub fn on_ready(ctx: Ctx, info: ModelInfo) {
+    let id = info.id.clone();
+    ctx.model.set(ModelState::Ready(Box::new(info)));
+    spawn_local(async move {
+        if let Ok(s) = store().await {
+            let _ = acquire::touch(&s, &id).await;
+        }
+        refresh_cache(ctx).await;
+    });
+}
+
+/// Reads the stored models and the quota; loads the last used model on the first visit.
+pub async fn refresh_cache(ctx: Ctx) {
+    let Ok(s) = store().await else { return };
+    if let Ok(list) = acquire::list_models(&s).await {
+        let first_time = ctx.model_id.get_untracked().is_none()
+            && matches!(ctx.model.get_untracked(), ModelState::Empty);
+        if first_time && let Some(last) = list.iter().find(|m| m.complete) {
+            load_stored(ctx, last);
+        }
+        ctx.cached.set(list);
+    }
+    ctx.quota.set(estimate().await.ok());
+}
+
+enum Pick {
+    Address(String, bool),
+    Files(Vec<web_sys::File>),
+}
+
+async fn acquire(ctx: Ctx, pick: Pick) {
+    let cancel = CANCEL.with(Rc::clone);
+    cancel.set(false);
+    let previous = match ctx.model.get_untracked() {
+        m @ (ModelState::Ready(_) | ModelState::Loading { .. }) => m,
+        _ => ModelState::Empty,
+    };
+    ctx.model_error.set(None);
+    let (phase, name) = match &pick {
+        Pick::Address(a, _) => ("download", a.clone()),
+        Pick::Files(f) => ("copy", f.first().map(|f| f.name()).unwrap_or_default()),
+    };
+    ctx.model.set(ModelState::Acquiring {
+        phase,
+        name: name.clone(),
+        file: String::new(),
+        bytes: 0,
+        file_bytes: 0,
+        file_total: None,
+        speed: 0.0,
+    });
+    let started = js_sys::Date::now();
+    let mut last = 0.0;
+    let mut progress = |p: Progress| {
+        let now = js_sys::Date::now();
+        if now - last < 100.0 {
+            return;
+        }
+        last = now;
+        ctx.model.set(ModelState::Acquiring {
+            phase,
+            name: name.clone(),
+            file: p.file,
+            bytes: p.bytes,
+            file_bytes: p.file_bytes,
+            file_total: p.file_total,
+            speed: p.bytes as f64 / ((now - started) / 1e3).max(1e-3),
+        });
+    };
+    let result: Result<Manifest, UiError> = async {
+        let s = store().await?;
+        match pick {
+            Pick::Address(address, fp16) => {
+                let origin = super::widgets::page_origin();
+                let source = ModelSource::parse(&address, &origin)
+                    .map_err(|e| UiError::new("bad-model", e.to_string()))?;
+                if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
+                    let host = source.host().unwrap_or_default().to_string();
+                    return Err(error(AcquireError::BlockedHost { host }));
+                }
+                acquire::download(&s, &source, fp16, cancel, &mut progress)
+                    .await
+                    .map_err(error)
+            }
+            Pick::Files(files) => acquire::copy_files(&s, files, cancel, &mut progress)
+                .await
+                .map_err(error),
+        }
+    }
+    .await;
+    match result {
+        Ok(m)
+            if ctx.model_id.get_untracked().as_deref() == Some(m.id.as_str())
+                && previous != ModelState::Empty =>
+        {
+            // Already on the GPU (or on its way).
+            ctx.model.set(previous);
+        }
+        Ok(m) => load_stored(ctx, &m),
+        Err(e) => {
+            ctx.model.set(previous);
+            if e.kind != "cancelled" {
+                ctx.model_error.set(Some(e));
+            }
+        }
+    }
+    refresh_cache(ctx).await;
+}
+
+fn error(e: AcquireError) -> UiError {
+    UiError::new(e.kind(), e.to_string())
+}
+
+/// `?model=URL` in the page's address.
+fn address_from_page() -> Option<String> {
+    let search = web_sys::window()?.location().search().ok()?;
+    web_sys::UrlSearchParams::new_with_str(&search)
+        .ok()?
+        .get("model")
+}
+
+#[component]
+pub fn ModelPanel() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let address = RwSignal::new(address_from_page().unwrap_or_default());
+    let busy = move || {
+        matches!(
+            ctx.model.get(),
+            ModelState::Acquiring { .. } | ModelState::Loading { .. }
+        )
+    };
+    let start = move || {
+        let a = address.get_untracked();
+        let fp16 = PRESETS.iter().any(|p| p.address == a.trim() && p.fp16);
+        spawn_local(acquire(ctx, Pick::Address(a, fp16)));
+    };
+    let files = move |f: Vec<web_sys::File>| {
+        if !f.is_empty() {
+            spawn_local(acquire(ctx, Pick::Files(f)));
+        }
+    };
+    view! {
+        <section class="panel" id="model" data-testid="model-panel">
+            <h2><span class="num">"1"</span>" Choose a model"</h2>
+            <p class="explain">
+                "Stable Diffusion 1.x or 2.x, as a diffusers folder or one .safetensors file. "
+                "It is downloaded once into this browser's storage and reused on every visit."
+            </p>
+            <div class="presets">
+                {PRESETS
+                    .iter()
+                    .map(|p| {
+                        view! {
+                            <button
+                                class="preset"
+                                data-testid="model-preset"
+                                on:click=move |_| address.set(p.address.to_string())
+                                title=p.note
+                            >
+                                <strong>{p.name}</strong>
+                                <small>{p.note}</small>
+                            </button>
+                        }
+                    })
+                    .collect_view()}
+            </div>
+            <form class="row" on:submit=move |ev| {
+                ev.prevent_default();
+                start();
+            }>
+                <label class="grow">
+                    <span>"Model address"</span>
+                    <input
+                        type="text"
+                        data-testid="model-url"
+                        placeholder="owner/name on Hugging Face, or a URL"
+                        spellcheck="false"
+                        prop:value=move || address.get()
+                        on:input=move |ev| address.set(event_target_value(&ev))
+                    />
+                </label>
+                <button type="submit" class="primary" data-testid="model-load" disabled=busy>
+                    "Load"
+                </button>
+            </form>
+            <div
+                class="drop"
+                on:dragover=|ev: web_sys::DragEvent| ev.prevent_default()
+                on:drop=move |ev: web_sys::DragEvent| files(dropped_files(&ev))
+            >
+                "Or use your own: drop a .safetensors file here, "
+                <label class="link">
+                    "pick a file"
+                    <input
+                        type="file"
+                        class="hidden"
+                        data-testid="model-files"
+                        accept=".safetensors,.json,.txt"
+                        multiple
+                        on:change=move |ev| files(input_files(&ev))
+                    />
+                </label>
+                " or "
+                <label class="link">
+                    "pick a diffusers folder"
+                    <input
+                        type="file"
+                        class="hidden"
+                        data-testid="model-folder"
+                        prop:webkitdirectory=true
+                        on:change=move |ev| files(input_files(&ev))
+                    />
+                </label>
+                ". Files are copied into this browser's storage, not uploaded."
+            </div>
+            {move || model_status(ctx)}
+            {move || ctx.model_error.get().map(|error| view! { <ErrorBox error testid="model-error" /> })}
+            <CachedModels />
+        </section>
+    }
+}
+
+fn model_status(ctx: Ctx) -> AnyView {
+    match ctx.model.get() {
+        ModelState::Empty => view! { <p class="muted">"No model loaded yet."</p> }.into_any(),
+        ModelState::Acquiring {
+            phase,
+            name,
+            file,
+            bytes: b,
+            file_bytes,
+            file_total,
+            speed,
+        } => {
+            let left = file_total
+                .map(|t| duration(t.saturating_sub(file_bytes) as f64 / speed.max(1.0)))
+                .unwrap_or_else(|| "…".into());
+            view! {
+                <div class="progress-box">
+                    <p>
+                        {if phase == "download" { "Downloading " } else { "Copying " }}
+                        <strong>{name}</strong>
+                    </p>
+                    <progress
+                        data-testid="model-progress"
+                        data-phase=phase
+                        data-bytes=b
+                        data-total=file_total.unwrap_or(0)
+                        max=file_total.unwrap_or(0).max(1) as f64
+                        value=file_bytes as f64
+                    ></progress>
+                    <p class="muted">
+                        {format!(
+                            "{file}: {} of {} · {}/s · {left} left for this file · {} in all",
+                            bytes(file_bytes as f64),
+                            file_total.map(|t| bytes(t as f64)).unwrap_or_else(|| "?".into()),
+                            bytes(speed),
+                            bytes(b as f64),
+                        )}
+                    </p>
+                    <button on:click=|_| CANCEL.with(|c| c.set(true))>"Stop"</button>
+                    <span class="muted">" What is stored so far is kept: loading again resumes."</span>
+                </div>
+            }
+                .into_any()
+        }
+        ModelState::Loading { name, done, total } => view! {
+            <div class="progress-box">
+                <p>"Moving " <strong>{name}</strong> " to the GPU, tensor by tensor…"</p>
+                <progress
+                    data-testid="model-progress"
+                    data-phase="load"
+                    data-bytes=done
+                    data-total=total
+                    max=total.max(1) as f64
+                    value=done as f64
+                ></progress>
+                <p class="muted">
+                    {if total == 0 {
+                        "Reading the model's layout…".to_string()
+                    } else {
+                        format!("{done} of {total} tensors")
+                    }}
+                </p>
+            </div>
+        }
+        .into_any(),
+        ModelState::Ready(info) => view! {
+            <div class="status ok" data-testid="model-ready" data-model-id=info.id.clone()>
+                <strong>{info.name.clone()}</strong>
+                {format!(
+                    " is ready: {}, {:.0} M parameters in {} on the GPU, {} px native (loaded in {:.1} s).",
+                    info.family,
+                    info.params as f64 / 1e6,
+                    info.dtype,
+                    info.resolution,
+                    info.millis / 1e3
+                )}
+            </div>
+        }
+        .into_any(),
+        ModelState::Failed(error) => view! { <ErrorBox error testid="model-error" /> }.into_any(),
+    }
+}
+
+#[component]
+fn CachedModels() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let delete = move |id: String| {
+        spawn_local(async move {
+            if let Ok(s) = store().await {
+                let _ = s.remove(&format!("models/{id}")).await;
+            }
+            if ctx.model_id.get_untracked().as_deref() == Some(id.as_str()) {
+                // The GPU copy stays usable until another model is loaded.
+            }
+            refresh_cache(ctx).await;
+        });
+    };
+    view! {
+        <details class="cache" open=move || !ctx.cached.with(Vec::is_empty)>
+            <summary>"Stored models"</summary>
+            <ul class="cached">
+                <For
+                    each=move || ctx.cached.get()
+                    key=|m| (m.id.clone(), m.complete, m.bytes())
+                    children=move |m: Manifest| {
+                        let id = m.id.clone();
+                        let load = m.clone();
+                        let resume = m.address.clone();
+                        let fp16 = m.fp16;
+                        view! {
+                            <li
+                                data-testid="cached-model"
+                                data-id=m.id.clone()
+                                data-complete=m.complete.to_string()
+                            >
+                                <span class="name">{m.name.clone()}</span>
+                                <span class="muted">
+                                    {format!(
+                                        " {}{}",
+                                        bytes(m.bytes() as f64),
+                                        if m.complete { "" } else { ", unfinished" },
+                                    )}
+                                </span>
+                                {if m.complete {
+                                    view! {
+                                        <button on:click=move |_| load_stored(ctx, &load)>"Load"</button>
+                                    }
+                                        .into_any()
+                                } else if !resume.starts_with("local:") {
+                                    view! {
+                                        <button on:click=move |_| {
+                                            spawn_local(acquire(ctx, Pick::Address(resume.clone(), fp16)))
+                                        }>"Resume download"</button>
+                                    }
+                                        .into_any()
+                                } else {
+                                    ().into_any()
+                                }}
+                                <button
+                                    class="danger"
+                                    data-testid="cached-model-delete"
+                                    on:click=move |_| delete(id.clone())
+                                >
+                                    "Delete"
+                                </button>
+                            </li>
+                        }
+                    }
+                />
+            </ul>
+            <p class="muted" data-testid="storage-quota">
+                {move || match ctx.quota.get() {
+                    Some((used, quota)) => format!(
+                        "This site uses {} of the {} your browser allows it.",
+                        bytes(used),
+                        bytes(quota)
+                    ),
+                    None => "The browser does not tell how much storage is left.".into(),
+                }}
+            </p>
+        </details>
+    }
+}

@@ -1,0 +1,837 @@
+// The whole app in Debian's Chromium on the software WebGPU adapter, as a user goes through it:
+// load the tiny model from an address and again from storage, learn an identity from one photo
+// (with a reload in the middle of training), generate an image with it, and check that nothing
+// left 127.0.0.1. Then the failures a user can run into, each with its explanation.
+//
+// The tests run in order and share one browser and one browser context (its storage holds the
+// model and the identity between tests); a test that needs an earlier one's result says so
+// when that result is missing.
+//
+// Needs SEFI_DIST (a `trunk build --release` output) and /usr/bin/chromium; scripts/test.sh
+// provides both. Screenshots of every panel, at a laptop and a phone size, go to
+// SEFI_SCREENSHOTS (default: <tmp>/sefi-screenshots).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import zlib from "node:zlib";
+import { setTimeout as sleep } from "node:timers/promises";
+import { serveDist, launch, openPage, PHOTOS_DIR } from "./harness.mjs";
+
+const SECOND = 1_000;
+const MINUTE = 60 * SECOND;
+/// The worker's GPU check on the software adapter.
+const GPU_CHECK_TIMEOUT = 3 * MINUTE;
+/// A model load: the GPU check of a fresh page, then the first shader compilations, which are
+/// slow on the software adapter.
+const MODEL_TIMEOUT = GPU_CHECK_TIMEOUT + 5 * MINUTE;
+const TRAIN_TIMEOUT = 15 * MINUTE;
+const GENERATE_TIMEOUT = 5 * MINUTE;
+/// What appears at once (in reply to a click) or after a short background step.
+const SHORT_TIMEOUT = 30 * SECOND;
+/// An upper bound per test; the waits inside have their own, shorter limits.
+const TEST_TIMEOUT = 30 * MINUTE;
+
+const PHOTO = path.join(PHOTOS_DIR, "astronaut.png");
+const TOKEN = "alice";
+const CLASS_WORD = "person";
+/// Enough steps to reload the page in the middle of the run (checkpoints every 10 steps).
+const TRAIN_STEPS = 40;
+const TRAIN_RESOLUTION = 64;
+/// Main-thread tasks longer than this while training runs in the worker fail the test.
+const LONG_TASK_LIMIT_MS = 200;
+
+/// The weight files of the tiny diffusers folder the page should download (the float32 ones).
+const WEIGHTS = [
+  "unet/diffusion_pytorch_model.safetensors",
+  "vae/diffusion_pytorch_model.safetensors",
+  "text_encoder/model.safetensors",
+];
+
+/// A size the software adapter cannot generate with the tiny model: the attention scores of
+/// 1024 x 1024 px far exceed its 1 GiB binding limit, so the page refuses before any work.
+/// Adjust both values here if the page reports this case differently.
+const TOO_LARGE = { size: "1024", kind: "out-of-memory" };
+
+const SCREENSHOTS = process.env.SEFI_SCREENSHOTS ?? path.join(os.tmpdir(), "sefi-screenshots");
+const VIEWPORTS = {
+  laptop: { width: 1366, height: 900 },
+  phone: { width: 390, height: 844 },
+};
+const PANELS = ["gpu", "model", "identity", "generate"];
+
+let server;
+let browser;
+/// The page the tests share (from `openPage`), set by the first test.
+let app;
+let modelUrl;
+let modelId;
+
+before(async () => {
+  server = await serveDist(process.env.SEFI_DIST);
+  browser = await launch({ webgpu: true });
+  await fs.mkdir(SCREENSHOTS, { recursive: true });
+  modelUrl = `${server.url}fixtures/tiny-sd1/`;
+});
+
+after(async () => {
+  await browser?.close();
+  await server?.close();
+});
+
+// ---------------------------------------------------------------------------------------------
+// In the page
+// ---------------------------------------------------------------------------------------------
+
+/// Installed in every document of a context before the page's own scripts. Watches what the
+/// assertions cannot reliably catch by polling: elements that are shown only briefly (download
+/// progress), every value a progress bar passes through, and main-thread long tasks.
+///
+/// `window.__seen.appeared[testid]` counts the distinct elements with that test id that were
+/// ever added, so a wait can tell a new error box from one that was already there.
+function installProbes() {
+  const WATCHED = [
+    "model-progress",
+    "model-ready",
+    "model-error",
+    "photo-error",
+    "train-progress",
+    "train-error",
+    "train-resume-offer",
+    "attention-map",
+    "gen-progress",
+    "gen-preview",
+    "gen-error",
+    "result-image",
+  ];
+  const seen = { appeared: {}, modelPhases: [], trainSteps: [], genSteps: [] };
+  window.__seen = seen;
+  window.__longTasks = [];
+
+  const pushChange = (list, value) => {
+    if (value !== undefined && list[list.length - 1] !== value) list.push(value);
+  };
+  const known = new WeakSet();
+  const note = (el) => {
+    const id = el.getAttribute("data-testid");
+    if (!known.has(el)) {
+      known.add(el);
+      seen.appeared[id] = (seen.appeared[id] ?? 0) + 1;
+    }
+    if (id === "model-progress") pushChange(seen.modelPhases, el.getAttribute("data-phase") ?? undefined);
+    if (id === "train-progress") pushChange(seen.trainSteps, Number(el.getAttribute("data-step")));
+    if (id === "gen-progress") pushChange(seen.genSteps, Number(el.getAttribute("data-step")));
+  };
+  const selector = WATCHED.map((id) => `[data-testid="${id}"]`).join(",");
+  const visit = (node) => {
+    if (node.nodeType !== Node.ELEMENT_NODE) return;
+    if (node.matches(selector)) note(node);
+    node.querySelectorAll(selector).forEach(note);
+  };
+  // Added nodes are read from the mutation records, so an element that was added and removed
+  // again before the observer ran is still counted.
+  new MutationObserver((records) => {
+    for (const r of records) {
+      if (r.type === "attributes") {
+        if (r.target.matches(selector)) note(r.target);
+      } else {
+        r.addedNodes.forEach(visit);
+      }
+    }
+  }).observe(document, {
+    subtree: true,
+    childList: true,
+    attributes: true,
+    attributeFilter: ["data-testid", "data-step", "data-phase"],
+  });
+
+  try {
+    new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) window.__longTasks.push({ startTime: e.startTime, duration: e.duration });
+    }).observe({ type: "longtask", buffered: true });
+  } catch {
+    // No long-task timing in this browser: the test that needs it says so.
+    window.__longTasks = null;
+  }
+}
+
+/// Everything the tests look at, read in one go inside the page. Failed waits print it.
+function snapshot() {
+  const q = (id) => document.querySelector(`[data-testid="${id}"]`);
+  const all = (id) => [...document.querySelectorAll(`[data-testid="${id}"]`)];
+  const text = (el) => (el ? el.textContent.replace(/\s+/g, " ").trim() : null);
+  const error = (id) => {
+    const el = q(id);
+    return el && { kind: el.getAttribute("data-kind"), text: text(el) };
+  };
+  const num = (el, name) => (el?.hasAttribute(name) ? Number(el.getAttribute(name)) : null);
+  const enabled = (id) => {
+    const el = q(id);
+    return el ? !el.disabled : null;
+  };
+  const image = (img) => ({
+    src: img.getAttribute("src"),
+    loaded: img.complete && img.naturalWidth > 0,
+    width: img.naturalWidth,
+    height: img.naturalHeight,
+  });
+
+  const gpu = q("gpu-status");
+  const ready = q("model-ready");
+  const progress = q("model-progress");
+  const train = q("train-progress");
+  const loss = q("train-loss");
+  const maps = q("attention-map");
+  const gen = q("gen-progress");
+  return {
+    gpu: gpu && { state: gpu.getAttribute("data-state"), text: text(gpu) },
+    modelReady: ready && { id: ready.getAttribute("data-model-id"), text: text(ready) },
+    modelError: error("model-error"),
+    modelProgress: progress && {
+      phase: progress.getAttribute("data-phase"),
+      bytes: num(progress, "data-bytes"),
+      total: num(progress, "data-total"),
+    },
+    cached: all("cached-model").map((el) => ({
+      id: el.getAttribute("data-id"),
+      complete: el.getAttribute("data-complete") === "true",
+      text: text(el),
+    })),
+    photoError: error("photo-error"),
+    trainStart: enabled("train-start"),
+    train: train && { step: num(train, "data-step"), max: num(train, "max") },
+    trainError: error("train-error"),
+    loss: loss && { points: num(loss, "data-points"), last: num(loss, "data-last") },
+    maps: maps && [...maps.querySelectorAll("img")].map(image),
+    resumeOffer: text(q("train-resume-offer")),
+    identities: all("identity-item").map((el) => el.getAttribute("data-token")),
+    generate: enabled("generate"),
+    gen: gen && { step: num(gen, "data-step"), max: num(gen, "max") },
+    genError: error("gen-error"),
+    results: all("result-image").map(image),
+    appeared: { ...(window.__seen?.appeared ?? {}) },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting and checking
+// ---------------------------------------------------------------------------------------------
+
+/// A page state as text for failure messages, with long values shortened.
+function describe(state) {
+  return JSON.stringify(
+    state,
+    (_key, value) => (typeof value === "string" && value.length > 300 ? `${value.slice(0, 300)}…` : value),
+    1,
+  );
+}
+
+/// Any error box, or a GPU that did not pass its check: what a wait for success stops on.
+function unexpectedError(s) {
+  if (s.gpu && !["checking", "ok"].includes(s.gpu.state)) return `gpu-status is ${s.gpu.state}: ${s.gpu.text}`;
+  const boxes = { modelError: "model-error", photoError: "photo-error", trainError: "train-error", genError: "gen-error" };
+  for (const [key, testid] of Object.entries(boxes)) {
+    if (s[key]) return `${testid} [${s[key].kind}]: ${s[key].text}`;
+  }
+  return null;
+}
+
+/// Polls the page's state until `done(state)` holds, failing at once when `fail(state)`
+/// returns a reason, or after `timeout` ms with the last state in the message.
+async function waitFor(page, what, done, { timeout = SHORT_TIMEOUT, fail = unexpectedError } = {}) {
+  const deadline = Date.now() + timeout;
+  let state;
+  let lastError;
+  for (;;) {
+    try {
+      state = await page.evaluate(snapshot);
+      lastError = undefined;
+    } catch (e) {
+      // A reload destroys the document the snapshot ran in: ask the new one next time.
+      if (page.isClosed()) throw e;
+      state = undefined;
+      lastError = e;
+    }
+    if (state) {
+      const problem = fail?.(state);
+      if (problem) assert.fail(`while waiting for ${what}: ${problem}\npage state: ${describe(state)}`);
+      if (done(state)) return state;
+    }
+    if (Date.now() > deadline) {
+      assert.fail(
+        `${what}: not within ${timeout / SECOND} s\nlast page state: ${describe(state)}` +
+          (lastError ? `\nlast error reading it: ${lastError.message}` : ""),
+      );
+    }
+    await sleep(250);
+  }
+}
+
+/// Waits until the input with `testid` holds `value`.
+async function waitForValue(page, testid, value) {
+  const input = page.getByTestId(testid);
+  const deadline = Date.now() + SHORT_TIMEOUT;
+  let got;
+  while ((got = await input.inputValue()) !== value) {
+    if (Date.now() > deadline) assert.fail(`${testid} shows ${JSON.stringify(got)}, expected ${JSON.stringify(value)}`);
+    await sleep(100);
+  }
+}
+
+/// How many elements with `testid` have appeared in the current document so far.
+async function appeared(page, testid) {
+  return page.evaluate((id) => window.__seen?.appeared[id] ?? 0, testid);
+}
+
+/// Waits for a new error box `testid` (one that was not there when `before` was counted)
+/// and checks its kind.
+async function expectNewError(page, testid, before, kind, { timeout = SHORT_TIMEOUT, what } = {}) {
+  const key = { "model-error": "modelError", "photo-error": "photoError", "gen-error": "genError" }[testid];
+  const s = await waitFor(page, what ?? `${testid} (${kind})`, (s) => (s.appeared[testid] ?? 0) > before && s[key], {
+    timeout,
+    fail: (s) => (s.gpu && !["checking", "ok"].includes(s.gpu.state) ? `gpu-status is ${s.gpu.state}: ${s.gpu.text}` : null),
+  });
+  const box = s[key];
+  assert.equal(box.kind, kind, `${testid} has data-kind ${box.kind}, expected ${kind}; it says: ${box.text}`);
+  assert.ok(box.text.length > 0, `${testid} [${kind}] explains nothing`);
+  return box;
+}
+
+/// Fails on the console errors (of `openPage`'s records) since `since` that none of `allowed`
+/// matches.
+function assertConsoleClean(records, since, allowed = []) {
+  const unexpected = records.consoleErrors.slice(since).filter((m) => !allowed.some((re) => re.test(m)));
+  assert.deepEqual(unexpected, [], `unexpected console errors:\n${unexpected.join("\n")}`);
+}
+
+/// The paths (without query) of the server's requests from `since` on.
+function servedPaths(since = 0) {
+  return server.requests.slice(since).map((r) => new URL(r.url, server.url).pathname);
+}
+
+function fixtureRequests(since = 0) {
+  return servedPaths(since).filter((p) => p.startsWith("/fixtures/"));
+}
+
+function needApp() {
+  assert.ok(app, "the shared page is missing: the first test could not open it");
+  return app;
+}
+
+/// Fills the model address and starts loading it.
+async function loadAddress(page, address) {
+  await page.getByTestId("model-url").fill(address);
+  await page.getByTestId("model-load").click();
+}
+
+/// Each panel and the whole page, at the laptop and the phone size, as `<stage>-<size>-<what>.png`.
+async function screenshots(t, page, stage) {
+  const original = page.viewportSize();
+  for (const [size, viewport] of Object.entries(VIEWPORTS)) {
+    await page.setViewportSize(viewport);
+    for (const panel of PANELS) {
+      const locator = page.locator(`#${panel}`);
+      if ((await locator.count()) === 0) continue;
+      await locator.screenshot({ path: path.join(SCREENSHOTS, `${stage}-${size}-${panel}.png`) });
+    }
+    await page.screenshot({ path: path.join(SCREENSHOTS, `${stage}-${size}-page.png`), fullPage: true });
+  }
+  if (original) await page.setViewportSize(original);
+  t.diagnostic(`screenshots (${stage}) in ${SCREENSHOTS}`);
+}
+
+/// Clicks a download link and returns the file's bytes and suggested name.
+async function download(page, link) {
+  const [file] = await Promise.all([page.waitForEvent("download"), link.click()]);
+  const failure = await file.failure();
+  assert.equal(failure, null, `the download failed: ${failure}`);
+  return { name: file.suggestedFilename(), bytes: await fs.readFile(await file.path()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// File formats
+// ---------------------------------------------------------------------------------------------
+
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+function crc32(bytes) {
+  let c = 0xffffffff;
+  for (const b of bytes) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+/// The chunks of a PNG file, `{ type, data }`, with their CRCs checked.
+function pngChunks(bytes) {
+  assert.ok(bytes.subarray(0, 8).equals(PNG_SIGNATURE), "not a PNG: the signature is wrong");
+  const chunks = [];
+  let at = 8;
+  while (at < bytes.length) {
+    assert.ok(at + 12 <= bytes.length, `PNG chunk at byte ${at} is cut off`);
+    const length = bytes.readUInt32BE(at);
+    const end = at + 8 + length;
+    assert.ok(end + 4 <= bytes.length, `PNG chunk at byte ${at} runs past the end of the file`);
+    const type = bytes.toString("latin1", at + 4, at + 8);
+    assert.equal(bytes.readUInt32BE(end), crc32(bytes.subarray(at + 4, end)), `CRC of the ${type} chunk`);
+    chunks.push({ type, data: bytes.subarray(at + 8, end) });
+    at = end + 4;
+    if (type === "IEND") break;
+  }
+  assert.equal(chunks[0]?.type, "IHDR", "a PNG starts with IHDR");
+  assert.equal(chunks.at(-1)?.type, "IEND", "a PNG ends with IEND");
+  return chunks;
+}
+
+/// Splits `data` at its first NUL byte.
+function splitNul(data) {
+  const nul = data.indexOf(0);
+  assert.ok(nul >= 0, "text chunk without its NUL separator");
+  return [data.subarray(0, nul), data.subarray(nul + 1)];
+}
+
+/// The text chunks (tEXt, zTXt, iTXt) of a PNG as keyword → text.
+function pngText(chunks) {
+  const out = new Map();
+  for (const { type, data } of chunks) {
+    if (type === "tEXt") {
+      const [key, text] = splitNul(data);
+      out.set(key.toString("latin1"), text.toString("latin1"));
+    } else if (type === "zTXt") {
+      // keyword \0 method(1) zlib data
+      const [key, rest] = splitNul(data);
+      out.set(key.toString("latin1"), zlib.inflateSync(rest.subarray(1)).toString("latin1"));
+    } else if (type === "iTXt") {
+      // keyword \0 compressed(1) method(1) language \0 translated keyword \0 text (UTF-8)
+      const [key, rest] = splitNul(data);
+      const compressed = rest[0] === 1;
+      const [, afterLanguage] = splitNul(rest.subarray(2));
+      const [, text] = splitNul(afterLanguage);
+      out.set(key.toString("latin1"), (compressed ? zlib.inflateSync(text) : text).toString("utf8"));
+    }
+  }
+  return out;
+}
+
+/// The header of a .safetensors file: an 8-byte little-endian length, then that much JSON.
+function safetensorsHeader(bytes) {
+  assert.ok(bytes.length >= 8, "a .safetensors file has at least its 8-byte header length");
+  const length = Number(bytes.readBigUInt64LE(0));
+  assert.ok(8 + length <= bytes.length, `header length ${length} runs past the end of the file (${bytes.length} bytes)`);
+  return JSON.parse(bytes.toString("utf8", 8, 8 + length));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------------
+
+test("a model loads from its address, then from storage without downloading again", { timeout: TEST_TIMEOUT }, async (t) => {
+  const context = await browser.newContext({ viewport: VIEWPORTS.laptop });
+  context.setDefaultTimeout(60 * SECOND);
+  await context.addInitScript(installProbes);
+  const mark = server.requests.length;
+  app = await openPage(browser, `${server.url}?model=${encodeURIComponent(modelUrl)}`, { context });
+  const { page } = app;
+
+  // `?model=` fills in the address and does nothing else.
+  await page.getByTestId("model-url").waitFor();
+  assert.equal(await page.getByTestId("model-url").inputValue(), modelUrl, "?model= should fill in model-url");
+  await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
+  assert.deepEqual(fixtureRequests(mark), [], "the ?model= address alone must not start a download");
+
+  await page.getByTestId("model-load").click();
+  const ready = await waitFor(page, "the model to be ready", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
+  modelId = ready.modelReady.id;
+  assert.ok(modelId, `model-ready has no data-model-id: ${ready.modelReady.text}`);
+  assert.ok(ready.modelReady.text.length > 0, "model-ready should name the model");
+
+  const seen = await page.evaluate(() => window.__seen);
+  assert.ok(
+    (seen.appeared["model-progress"] ?? 0) >= 1,
+    `model-progress never appeared while downloading and loading (phases seen: ${seen.modelPhases})`,
+  );
+  t.diagnostic(`model-progress phases seen: ${seen.modelPhases.join(" → ")}`);
+
+  // The float32 weights came from the server; the half-precision variants were not needed.
+  const paths = new Set(fixtureRequests(mark));
+  for (const file of WEIGHTS) {
+    assert.ok(paths.has(`/fixtures/tiny-sd1/${file}`), `${file} was not downloaded; the server saw: ${[...paths].join(", ")}`);
+  }
+  const halves = [...paths].filter((p) => p.endsWith(".fp16.safetensors"));
+  assert.deepEqual(halves, [], "the page should download the float32 weights by default");
+
+  const listed = await waitFor(page, "the stored model to be listed as complete", (s) => s.cached.some((m) => m.complete));
+  assert.equal(listed.cached.length, 1, `one stored model expected: ${describe(listed.cached)}`);
+  assert.equal(listed.cached[0].id, modelId, "cached-model's data-id should be the loaded model's data-model-id");
+  assert.match(await page.getByTestId("storage-quota").textContent(), /\S/, "storage-quota shows nothing");
+  await screenshots(t, page, "1-model-ready");
+
+  // After a reload the page loads the model from storage by itself.
+  let since = server.requests.length;
+  let pageSince = app.requests.length;
+  await page.reload();
+  const again = await waitFor(page, "the stored model to load after a reload", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
+  assert.equal(again.modelReady.id, modelId, "the reload should load the same model");
+  assert.deepEqual(fixtureRequests(since), [], "the stored model must not be downloaded again after a reload");
+  const pageFixtures = app.requests.slice(pageSince).filter((r) => r.url.includes("/fixtures/"));
+  assert.deepEqual(pageFixtures.map((r) => r.url), [], "the page requested model files again after the reload");
+
+  // Loading the same address again reuses storage too.
+  since = server.requests.length;
+  pageSince = app.requests.length;
+  const readyBefore = await appeared(page, "model-ready");
+  await page.getByTestId("model-load").click();
+  await waitFor(
+    page,
+    "the model to be ready again after loading the same address",
+    (s) => s.modelReady && s.appeared["model-ready"] > readyBefore,
+    { timeout: MODEL_TIMEOUT },
+  );
+  assert.deepEqual(fixtureRequests(since), [], "loading a stored model again must not download it");
+  assert.deepEqual(
+    app.requests.slice(pageSince).filter((r) => r.url.includes("/fixtures/")).map((r) => r.url),
+    [],
+    "the page requested model files for a stored model",
+  );
+  assertConsoleClean(app, 0);
+});
+
+test("training learns an identity, survives a reload and continues from its checkpoint", { timeout: TEST_TIMEOUT }, async (t) => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+
+  await page.getByTestId("photo-input").setInputFiles(PHOTO);
+  await page.getByTestId("identity-name").fill(TOKEN);
+  await page.getByTestId("class-word").fill(CLASS_WORD);
+  await page.getByTestId("train-steps").fill(String(TRAIN_STEPS));
+  // The resolution is among the advanced settings, inside a <details>.
+  await page.getByTestId("train-resolution").evaluate((el) => {
+    const details = el.closest("details");
+    if (details) details.open = true;
+  });
+  await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
+  await waitFor(page, "train-start to be enabled (model ready, photo added, name given)", (s) => s.trainStart === true);
+
+  const trainStart = await page.evaluate(() => performance.now());
+  await page.getByTestId("train-start").click();
+  const mid = await waitFor(
+    page,
+    "training to pass step 12 with heat-maps and a loss curve",
+    (s) =>
+      s.train?.step >= 12 &&
+      s.loss?.points >= 2 &&
+      s.maps?.length >= 2 &&
+      s.maps.every((m) => m.loaded) &&
+      new Set(s.maps.map((m) => m.src)).size >= 2,
+    { timeout: TRAIN_TIMEOUT },
+  );
+  assert.equal(mid.train.max, TRAIN_STEPS, "train-progress's max should be the number of steps asked for");
+  assert.ok(Number.isFinite(mid.loss.last), `train-loss data-last is not a number: ${mid.loss.last}`);
+  assert.ok(await page.getByTestId("train-pause").isVisible(), "train-pause should be offered while training");
+  assert.ok(await page.getByTestId("train-cancel").isVisible(), "train-cancel should be offered while training");
+  t.diagnostic(`at step ${mid.train.step}: ${await page.getByTestId("train-steps-per-second").textContent()}`);
+
+  // Training runs in the worker: the page's own thread stays responsive.
+  const longTasks = await page.evaluate((from) => window.__longTasks?.filter((e) => e.startTime >= from) ?? null, trainStart);
+  assert.ok(longTasks, "this browser reports no long tasks (PerformanceObserver 'longtask')");
+  const slow = longTasks.filter((e) => e.duration > LONG_TASK_LIMIT_MS);
+  assert.deepEqual(slow, [], `main-thread tasks over ${LONG_TASK_LIMIT_MS} ms while training: ${describe(slow)}`);
+  t.diagnostic(`longest main-thread task while training: ${Math.max(0, ...longTasks.map((e) => e.duration))} ms`);
+  await page.locator("#identity").screenshot({ path: path.join(SCREENSHOTS, "2-training-laptop-identity.png") });
+
+  // Reload in the middle of the run; the run is offered for continuing once the model is back.
+  const before = await page.evaluate(snapshot);
+  assert.ok(
+    before.train.step < TRAIN_STEPS,
+    `training finished (step ${before.train.step}) before the page could be reloaded mid-run: raise TRAIN_STEPS`,
+  );
+  const serverSince = server.requests.length;
+  await page.reload();
+  const offered = await waitFor(
+    page,
+    "the model to load again and the unfinished run to be offered",
+    (s) => s.modelReady && s.resumeOffer !== null,
+    { timeout: MODEL_TIMEOUT },
+  );
+  assert.ok(offered.resumeOffer.length > 0, "train-resume-offer says nothing");
+  assert.deepEqual(fixtureRequests(serverSince), [], "the reload downloaded the model again");
+
+  await page.getByTestId("train-continue").click();
+  const done = await waitFor(
+    page,
+    `the continued run to finish and <${TOKEN}> to be listed`,
+    (s) => s.train?.step === TRAIN_STEPS && s.identities.includes(TOKEN),
+    { timeout: TRAIN_TIMEOUT },
+  );
+  // The progress bar may start at 0 until the worker's first step arrives; every step it
+  // reports must then come after the checkpoint's.
+  const steps = await page.evaluate(() => window.__seen.trainSteps);
+  const reported = steps.filter((s) => s > 0);
+  assert.ok(reported.length > 0, `no steps were reported after continuing: ${steps}`);
+  assert.ok(
+    reported[0] >= 10,
+    `after continuing, the first step shown was ${reported[0]} (all: ${steps.join(", ")}): the run started over instead of continuing from its checkpoint`,
+  );
+  assert.equal(done.resumeOffer, null, "the resume offer should be gone once the run finished");
+
+  // The learned identity, with its actions; its export is a .safetensors file.
+  const item = page.locator(`[data-testid="identity-item"][data-token="${TOKEN}"]`);
+  assert.equal(await item.count(), 1, `one identity-item for <${TOKEN}> expected`);
+  for (const id of ["identity-export", "identity-rename", "identity-delete"]) {
+    assert.equal(await item.getByTestId(id).count(), 1, `identity-item <${TOKEN}> has no ${id}`);
+  }
+  const exportLink = item.getByTestId("identity-export");
+  assert.notEqual(await exportLink.getAttribute("download"), null, "identity-export should be an <a download>");
+  const exported = await download(page, exportLink);
+  const header = safetensorsHeader(exported.bytes);
+  const tensors = Object.keys(header).filter((k) => k !== "__metadata__");
+  assert.ok(tensors.length > 0, `the exported identity holds no tensors: ${describe(header)}`);
+  assert.equal(await page.getByTestId("identity-import").count(), 1, "identity-import is missing");
+
+  await screenshots(t, page, "2-trained");
+  assertConsoleClean(app, since);
+});
+
+test("an image is generated with the identity and carries its parameters", { timeout: TEST_TIMEOUT }, async (t) => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const start = await waitFor(page, "the model to be ready", (s) => s.modelReady);
+  assert.ok(start.identities.includes(TOKEN), `<${TOKEN}> is not listed: the training test did not finish`);
+
+  // The chip inserts the identity's placeholder; the rest of the prompt is typed after it.
+  await page.getByTestId("prompt").fill("");
+  await page.getByTestId("identity-chip").filter({ hasText: `<${TOKEN}>` }).click();
+  await waitForValue(page, "prompt", `<${TOKEN}>`);
+  const prompt = page.getByTestId("prompt");
+  await prompt.focus();
+  await page.keyboard.press("Control+End");
+  await page.keyboard.type(" holding a basketball");
+  await waitForValue(page, "prompt", `<${TOKEN}> holding a basketball`);
+
+  await page.getByTestId("negative-prompt").fill("blurry");
+  await page.getByTestId("gen-steps").fill("4");
+  await page.getByTestId("gen-size").selectOption("64");
+  await page.getByTestId("gen-count").fill("1");
+  await page.getByTestId("seed").fill("42");
+
+  const resultsBefore = start.results.length;
+  await page.getByTestId("generate").click();
+  const made = await waitFor(
+    page,
+    "the generated image",
+    (s) => s.results.length > resultsBefore && s.results[0].loaded,
+    { timeout: GENERATE_TIMEOUT },
+  );
+  const seen = await page.evaluate(() => window.__seen);
+  assert.ok(seen.genSteps.includes(4), `gen-progress never showed step 4 (steps seen: ${seen.genSteps})`);
+  t.diagnostic(`gen-progress steps: ${seen.genSteps.join(", ")}; previews shown: ${seen.appeared["gen-preview"] ?? 0}`);
+
+  // The newest image comes first and decodes at the size asked for.
+  const image = made.results[0];
+  assert.match(image.src, /^blob:/, "result-image should show a blob: URL");
+  assert.deepEqual([image.width, image.height], [64, 64], "the image should be 64x64");
+
+  // The downloaded PNG carries the parameters in the web UI layout.
+  const link = page.getByTestId("download").first();
+  assert.match((await link.getAttribute("href")) ?? "", /^blob:/, "download should link to a blob: URL");
+  const png = await download(page, link);
+  assert.match(png.name, /\.png$/, `the download is named ${png.name}`);
+  const chunks = pngChunks(png.bytes);
+  const ihdr = chunks[0].data;
+  assert.deepEqual([ihdr.readUInt32BE(0), ihdr.readUInt32BE(4)], [64, 64], "the PNG should be 64x64");
+  const parameters = pngText(chunks).get("parameters");
+  assert.ok(parameters, `the PNG has no parameters text; its chunks: ${chunks.map((c) => c.type)}`);
+  const lines = parameters.split("\n");
+  assert.equal(lines[0], `<${TOKEN}> holding a basketball`, `first line should be the prompt:\n${parameters}`);
+  assert.equal(lines[1], "Negative prompt: blurry", `second line should be the negative prompt:\n${parameters}`);
+  const settings = lines.at(-1);
+  for (const part of ["Steps: 4,", "Sampler: ", "CFG scale: ", "Seed: 42,", "Size: 64x64,", "Model: "]) {
+    assert.ok(settings.includes(part), `the settings line lacks "${part}": ${settings}`);
+  }
+  assert.match(settings, /^Steps: /, `the settings line should start with Steps: ${settings}`);
+
+  // "Use this seed" brings the image's seed back; "Use this prompt" its prompts.
+  await page.getByTestId("seed").fill("7");
+  await waitForValue(page, "seed", "7");
+  await page.getByTestId("use-seed").first().click();
+  await waitForValue(page, "seed", "42");
+  await page.getByTestId("prompt").fill("something else");
+  await page.getByTestId("negative-prompt").fill("");
+  await page.getByTestId("reuse-prompt").first().click();
+  await waitForValue(page, "prompt", `<${TOKEN}> holding a basketball`);
+  await waitForValue(page, "negative-prompt", "blurry");
+
+  await screenshots(t, page, "3-generated");
+  assertConsoleClean(app, since);
+});
+
+test("nothing the page did left 127.0.0.1, and nothing was sent", { timeout: TEST_TIMEOUT }, async () => {
+  const { requests, foreignRequests } = needApp();
+  const photo = await fs.readFile(PHOTO);
+  // Pieces of the photo as they would appear if it were put into an address.
+  const pieces = [photo.subarray(200, 248).toString("base64"), photo.subarray(200, 248).toString("base64url")];
+
+  assert.ok(
+    requests.some((r) => r.url.includes("/fixtures/tiny-sd1/unet/")),
+    "the request log holds none of the model's downloads: it is not recording",
+  );
+  assert.deepEqual(foreignRequests, [], "requests to other hosts");
+  for (const r of requests) {
+    const u = new URL(r.url);
+    assert.equal(r.postData, null, `${r.method} ${r.url} carries a body`);
+    if (u.protocol === "blob:" || u.protocol === "data:") continue;
+    assert.equal(u.origin, server.origin, `request to another origin: ${r.method} ${r.url}`);
+    assert.ok(["GET", "HEAD"].includes(r.method), `${r.method} ${r.url}: only GET and HEAD are expected`);
+    assert.ok(r.url.length <= 2000, `a ${r.url.length}-character address: ${r.url.slice(0, 200)}…`);
+    assert.ok(!pieces.some((p) => r.url.includes(p)), `the photo's bytes are in ${r.url.slice(0, 200)}…`);
+  }
+  const methods = new Set(server.requests.map((r) => r.method));
+  assert.deepEqual([...methods].filter((m) => m !== "GET" && m !== "HEAD"), [], "the server received more than GET and HEAD");
+});
+
+test("errors: a size too large for the GPU is refused with an explanation", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const start = await waitFor(page, "the model to be ready", (s) => s.modelReady);
+
+  await page.getByTestId("gen-size").selectOption(TOO_LARGE.size);
+  const before = await appeared(page, "gen-error");
+  await page.getByTestId("generate").click();
+  await expectNewError(page, "gen-error", before, TOO_LARGE.kind, {
+    timeout: GENERATE_TIMEOUT,
+    what: `generation at ${TOO_LARGE.size} px to be refused`,
+  });
+  const after = await page.evaluate(snapshot);
+  assert.equal(after.results.length, start.results.length, "an image was made at a size that does not fit");
+  assert.ok(after.modelReady, "the model should stay usable after a refused size");
+  assert.equal(after.gpu?.state, "ok", `the GPU should still be fine: ${after.gpu?.text}`);
+
+  await page.getByTestId("gen-size").selectOption("64");
+  assertConsoleClean(app, since, [/memory|too large/i]);
+});
+
+test("errors: a file that is not an image is refused as a photo", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const before = await appeared(page, "photo-error");
+  await page.getByTestId("photo-input").setInputFiles({
+    name: "photo.jpg",
+    mimeType: "image/jpeg",
+    buffer: Buffer.from("this is not a jpeg"),
+  });
+  await expectNewError(page, "photo-error", before, "bad-photo");
+  assertConsoleClean(app, since, [/photo\.jpg|decode|EncodingError/i]);
+});
+
+test("errors: a pickle checkpoint is refused and stored things stay", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const before = await appeared(page, "model-error");
+  await loadAddress(page, `${server.url}fixtures/not-safetensors.ckpt`);
+  const box = await expectNewError(page, "model-error", before, "bad-model", { timeout: MODEL_TIMEOUT });
+  assert.match(box.text, /safetensors/i, `the explanation should point to .safetensors: ${box.text}`);
+
+  const s = await waitFor(
+    page,
+    "the stored model and identity to be listed still",
+    (s) => s.cached.some((m) => m.id === modelId && m.complete) && s.identities.includes(TOKEN),
+    { fail: null },
+  );
+  assert.ok(s.modelError, "the error should stay shown");
+  assertConsoleClean(app, since, [/ckpt|safetensors|pickle/i]);
+});
+
+test("errors: a .safetensors file that holds garbage is refused", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  server.addFile("/fixtures/bad.safetensors", Buffer.from("not a model at all"));
+  const served = server.requests.length;
+  const before = await appeared(page, "model-error");
+  await loadAddress(page, `${server.url}fixtures/bad.safetensors`);
+  await expectNewError(page, "model-error", before, "bad-model", { timeout: MODEL_TIMEOUT });
+  assert.ok(servedPaths(served).includes("/fixtures/bad.safetensors"), "the file was refused without being looked at");
+  await waitFor(page, "the good model to be listed still", (s) => s.cached.some((m) => m.id === modelId && m.complete), {
+    fail: null,
+  });
+  assertConsoleClean(app, since, [/safetensors|header/i]);
+});
+
+test("errors: a host the page may not reach is refused before any request", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const requestsSince = app.requests.length;
+  const foreignSince = app.foreignRequests.length;
+  const before = await appeared(page, "model-error");
+  await loadAddress(page, "https://example.org/model.safetensors");
+  const box = await expectNewError(page, "model-error", before, "blocked-host");
+  assert.match(box.text, /example\.org/, `the explanation should name the host: ${box.text}`);
+  const tried = app.requests.slice(requestsSince).filter((r) => r.url.includes("example.org"));
+  assert.deepEqual(tried.map((r) => r.url), [], "the page tried to reach example.org");
+  assert.deepEqual(app.foreignRequests.slice(foreignSince), [], "requests to other hosts");
+  assertConsoleClean(app, since, [/Content Security Policy|Refused to connect/i]);
+});
+
+test("errors: a full storage is reported as such (phone-sized page)", { timeout: TEST_TIMEOUT }, async (t) => {
+  // A fresh context with its own empty storage, limited to 1 MB: the tiny model needs ~12 MB.
+  const context = await browser.newContext({ viewport: VIEWPORTS.phone, isMobile: true, hasTouch: true });
+  context.setDefaultTimeout(60 * SECOND);
+  await context.addInitScript(installProbes);
+  try {
+    const fresh = await openPage(browser, server.url, { context });
+    const { page } = fresh;
+    const cdp = await context.newCDPSession(page);
+    await cdp.send("Storage.overrideQuotaForOrigin", { origin: server.origin, quotaSize: 1_000_000 });
+    try {
+      const before = await appeared(page, "model-error");
+      await loadAddress(page, modelUrl);
+      const box = await expectNewError(page, "model-error", before, "storage-full", { timeout: MODEL_TIMEOUT });
+      assert.match(box.text, /storage|space/i, `the explanation should be about storage: ${box.text}`);
+      await page.locator("#model").screenshot({ path: path.join(SCREENSHOTS, "5-storage-full-phone-model.png") });
+      await page.screenshot({ path: path.join(SCREENSHOTS, "5-storage-full-phone-page.png"), fullPage: true });
+      t.diagnostic(`screenshots (storage full, emulated phone) in ${SCREENSHOTS}`);
+    } finally {
+      // Without a size the override is lifted.
+      await cdp.send("Storage.overrideQuotaForOrigin", { origin: server.origin });
+    }
+    assertConsoleClean(fresh, 0, [/quota|storage/i]);
+  } finally {
+    await context.close();
+  }
+});
+
+test("errors: without WebGPU, loading a model does not break the page", { timeout: TEST_TIMEOUT }, async () => {
+  // The explanation itself is checked in gpu-check.test.mjs; this checks the model panel.
+  const plain = await launch({ webgpu: false });
+  try {
+    const context = await plain.newContext({ viewport: VIEWPORTS.laptop });
+    context.setDefaultTimeout(60 * SECOND);
+    await context.addInitScript(installProbes);
+    const opened = await openPage(plain, server.url, { context });
+    const { page } = opened;
+    await waitFor(page, "gpu-status no-webgpu", (s) => s.gpu?.state === "no-webgpu", {
+      timeout: GPU_CHECK_TIMEOUT,
+      fail: (s) => s.gpu?.state === "ok" && "this browser was started without WebGPU but the check passed",
+    });
+    await loadAddress(page, modelUrl);
+    // Storing the model needs no GPU; using it does. Either it waits in storage, or the page
+    // explains that WebGPU is missing.
+    const s = await waitFor(
+      page,
+      "the model to be stored, or an explanation",
+      (s) => s.modelError || s.cached.some((m) => m.complete),
+      { timeout: MODEL_TIMEOUT, fail: null },
+    );
+    if (s.modelError) {
+      assert.equal(s.modelError.kind, "no-webgpu", `model-error [${s.modelError.kind}]: ${s.modelError.text}`);
+    }
+    // The page may log why WebGPU is missing; anything else (a panic above all) fails.
+    assertConsoleClean(opened, 0, [/WebGPU|navigator\.gpu|adapter/i]);
+  } finally {
+    await plain.close();
+  }
+});
