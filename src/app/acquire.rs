@@ -79,7 +79,7 @@ pub async fn write_manifest(store: &Store, m: &Manifest) -> Result<(), StoreErro
     store.write(&manifest_path(&m.id), text.as_bytes()).await
 }
 
-/// Every stored model, most recently used first.
+/// Every stored model, most recently loaded first.
 pub async fn list_models(store: &Store) -> Result<Vec<Manifest>, StoreError> {
     let mut out = Vec::new();
     for id in store.list("models").await? {
@@ -324,12 +324,10 @@ pub async fn download(
             fp16,
             files: Vec::new(),
             complete: false,
-            last_used: now(),
+            last_used: 0.0,
         },
     };
     if manifest.complete {
-        manifest.last_used = now();
-        write_manifest(store, &manifest).await?;
         return Ok(manifest);
     }
     write_manifest(store, &manifest).await?;
@@ -388,7 +386,6 @@ pub async fn download(
         }
     }
     manifest.complete = true;
-    manifest.last_used = now();
     write_manifest(store, &manifest).await?;
     Ok(manifest)
 }
@@ -504,7 +501,7 @@ pub async fn copy_files(
         fp16: false,
         files: Vec::new(),
         complete: false,
-        last_used: now(),
+        last_used: 0.0,
     };
     let mut done = 0u64;
     for (path, file) in chosen {

@@ -244,7 +244,8 @@ pub struct Manifest {
     pub files: Vec<StoredFile>,
     /// Every needed file is stored.
     pub complete: bool,
-    /// Milliseconds since the epoch of the last use, for "load the last model".
+    /// Milliseconds since the epoch of the last successful load onto a GPU (0: never), for
+    /// "load the last model" on the next visit.
     pub last_used: f64,
 }
 

@@ -58,10 +58,12 @@ pub fn register() {
 mod compute {
     use std::cell::{Cell, RefCell};
     use std::rc::Rc;
+    use std::time::Duration;
 
     use burn::tensor::Device;
     use gloo_worker::{HandlerId, WorkerScope};
     use serde_bytes::ByteBuf;
+    use web_time::Instant;
 
     use super::GpuWorker;
     use crate::app::acquire::{part_prefix, read_manifest};
@@ -82,6 +84,11 @@ mod compute {
     use crate::weights::{
         ByteSource, Checkpoint, Component, DiffusersParts, TokenizerSource, WeightsError,
     };
+
+    /// A checkpoint is due at least this often, whatever the step count.
+    const CHECKPOINT_AFTER: Duration = Duration::from_secs(20);
+    /// Heat-maps (a forward pass each) at least this often.
+    const MAPS_AFTER: Duration = Duration::from_secs(120);
 
     /// A model on the GPU.
     struct Loaded {
@@ -490,6 +497,9 @@ mod compute {
         };
         state.stop_training.set(None);
         respond(maps_at(&trainer, &st).await?);
+        // On a slow GPU (a software adapter takes most of a minute per step) the step counts
+        // alone would leave long gaps: checkpoints and heat-maps are also due after a while.
+        let (mut last_checkpoint, mut last_maps) = (Instant::now(), Instant::now());
         while st.step < total {
             if let Some(cancel) = state.stop_training.take() {
                 respond(Response::TrainStopped {
@@ -505,14 +515,19 @@ mod compute {
             let report = trainer.step(&mut st).await.map_err(train_error)?;
             let step = report.step;
             respond(Response::TrainStep(report));
-            if job.checkpoint_every > 0 && step % job.checkpoint_every == 0 && step < total {
+            let due = |every: usize, last: Instant, after: Duration| {
+                (every > 0 && step % every == 0) || last.elapsed() >= after
+            };
+            if step < total && due(job.checkpoint_every, last_checkpoint, CHECKPOINT_AFTER) {
                 respond(Response::TrainCheckpoint {
                     step,
                     bytes: checkpoint(&trainer, &st)?,
                 });
+                last_checkpoint = Instant::now();
             }
-            if job.maps_every > 0 && (step % job.maps_every == 0 || step == total) {
+            if step == 1 || step == total || due(job.maps_every, last_maps, MAPS_AFTER) {
                 respond(maps_at(&trainer, &st).await?);
+                last_maps = Instant::now();
             }
         }
         let identity = trainer.identity(&st).to_bytes().map_err(identity_error)?;

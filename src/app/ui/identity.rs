@@ -21,7 +21,7 @@ use crate::identity::settings::TrainConfig;
 use crate::store::Store;
 
 const RUN: &str = "runs/current";
-/// Checkpoints every this many steps (and when paused).
+/// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
 const MAPS_EVERY: usize = 10;
 
@@ -57,6 +57,8 @@ pub struct TrainView {
     /// (step, loss, attention term)
     pub points: Vec<(usize, f64, f64)>,
     pub steps_per_second: f64,
+    /// The step of the last checkpoint in storage.
+    pub checkpoint_step: Option<usize>,
     /// Heat-maps (identity, class word) as blob URLs, and the step they are from.
     pub maps: Option<(String, String, usize)>,
     /// The first training square, under the heat-maps.
@@ -174,8 +176,9 @@ pub fn on_response(ctx: Ctx, response: Response) {
         }),
         Response::TrainCheckpoint { step, bytes } => {
             spawn_local(async move {
-                if let Err(e) = save_checkpoint(step, &bytes).await {
-                    ctx.train.update(|t| t.error = Some(e));
+                match save_checkpoint(step, &bytes).await {
+                    Ok(()) => ctx.train.update(|t| t.checkpoint_step = Some(step)),
+                    Err(e) => ctx.train.update(|t| t.error = Some(e)),
                 }
             });
         }
@@ -424,7 +427,7 @@ pub fn IdentityPanel() -> impl IntoView {
             }
             .await;
             match result {
-                Ok(pngs) => run(ctx, config, pngs, None),
+                Ok(pngs) => run(ctx, config, pngs, None, 0),
                 Err(e) => ctx.train.update(|t| t.error = Some(e)),
             }
         });
@@ -674,7 +677,7 @@ fn PhotoCrop(key: u32, photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
 }
 
 /// Sends a run to the worker.
-fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u8>>) {
+fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u8>>, start: usize) {
     ctx.train.update(|t| {
         if let Some(u) = t.underlay.take() {
             revoke(&u);
@@ -683,6 +686,8 @@ fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u
             phase: Phase::Running,
             token: config.token.clone(),
             total: config.steps,
+            step: start,
+            checkpoint_step: (start > 0).then_some(start),
             underlay: photos.first().map(|p| blob_url(p, "image/png")),
             maps: t.maps.take(),
             ..TrainView::default()
@@ -724,7 +729,8 @@ async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
     }
     let checkpoint = s.read(&format!("{RUN}/checkpoint.safetensors")).await.ok();
     ctx.train.update(|t| t.offer = None);
-    run(ctx, record.config, photos, checkpoint);
+    let start = if checkpoint.is_some() { record.step } else { 0 };
+    run(ctx, record.config, photos, checkpoint, start);
     Ok(())
 }
 
@@ -755,7 +761,7 @@ fn ResumeOffer() -> impl IntoView {
                 .flatten()
         })?;
         Some(view! {
-            <div class="offer" data-testid="train-resume-offer">
+            <div class="offer" data-testid="train-resume-offer" data-step=offer.step>
                 <p>
                     "Training of "
                     <strong>{format!("<{}>", offer.config.token)}</strong>
@@ -817,6 +823,7 @@ fn TrainProgress() -> impl IntoView {
                         class="grow"
                         data-testid="train-progress"
                         data-step=move || t.with(|t| t.step)
+                        data-checkpoint=move || t.with(|t| t.checkpoint_step.map(|s| s.to_string()))
                         max=move || t.with(|t| t.total.max(1))
                         value=move || t.with(|t| t.step)
                     ></progress>

@@ -212,7 +212,7 @@ fn App() -> impl IntoView {
         )));
     }
     leptos::task::spawn_local(async move {
-        model::refresh_cache(ctx).await;
+        model::load_last(ctx).await;
         identity::load_list(ctx).await;
         identity::look_for_unfinished_run(ctx).await;
         generate::load_gallery(ctx).await;

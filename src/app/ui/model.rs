@@ -69,23 +69,40 @@ pub fn on_ready(ctx: Ctx, info: ModelInfo) {
     });
 }
 
-/// Reads the stored models and the quota; loads the last used model on the first visit.
+/// Reads the stored models and the quota.
 pub async fn refresh_cache(ctx: Ctx) {
     let Ok(s) = store().await else { return };
     if let Ok(list) = acquire::list_models(&s).await {
-        let first_time = ctx.model_id.get_untracked().is_none()
-            && matches!(ctx.model.get_untracked(), ModelState::Empty);
-        if first_time && let Some(last) = list.iter().find(|m| m.complete) {
-            load_stored(ctx, last);
-        }
         ctx.cached.set(list);
     }
     ctx.quota.set(estimate().await.ok());
 }
 
+/// On opening the page: loads the model that was last loaded successfully.
+pub async fn load_last(ctx: Ctx) {
+    refresh_cache(ctx).await;
+    let last = ctx
+        .cached
+        .with_untracked(|l| l.iter().find(|m| m.complete && m.last_used > 0.0).cloned());
+    if let Some(m) = last
+        && ctx.model_id.get_untracked().is_none()
+        && matches!(ctx.model.get_untracked(), ModelState::Empty)
+    {
+        load_stored(ctx, &m);
+    }
+}
+
 enum Pick {
     Address(String, bool),
     Files(Vec<web_sys::File>),
+}
+
+/// Clears the last failure at once (before the work starts), so that only the new outcome shows.
+fn clear_failure(ctx: Ctx) {
+    ctx.model_error.set(None);
+    if matches!(ctx.model.get_untracked(), ModelState::Failed(_)) {
+        ctx.model.set(ModelState::Empty);
+    }
 }
 
 async fn acquire(ctx: Ctx, pick: Pick) {
@@ -192,10 +209,12 @@ pub fn ModelPanel() -> impl IntoView {
     let start = move || {
         let a = address.get_untracked();
         let fp16 = PRESETS.iter().any(|p| p.address == a.trim() && p.fp16);
+        clear_failure(ctx);
         spawn_local(acquire(ctx, Pick::Address(a, fp16)));
     };
     let files = move |f: Vec<web_sys::File>| {
         if !f.is_empty() {
+            clear_failure(ctx);
             spawn_local(acquire(ctx, Pick::Files(f)));
         }
     };
@@ -359,6 +378,8 @@ fn model_status(ctx: Ctx) -> AnyView {
             </div>
         }
         .into_any(),
+        // One error box at a time: a failed download's explanation wins.
+        ModelState::Failed(_) if ctx.model_error.with(Option::is_some) => ().into_any(),
         ModelState::Failed(error) => view! { <ErrorBox error testid="model-error" /> }.into_any(),
     }
 }
@@ -404,8 +425,23 @@ fn CachedModels() -> impl IntoView {
                                     )}
                                 </span>
                                 {if m.complete {
+                                    let this = m.id.clone();
+                                    let in_use = move || {
+                                        ctx.model_id.get().as_deref() == Some(this.as_str())
+                                            && matches!(ctx.model.get(), ModelState::Ready(_))
+                                    };
                                     view! {
-                                        <button on:click=move |_| load_stored(ctx, &load)>"Load"</button>
+                                        <Show
+                                            when=in_use
+                                            fallback=move || {
+                                                let load = load.clone();
+                                                view! {
+                                                    <button on:click=move |_| load_stored(ctx, &load)>"Load"</button>
+                                                }
+                                            }
+                                        >
+                                            <span class="badge">"on the GPU"</span>
+                                        </Show>
                                     }
                                         .into_any()
                                 } else if !resume.starts_with("local:") {
