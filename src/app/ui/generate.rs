@@ -6,7 +6,7 @@ use leptos::task::spawn_local;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::widgets::{ErrorBox, UiError, blob_url, blob_url_of, random_seed, revoke};
+use super::widgets::{ErrorBox, NumberField, UiError, blob_url, blob_url_of, random_seed, revoke};
 use super::{Ctx, ModelState, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
 use crate::pipeline::GenerateRequest;
@@ -322,36 +322,8 @@ pub fn GeneratePanel() -> impl IntoView {
                 ></textarea>
             </label>
             <div class="form-grid">
-                <label>
-                    <span>"Steps"</span>
-                    <input
-                        type="number"
-                        min="1"
-                        max="150"
-                        data-testid="gen-steps"
-                        prop:value=move || steps.get().to_string()
-                        on:input=move |ev| {
-                            if let Ok(v) = event_target_value(&ev).parse() {
-                                steps.set(v)
-                            }
-                        }
-                    />
-                </label>
-                <label>
-                    <span>"Guidance"</span>
-                    <input
-                        type="number"
-                        min="1"
-                        step="0.5"
-                        data-testid="gen-guidance"
-                        prop:value=move || guidance.get().to_string()
-                        on:input=move |ev| {
-                            if let Ok(v) = event_target_value(&ev).parse() {
-                                guidance.set(v)
-                            }
-                        }
-                    />
-                </label>
+                <NumberField label="Steps" testid="gen-steps" value=steps min="1" step="1" max="150" />
+                <NumberField label="Guidance" testid="gen-guidance" value=guidance min="1" step="0.5" />
                 <label>
                     <span>"Seed"</span>
                     <span class="with-button">
@@ -412,21 +384,7 @@ pub fn GeneratePanel() -> impl IntoView {
                             .collect_view()}
                     </select>
                 </label>
-                <label>
-                    <span>"Images"</span>
-                    <input
-                        type="number"
-                        min="1"
-                        max="8"
-                        data-testid="gen-count"
-                        prop:value=move || count.get().to_string()
-                        on:input=move |ev| {
-                            if let Ok(v) = event_target_value(&ev).parse() {
-                                count.set(v)
-                            }
-                        }
-                    />
-                </label>
+                <NumberField label="Images" testid="gen-count" value=count min="1" step="1" max="8" />
             </div>
             <div class="row">
                 <button

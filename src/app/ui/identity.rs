@@ -11,8 +11,8 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::{HtmlImageElement, ImageEncodeOptions, OffscreenCanvas};
 
 use super::widgets::{
-    ErrorBox, LossChart, UiError, blob_url, blob_url_of, dropped_files, duration, input_files,
-    revoke,
+    ErrorBox, LossChart, NumberField, UiError, blob_url, blob_url_of, dropped_files, duration,
+    input_files, revoke,
 };
 use super::{Ctx, ModelState, store};
 use crate::app::protocol::{Request, Response, TrainJob};
@@ -499,55 +499,15 @@ pub fn IdentityPanel() -> impl IntoView {
                             .collect_view()}
                     </datalist>
                 </label>
-                <label>
-                    <span>"Steps"</span>
-                    <input
-                        type="number"
-                        min="1"
-                        data-testid="train-steps"
-                        prop:value=move || steps.get().to_string()
-                        on:input=move |ev| {
-                            if let Ok(v) = event_target_value(&ev).parse() {
-                                steps.set(v)
-                            }
-                        }
-                    />
-                </label>
+                <NumberField label="Steps" testid="train-steps" value=steps min="1" step="1" />
             </div>
             <details class="advanced">
                 <summary>"Advanced settings"</summary>
                 <div class="form-grid">
                     <NumberField label="Learning rate" testid="train-lr" value=lr step="0.0005" />
                     <NumberField label="Attention loss weight" testid="train-attn-weight" value=attn step="0.001" />
-                    <label>
-                        <span>"Resolution (px, 0: the model's own)"</span>
-                        <input
-                            type="number"
-                            min="0"
-                            step="64"
-                            data-testid="train-resolution"
-                            prop:value=move || resolution.get().to_string()
-                            on:input=move |ev| {
-                                if let Ok(v) = event_target_value(&ev).parse() {
-                                    resolution.set(v)
-                                }
-                            }
-                        />
-                    </label>
-                    <label>
-                        <span>"Seed"</span>
-                        <input
-                            type="number"
-                            min="0"
-                            data-testid="train-seed"
-                            prop:value=move || seed.get().to_string()
-                            on:input=move |ev| {
-                                if let Ok(v) = event_target_value(&ev).parse() {
-                                    seed.set(v)
-                                }
-                            }
-                        />
-                    </label>
+                    <NumberField label="Resolution (px, 0: the model's own)" testid="train-resolution" value=resolution step="64" />
+                    <NumberField label="Seed" testid="train-seed" value=seed step="1" />
                 </div>
             </details>
             <div class="row">
@@ -564,32 +524,6 @@ pub fn IdentityPanel() -> impl IntoView {
             <TrainProgress />
             <IdentityList />
         </section>
-    }
-}
-
-#[component]
-fn NumberField(
-    label: &'static str,
-    testid: &'static str,
-    value: RwSignal<f64>,
-    step: &'static str,
-) -> impl IntoView {
-    view! {
-        <label>
-            <span>{label}</span>
-            <input
-                type="number"
-                step=step
-                min="0"
-                data-testid=testid
-                prop:value=move || value.get().to_string()
-                on:input=move |ev| {
-                    if let Ok(v) = event_target_value(&ev).parse() {
-                        value.set(v)
-                    }
-                }
-            />
-        </label>
     }
 }
 

@@ -212,3 +212,36 @@ pub async fn file_bytes(file: &web_sys::File) -> Result<Vec<u8>, UiError> {
         .await
         .map_err(|e| UiError::new("storage", e.to_string()))
 }
+
+/// A labelled number input bound to a signal; text that does not parse leaves the value as is.
+#[component]
+pub fn NumberField<T>(
+    label: &'static str,
+    testid: &'static str,
+    value: RwSignal<T>,
+    #[prop(default = "0")] min: &'static str,
+    #[prop(default = "any")] step: &'static str,
+    #[prop(optional)] max: Option<&'static str>,
+) -> impl IntoView
+where
+    T: std::str::FromStr + ToString + Clone + Send + Sync + 'static,
+{
+    view! {
+        <label>
+            <span>{label}</span>
+            <input
+                type="number"
+                min=min
+                max=max
+                step=step
+                data-testid=testid
+                prop:value=move || value.get().to_string()
+                on:input=move |ev| {
+                    if let Ok(v) = event_target_value(&ev).parse() {
+                        value.set(v)
+                    }
+                }
+            />
+        </label>
+    }
+}
