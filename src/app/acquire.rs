@@ -215,8 +215,16 @@ async fn download_file(
         404 | 410 => return Ok(None),
         200 | 206 => {}
         416 if have > 0 => {
-            // Everything was stored but the last part's close was lost: start over.
-            store.remove(&format!("{prefix}.0")).await?;
+            // The stored parts already hold the whole file (the page closed before the
+            // manifest said so), or the file on the server changed: then start over.
+            let total = header(&resp.headers(), "content-range")
+                .and_then(|r| r.rsplit('/').next()?.parse::<u64>().ok());
+            if total == Some(have) {
+                return Ok(Some(have));
+            }
+            for k in 0..have / PART_SIZE {
+                store.remove(&format!("{prefix}.{k}")).await?;
+            }
             return Box::pin(download_file(
                 store,
                 id,
@@ -549,9 +557,4 @@ pub async fn touch(store: &Store, id: &str) -> Result<(), StoreError> {
         write_manifest(store, &m).await?;
     }
     Ok(())
-}
-
-/// Whether a JS value is a `File` (drag-and-drop hands over other kinds too).
-pub fn as_file(v: JsValue) -> Option<File> {
-    v.dyn_into::<File>().ok()
 }

@@ -68,12 +68,13 @@ pub fn estimate(
     let weights = params * bytes_per_param;
     let scale = (resolution as f64 / 512.0).powi(2) * unet_params as f64 / SD15_UNET_PARAMS;
     let train = weights as f64 + SD15_TRAIN_ACTIVATIONS_512 * scale * bytes_per_param as f64 / 4.0;
-    let generate = weights as f64
-        + 2.0 * attention_bytes(unet, resolution, resolution, 2) as f64
-        + 0.5 * GIB * scale;
+    // One image with guidance: a batch of 2.
+    let attention = attention_bytes(unet, resolution, resolution, 2);
+    let generate = weights as f64 + 2.0 * attention as f64 + 0.5 * GIB * scale;
     let binding = limits.map(|l| l.max_storage_buffer_binding_size.min(l.max_buffer_size));
+    let largest_generate_side = binding.map(|l| largest_side(unet, 2, l));
     let mut advice = Vec::new();
-    if let Some(limit) = binding {
+    if let (Some(limit), Some(side)) = (binding, largest_generate_side) {
         let mib = |b: u64| format!("{} MiB", b.div_ceil(1 << 20));
         if largest_tensor > limit {
             advice.push(format!(
@@ -87,13 +88,11 @@ pub fn estimate(
                 }
             ));
         }
-        let attention = attention_bytes(unet, resolution, resolution, 2);
         if attention > limit {
             advice.push(format!(
-                "At {resolution} px the attention needs a {} buffer; this GPU allows {}. Choose {} px or less.",
+                "At {resolution} px the attention needs a {} buffer; this GPU allows {}. Choose {side} px or less.",
                 mib(attention),
                 mib(limit),
-                largest_side(unet, 2, limit)
             ));
         }
     }
@@ -103,7 +102,7 @@ pub fn estimate(
         generate_bytes: generate as u64,
         resolution,
         binding_limit: binding,
-        largest_generate_side: binding.map(|l| largest_side(unet, 2, l)),
+        largest_generate_side,
         advice,
     }
 }

@@ -356,18 +356,17 @@ mod compute {
         // Free the previous model's GPU memory before loading the next.
         state.model.borrow_mut().take();
         let device = dev.device.clone().autodiff();
+        // Progress over all three models, whichever order they load in.
+        let total = Component::ALL.iter().map(|&c| ckpt.entries(c).len()).sum();
+        let (mut finished, mut current) = (0, None);
         let sd = StableDiffusion::load(&ckpt, &device, precision.dtype(), &mut |p| {
+            if current.is_some_and(|(c, _)| c != p.component) {
+                finished += current.map_or(0, |(_, n)| n);
+            }
+            current = Some((p.component, p.tensors_total));
             respond(Response::ModelProgress {
-                done: p.tensors_done
-                    + match p.component {
-                        Component::TextEncoder => 0,
-                        Component::Unet => ckpt.entries(Component::TextEncoder).len(),
-                        Component::Vae => {
-                            ckpt.entries(Component::TextEncoder).len()
-                                + ckpt.entries(Component::Unet).len()
-                        }
-                    },
-                total: Component::ALL.iter().map(|&c| ckpt.entries(c).len()).sum(),
+                done: finished + p.tensors_done,
+                total,
             })
         })
         .await

@@ -392,9 +392,7 @@ fn CachedModels() -> impl IntoView {
             if let Ok(s) = store().await {
                 let _ = s.remove(&format!("models/{id}")).await;
             }
-            if ctx.model_id.get_untracked().as_deref() == Some(id.as_str()) {
-                // The GPU copy stays usable until another model is loaded.
-            }
+            // A model on the GPU stays usable until another one is loaded.
             refresh_cache(ctx).await;
         });
     };

@@ -114,10 +114,7 @@ pub fn revoke(url: &str) {
 /// Files of an `<input type=file>` change event.
 pub fn input_files(ev: &web_sys::Event) -> Vec<web_sys::File> {
     let input: web_sys::HtmlInputElement = event_target(ev);
-    let files = input.files();
-    let out = files
-        .map(|list| (0..list.length()).filter_map(|i| list.get(i)).collect())
-        .unwrap_or_default();
+    let out = files_of(input.files());
     // Picking the same file again must fire `change` again.
     input.set_value("");
     out
@@ -126,9 +123,11 @@ pub fn input_files(ev: &web_sys::Event) -> Vec<web_sys::File> {
 /// Files dropped on an element.
 pub fn dropped_files(ev: &web_sys::DragEvent) -> Vec<web_sys::File> {
     ev.prevent_default();
-    ev.data_transfer()
-        .and_then(|d| d.files())
-        .map(|list| (0..list.length()).filter_map(|i| list.get(i)).collect())
+    files_of(ev.data_transfer().and_then(|d| d.files()))
+}
+
+fn files_of(list: Option<web_sys::FileList>) -> Vec<web_sys::File> {
+    list.map(|l| (0..l.length()).filter_map(|i| l.get(i)).collect())
         .unwrap_or_default()
 }
 
