@@ -213,11 +213,10 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Vec<Piece> {
         let mut pieces = Vec::new();
         let mut rest = 0;
-        for m in placeholder_pattern().captures_iter(text) {
-            let whole = m.get(0).expect("group 0 always matches");
-            self.encode_plain(&text[rest..whole.start()], &mut pieces);
-            pieces.push(Piece::Placeholder(m[1].to_string()));
-            rest = whole.end();
+        for (whole, name) in placeholder_spans(text) {
+            self.encode_plain(&text[rest..whole.start], &mut pieces);
+            pieces.push(Piece::Placeholder(name.to_string()));
+            rest = whole.end;
         }
         self.encode_plain(&text[rest..], &mut pieces);
         pieces
@@ -355,9 +354,38 @@ impl ClipTokenizer {
     }
 }
 
-fn placeholder_pattern() -> &'static Regex {
-    static RE: OnceLock<Regex> = OnceLock::new();
-    RE.get_or_init(|| Regex::new(r"<([A-Za-z0-9_][A-Za-z0-9_.\-]*)>").expect("valid pattern"))
+/// The names of a prompt's `<name>` placeholders, in order, as [`ClipTokenizer::encode`]
+/// finds them.
+pub fn placeholders(text: &str) -> impl Iterator<Item = &str> {
+    placeholder_spans(text).map(|(_, name)| name)
+}
+
+/// Each `<name>` of a prompt: its byte range (brackets included) and the name. A name starts
+/// with an ASCII letter, digit or `_` and goes on with those, `.` or `-` (the pattern
+/// `<([A-Za-z0-9_][A-Za-z0-9_.\-]*)>`, scanned by hand so that the page, which only needs the
+/// names, carries no regex engine).
+fn placeholder_spans(text: &str) -> impl Iterator<Item = (std::ops::Range<usize>, &str)> {
+    let bytes = text.as_bytes();
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        while let Some(offset) = bytes[at..].iter().position(|&b| b == b'<') {
+            let open = at + offset;
+            let first = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
+            let rest = |b: &u8| first(b) || matches!(b, b'.' | b'-');
+            let name_len = match bytes.get(open + 1) {
+                Some(b) if first(b) => 1 + bytes[open + 2..].iter().take_while(|b| rest(b)).count(),
+                _ => 0,
+            };
+            let close = open + 1 + name_len;
+            at = open + 1;
+            if name_len > 0 && bytes.get(close) == Some(&b'>') {
+                at = close + 1;
+                return Some((open..close + 1, &text[open + 1..close]));
+            }
+        }
+        at = bytes.len();
+        None
+    })
 }
 
 /// `CLIPTokenizer.pat`.
@@ -477,6 +505,34 @@ mod tests {
 
     fn sd1() -> ClipTokenizer {
         ClipTokenizer::openai(END_OF_TEXT)
+    }
+
+    #[test]
+    fn placeholders_are_the_ones_encode_finds() {
+        let t = sd1();
+        for prompt in [
+            "a photo of <alice> and <bob_2> at 3<4 > 2",
+            "x < alice > <|endoftext|> <a.b-c>",
+            "no names here",
+        ] {
+            let encoded: Vec<String> = t
+                .encode(prompt)
+                .into_iter()
+                .filter_map(|p| match p {
+                    Piece::Placeholder(n) => Some(n),
+                    Piece::Id(_) => None,
+                })
+                .collect();
+            assert_eq!(
+                placeholders(prompt).collect::<Vec<_>>(),
+                encoded,
+                "{prompt}"
+            );
+        }
+        assert_eq!(
+            placeholders("<alice> and <bob_2>").collect::<Vec<_>>(),
+            ["alice", "bob_2"]
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde_bytes::ByteBuf;
 use super::widgets::{ErrorBox, NumberField, UiError, blob_url, blob_url_of, random_seed, revoke};
 use super::{Ctx, ModelState, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
+use crate::clip::tokenizer::placeholders;
 use crate::pipeline::GenerateRequest;
 use crate::schedule::Sampler;
 
@@ -179,23 +180,6 @@ thread_local! {
     static LAST_JOB: std::cell::RefCell<Option<GenerateJob>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Placeholder names (`<name>`) in a prompt.
-fn placeholders(prompt: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = prompt;
-    while let Some(a) = rest.find('<') {
-        let after = &rest[a + 1..];
-        match after.find('>') {
-            Some(b) => {
-                out.push(after[..b].to_string());
-                rest = &after[b + 1..];
-            }
-            None => break,
-        }
-    }
-    out
-}
-
 #[component]
 pub fn GeneratePanel() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
@@ -264,7 +248,7 @@ pub fn GeneratePanel() -> impl IntoView {
         spawn_local(async move {
             let mut identities = Vec::new();
             for name in placeholders(&request.prompt) {
-                if let Some(bytes) = super::identity::identity_bytes(&name).await {
+                if let Some(bytes) = super::identity::identity_bytes(name).await {
                     identities.push(ByteBuf::from(bytes));
                 }
             }
