@@ -133,6 +133,20 @@ fn sefi_device_text_names_the_adapter_and_limits() {
     }
 }
 
+/// Without XDG_RUNTIME_DIR (servers, containers, sudo) probing for a GPU must not fill the
+/// terminal with Mesa's complaints about it.
+#[test]
+fn probing_for_a_gpu_is_quiet_without_a_runtime_dir() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args(["device", "--device", "auto", "--json"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("run the sefi binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}
+
 #[test]
 fn sefi_device_rejects_an_unknown_backend() {
     let out = sefi(&["device", "--device", "tpu"]);

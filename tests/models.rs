@@ -205,6 +205,56 @@ fn fp16_variant_and_single_files_give_the_same_outputs() {
     }
 }
 
+/// The diffusers folders as the published SD 1.5 and SD 2.1 repositories hold them (written
+/// by `tests/fixtures/sd/published.py`): the tensor names, buffers, configs and tokenizer files
+/// of 2022-2023, and the same weights, so the goldens of today's layout apply unchanged.
+#[test]
+fn published_layouts_give_the_same_outputs() {
+    let device = Device::flex();
+    for (published, model, variants) in [
+        (
+            "tiny-sd1-2022",
+            "tiny-sd1",
+            &[Variant::Auto, Variant::Fp16][..],
+        ),
+        ("tiny-sd2-2022", "tiny-sd2", &[Variant::Auto][..]),
+    ] {
+        let today = open(&fixture(model), Variant::Auto, None);
+        for &variant in variants {
+            let ckpt = open(&fixture(published), variant, None);
+            let what = format!("{published} ({variant:?})");
+            assert_eq!(ckpt.family, today.family, "{what}");
+            assert_eq!(ckpt.format, Format::Diffusers, "{what}");
+            assert_eq!(
+                ckpt.config, today.config,
+                "{what}: configs of old diffusers read alike"
+            );
+            // The scheduler of that time, with diffusers' defaults for what it lacks.
+            let s = &ckpt.scheduler;
+            assert_eq!(
+                (
+                    s.prediction_type,
+                    s.steps_offset,
+                    s.timestep_spacing,
+                    s.set_alpha_to_one
+                ),
+                (ckpt.config.prediction, 1, None, Some(false)),
+                "{what}"
+            );
+            // The tokenizer files of that time name the same pad token as today's.
+            let ids = |c: &Checkpoint| {
+                sefi::sd::tokenizer(&c.tokenizer)
+                    .unwrap()
+                    .tokenize("a photo of sks person")
+            };
+            assert_eq!(ids(&ckpt), ids(&today), "{what}: tokens");
+            let renamed = ckpt.adaptations.iter().filter(|a| a.loaded_as.is_some());
+            assert_eq!(renamed.count(), 16, "{what}: the VAE's old attention names");
+            check_parity(model, &load(&ckpt, &device), &device, TOL_CPU);
+        }
+    }
+}
+
 /// Half-precision weights: activations in F16/BF16 (norms in F32), so errors scale with the
 /// format's epsilon (F16 2^-11, BF16 2^-8) times the values' size.
 const TOL_F16: f32 = 2e-2;

@@ -236,6 +236,116 @@ fn missing_extra_and_misshaped_tensors_are_named() {
     );
 }
 
+/// The VAE of the published SD 1.5 folder, edited.
+fn published_vae(
+    edit: impl Fn(&mut Vec<(String, TensorView)>),
+) -> Result<Checkpoint, WeightsError> {
+    tiny_sd1_with_vae(rewrite(
+        &fixture("tiny-sd1-2022/vae/diffusion_pytorch_model.safetensors"),
+        edit,
+    ))
+}
+
+#[test]
+fn older_names_are_accepted_and_nothing_else() {
+    let device = Device::flex();
+    let ckpt = published_vae(|_| {}).unwrap();
+    validate(&ckpt, &device).unwrap();
+    let renamed: Vec<_> = ckpt
+        .adaptations
+        .iter()
+        .filter_map(|a| a.loaded_as.as_deref())
+        .collect();
+    assert_eq!(renamed.len(), 16, "{renamed:?}");
+    assert!(renamed.contains(&"encoder.mid_block.attentions.0.to_q.weight"));
+
+    // An unknown tensor beside the old names is still refused, by name.
+    let err = validate(
+        &published_vae(|t| {
+            let bias = t
+                .iter()
+                .find(|(n, _)| n.ends_with("attentions.0.query.bias"))
+                .unwrap()
+                .1
+                .clone();
+            t.push(("decoder.mid_block.attentions.0.query.scale".into(), bias));
+        })
+        .unwrap(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, WeightsError::Unexpected { first, count: 1, .. } if first == "decoder.mid_block.attentions.0.query.scale"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("query.scale"), "{err}");
+
+    // An old name of the wrong shape is named as stored would be loaded.
+    let err = validate(
+        &published_vae(|t| {
+            let bias = t
+                .iter()
+                .find(|(n, _)| n == "decoder.mid_block.attentions.0.key.bias")
+                .unwrap()
+                .1
+                .clone();
+            for (n, v) in t.iter_mut() {
+                if n == "decoder.mid_block.attentions.0.key.weight" {
+                    *v = bias.clone();
+                }
+            }
+        })
+        .unwrap(),
+        &device,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, WeightsError::Shape { name, .. } if name == "decoder.mid_block.attentions.0.to_k.weight"),
+        "{err:?}"
+    );
+
+    // The same tensor under both names is ambiguous: refused, naming both.
+    let err = published_vae(|t| {
+        let q = t
+            .iter()
+            .find(|(n, _)| n == "decoder.mid_block.attentions.0.query.weight")
+            .unwrap()
+            .1
+            .clone();
+        t.push(("decoder.mid_block.attentions.0.to_q.weight".into(), q));
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&err, WeightsError::UnknownModel { reason, .. } if reason.contains("to_q.weight") && reason.contains("query.weight")),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_folder_with_only_pickles_says_so() {
+    let dir = std::env::temp_dir().join(format!("sefi-pickles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let published = fixture("tiny-sd1-2022");
+    for f in [
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/pytorch_model.bin",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ] {
+        std::fs::create_dir_all(dir.join(f).parent().unwrap()).unwrap();
+        std::fs::copy(published.join(f), dir.join(f)).unwrap();
+    }
+    let err = block_on(Checkpoint::open_path(&dir, Variant::Auto, None)).unwrap_err();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        matches!(&err, WeightsError::Pickle { file } if file.ends_with("text_encoder/pytorch_model.bin")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(".safetensors"), "{err}");
+}
+
 #[test]
 fn the_wrong_family_or_size_is_explained() {
     // A single file read with the sizes of another model.
@@ -332,6 +442,30 @@ fn inspect_tells_each_fixture() {
             "bundled",
         ),
         (
+            vec![dir("tiny-sd1-2022")],
+            "sd1",
+            "diffusers",
+            "F32",
+            sd1,
+            "files",
+        ),
+        (
+            vec![dir("tiny-sd1-2022"), "--fp16".into()],
+            "sd1",
+            "diffusers",
+            "F16",
+            sd1,
+            "files",
+        ),
+        (
+            vec![dir("tiny-sd2-2022")],
+            "sd2-v",
+            "diffusers",
+            "F16",
+            sd2,
+            "files",
+        ),
+        (
             vec![
                 dir("tiny-sd1.safetensors"),
                 "--config".into(),
@@ -368,6 +502,27 @@ fn inspect_tells_each_fixture() {
         let got = ["unet", "text_encoder", "vae"].map(|c| r["params"][c].as_u64().unwrap());
         assert_eq!(got, params, "{args:?}");
     }
+    // The published layouts say what was adapted.
+    let (r, _) = inspect(&[&dir("tiny-sd1-2022")]);
+    let adapted = r["adapted"].as_array().unwrap();
+    assert_eq!(adapted.len(), 17, "{r}");
+    assert!(adapted.contains(&serde_json::json!({
+        "component": "text_encoder",
+        "stored": "text_model.embeddings.position_ids",
+        "loaded_as": null
+    })));
+    assert!(adapted.contains(&serde_json::json!({
+        "component": "vae",
+        "stored": "decoder.mid_block.attentions.0.proj_attn.weight",
+        "loaded_as": "decoder.mid_block.attentions.0.to_out.0.weight"
+    })));
+    let (r, _) = inspect(&[&dir("tiny-sd1")]);
+    assert_eq!(
+        r["adapted"],
+        serde_json::json!([]),
+        "today's layout needs nothing adapted"
+    );
+
     // Without the sizes, a tiny single file does not fit SD 1.5's layout: said, with a failing status.
     let (r, ok) = inspect(&[&dir("tiny-sd1.safetensors")]);
     assert!(!ok);

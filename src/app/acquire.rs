@@ -198,6 +198,17 @@ async fn fetch(url: &str, from: u64) -> Result<Response, AcquireError> {
     Ok(resp.unchecked_into())
 }
 
+/// Whether the server has `url` (a HEAD request: a pickle is named, never fetched).
+async fn exists(url: &str) -> bool {
+    let window = web_sys::window().expect("the page has a window");
+    let init = RequestInit::new();
+    init.set_method("HEAD");
+    match JsFuture::from(window.fetch_with_str_and_init(url, &init)).await {
+        Ok(resp) => resp.unchecked_into::<Response>().ok(),
+        Err(_) => false,
+    }
+}
+
 /// Downloads one file into parts; `Ok(None)` when the server has no such file.
 async fn download_file(
     store: &Store,
@@ -344,6 +355,7 @@ pub async fn download(
             Wanted {
                 candidates: vec!["model.safetensors".into()],
                 optional: false,
+                pickles: Vec::new(),
             },
             url.clone(),
         )],
@@ -385,11 +397,14 @@ pub async fn download(
             return Err(AcquireError::BadModel(if manifest.single_file {
                 format!("{} was not found (404)", source.address())
             } else {
-                format!(
-                    "{} is not a diffusers model folder: it has no {}. Give the address of the folder that holds unet/, vae/ and text_encoder/, or of a single .safetensors file",
-                    source.address(),
-                    want.candidates.join(" or ")
-                )
+                let mut pickle = None;
+                for p in &want.pickles {
+                    if exists(&format!("{base}{p}")).await {
+                        pickle = Some(p.as_str());
+                        break;
+                    }
+                }
+                want.missing(source.address(), pickle)
             }));
         }
     }
@@ -438,10 +453,13 @@ pub async fn copy_files(
                 Some(f) => out.push(f.clone()),
                 None if want.optional => {}
                 None => {
-                    return Err(AcquireError::BadModel(format!(
-                        "the folder has no {}; pick the model's folder (the one with unet/, vae/ and text_encoder/)",
-                        want.candidates.join(" or ")
-                    )));
+                    let pickle = want
+                        .pickles
+                        .iter()
+                        .find(|p| named.iter().any(|(n, _)| n == *p));
+                    return Err(AcquireError::BadModel(
+                        want.missing("the folder", pickle.map(String::as_str)),
+                    ));
                 }
             }
         }

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::weights::Component;
+
 /// A model offered in the model panel's list. Add entries here to offer more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Preset {
@@ -157,12 +159,33 @@ pub struct Wanted {
     pub candidates: Vec<String>,
     /// A model works without it (the defaults stand in).
     pub optional: bool,
+    /// PyTorch pickle files that hold the same weights: never fetched or read, only named when
+    /// they are all the folder has.
+    pub pickles: Vec<String>,
+}
+
+impl Wanted {
+    /// Why a folder without this file cannot be used; `pickle` is the pickle it has instead.
+    pub fn missing(&self, folder: &str, pickle: Option<&str>) -> String {
+        match pickle {
+            Some(p) => format!(
+                "{folder} holds {p}, a PyTorch pickle file, and no {}. SeFi Studio only opens .safetensors files, which cannot hide code; most models publish them beside the pickles",
+                self.candidates.join(" or ")
+            ),
+            None => format!(
+                "{folder} is not a diffusers model folder: it has no {}. Give the folder that holds unet/, vae/ and text_encoder/, or a single .safetensors file",
+                self.candidates.join(" or ")
+            ),
+        }
+    }
 }
 
 /// The files of a diffusers folder that SeFi Studio reads, weights in the preferred variant
-/// first.
+/// first. Everything else a published folder holds (`model_index.json`, `safety_checker/`,
+/// `feature_extractor/`, `.bin` pickles, `.ckpt` files beside it) is never fetched.
 pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
-    let weights = |dir: &str, stem: &str| {
+    let weights = |component: Component| {
+        let (dir, stem) = (component.folder(), component.weights_stem());
         let (full, half) = (
             format!("{dir}/{stem}.safetensors"),
             format!("{dir}/{stem}.fp16.safetensors"),
@@ -174,11 +197,13 @@ pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
                 vec![full, half]
             },
             optional: false,
+            pickles: component.pickle_files().to_vec(),
         }
     };
     let file = |p: &str, optional| Wanted {
         candidates: vec![p.to_string()],
         optional,
+        pickles: Vec::new(),
     };
     vec![
         file("unet/config.json", false),
@@ -189,9 +214,9 @@ pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
         file("tokenizer/merges.txt", true),
         file("tokenizer/special_tokens_map.json", true),
         file("tokenizer/tokenizer_config.json", true),
-        weights("text_encoder", "model"),
-        weights("unet", "diffusion_pytorch_model"),
-        weights("vae", "diffusion_pytorch_model"),
+        weights(Component::TextEncoder),
+        weights(Component::Unet),
+        weights(Component::Vae),
     ]
 }
 
@@ -359,6 +384,44 @@ mod tests {
             folder_files(false).iter().filter(|w| !w.optional).count(),
             6
         );
+    }
+
+    #[test]
+    fn published_folders_fetch_only_what_is_used() {
+        let all: Vec<String> = folder_files(false)
+            .into_iter()
+            .flat_map(|w| w.candidates)
+            .collect();
+        for never in [
+            "model_index.json",
+            "safety_checker",
+            "feature_extractor",
+            ".bin",
+            ".ckpt",
+        ] {
+            assert!(
+                !all.iter().any(|f| f.contains(never)),
+                "{never} would be fetched"
+            );
+        }
+        let text = folder_files(false)
+            .into_iter()
+            .find(|w| w.candidates[0].starts_with("text_encoder/model"))
+            .unwrap();
+        assert_eq!(
+            text.pickles,
+            [
+                "text_encoder/pytorch_model.bin",
+                "text_encoder/pytorch_model.fp16.bin"
+            ]
+        );
+        let why = text.missing("my-model/", Some("text_encoder/pytorch_model.bin"));
+        assert!(
+            why.contains("text_encoder/pytorch_model.bin") && why.contains("pickle"),
+            "{why}"
+        );
+        let why = text.missing("my-model/", None);
+        assert!(why.contains("text_encoder/model.safetensors"), "{why}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::sd;
+use crate::weights::legacy::Adaptation;
 use crate::weights::open::Variant;
 use crate::weights::{Component, Family, Format, TokenizerSource};
 
@@ -44,6 +45,9 @@ struct Report<'a> {
     tokenizer: &'a TokenizerSource,
     /// "ok", or why the tensors do not fit the models of the config.
     layout: String,
+    /// Tensors stored under older names, and skipped buffers, of files written by older
+    /// diffusers and transformers releases.
+    adapted: &'a [Adaptation],
 }
 
 pub fn run(args: InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
@@ -70,6 +74,7 @@ pub fn run(args: InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Ok(()) => "ok".into(),
             Err(e) => e.to_string(),
         },
+        adapted: &ckpt.adaptations,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -121,6 +126,22 @@ fn print_text(r: &Report) {
         TokenizerSource::Bundled { pad_token } => {
             println!("tokenizer     bundled CLIP vocabulary (pad {pad_token:?})")
         }
+    }
+    let renamed: Vec<_> = r.adapted.iter().filter(|a| a.loaded_as.is_some()).collect();
+    if let Some(first) = renamed.first() {
+        println!(
+            "older names   {} tensor(s) as older diffusers releases named them, loaded under today's names (e.g. {} `{}` as `{}`)",
+            renamed.len(),
+            first.component,
+            first.stored,
+            first.loaded_as.as_deref().unwrap_or_default()
+        );
+    }
+    for a in r.adapted.iter().filter(|a| a.loaded_as.is_none()) {
+        println!(
+            "skipped       {} `{}`: a buffer older files carry, recomputed by the model",
+            a.component, a.stored
+        );
     }
     if r.layout == "ok" {
         println!("layout        ok: every tensor the models need, with the right shapes");

@@ -62,6 +62,8 @@ pub(crate) fn open_checkpoint(
 
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> std::process::ExitCode {
+    #[cfg(target_os = "linux")]
+    let _runtime_dir = RuntimeDir::ensure();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Device(args) => device::run(args),
@@ -75,6 +77,41 @@ pub fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Mesa's Vulkan drivers print "error: XDG_RUNTIME_DIR is invalid or not set in the
+/// environment" each time an adapter is probed in a process without one (servers, containers,
+/// `sudo`), which reads as a failure. The process gets a private one, as a login session would
+/// give it, removed again at exit.
+#[cfg(target_os = "linux")]
+struct RuntimeDir(Option<std::path::PathBuf>);
+
+#[cfg(target_os = "linux")]
+impl RuntimeDir {
+    fn ensure() -> Self {
+        use std::os::unix::fs::DirBuilderExt;
+        let set =
+            std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+        if set {
+            return Self(None);
+        }
+        let dir = std::env::temp_dir().join(format!("sefi-runtime-{}", std::process::id()));
+        if std::fs::DirBuilder::new().mode(0o700).create(&dir).is_err() {
+            return Self(None);
+        }
+        // SAFETY: called first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", &dir) };
+        Self(Some(dir))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

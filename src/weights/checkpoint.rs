@@ -9,6 +9,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use super::ldm::{self, LdmFamily, Transform};
+use super::legacy::{self, Adaptation, Adapted};
 use super::{ByteSource, HostData, HostTensor, SafetensorsFile, WeightsError};
 use crate::config::{self, Prediction, SdConfig, TextConfig, UNetConfig, VaeConfig};
 use crate::schedule::SchedulerConfig;
@@ -85,6 +86,29 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::Vae => "vae",
         }
+    }
+
+    /// The file name of the weights in its diffusers folder, without `.safetensors` (and
+    /// without the `.fp16` of the half-precision variant).
+    pub fn weights_stem(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "model",
+            _ => "diffusion_pytorch_model",
+        }
+    }
+
+    /// The PyTorch pickle files the same weights are published as (transformers and diffusers
+    /// wrote these before safetensors; many folders still hold them beside the safetensors
+    /// files). Never opened: only named when they are all a folder has.
+    pub fn pickle_files(self) -> [String; 2] {
+        let stem = match self {
+            Component::TextEncoder => "pytorch_model",
+            _ => "diffusion_pytorch_model",
+        };
+        [
+            format!("{}/{stem}.bin", self.folder()),
+            format!("{}/{stem}.fp16.bin", self.folder()),
+        ]
     }
 }
 
@@ -166,6 +190,8 @@ pub struct Checkpoint {
     pub tokenizer: TokenizerSource,
     /// The noise schedule (`scheduler/scheduler_config.json`, or the family's).
     pub scheduler: SchedulerConfig,
+    /// Older names and buffers of the files, mapped onto today's layout ([`legacy`]).
+    pub adaptations: Vec<Adaptation>,
     files: Vec<SafetensorsFile>,
     entries: BTreeMap<Component, BTreeMap<String, Entry>>,
 }
@@ -193,6 +219,7 @@ impl Checkpoint {
     pub async fn diffusers(path: &str, parts: DiffusersParts) -> Result<Self, WeightsError> {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
+        let mut adaptations = Vec::new();
         for (component, source) in
             Component::ALL
                 .into_iter()
@@ -202,22 +229,47 @@ impl Checkpoint {
             let mut map = BTreeMap::new();
             for (key, dtype, shape) in file.tensors() {
                 // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
-                let name = if component == Component::TextEncoder && !key.starts_with("text_model.")
-                {
-                    format!("text_model.{key}")
-                } else {
-                    key.clone()
+                let stored =
+                    if component == Component::TextEncoder && !key.starts_with("text_model.") {
+                        format!("text_model.{key}")
+                    } else {
+                        key.clone()
+                    };
+                let (name, transform) = match legacy::adapt(component, &stored, &shape) {
+                    Adapted::Current => (stored, Transform::Copy),
+                    Adapted::Buffer => {
+                        adaptations.push(Adaptation {
+                            component,
+                            stored: key,
+                            loaded_as: None,
+                        });
+                        continue;
+                    }
+                    Adapted::Renamed { name, transform } => {
+                        adaptations.push(Adaptation {
+                            component,
+                            stored: key.clone(),
+                            loaded_as: Some(name.clone()),
+                        });
+                        (name, transform)
+                    }
                 };
-                map.insert(
-                    name,
-                    Entry {
-                        file: files.len(),
-                        key,
-                        transform: Transform::Copy,
-                        dtype,
-                        shape,
-                    },
-                );
+                let entry = Entry {
+                    file: files.len(),
+                    shape: transform.apply_shape(&shape),
+                    key,
+                    transform,
+                    dtype,
+                };
+                if let Some(other) = map.insert(name.clone(), entry) {
+                    return Err(WeightsError::UnknownModel {
+                        path: path.into(),
+                        reason: format!(
+                            "its {component} weights hold `{name}` twice (as `{}` and under an older name); keep one of them",
+                            other.key
+                        ),
+                    });
+                }
             }
             entries.insert(component, map);
             files.push(file);
@@ -272,6 +324,7 @@ impl Checkpoint {
             },
             tokenizer,
             scheduler,
+            adaptations,
             files,
             entries,
         })
@@ -366,6 +419,7 @@ impl Checkpoint {
                 pad_token: pad_token(family),
             },
             scheduler,
+            adaptations: Vec::new(),
             files: vec![file],
             entries,
         })

@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod file;
 pub mod ldm;
+pub mod legacy;
 #[cfg(not(target_family = "wasm"))]
 pub mod open;
 pub mod source;

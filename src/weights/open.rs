@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::checkpoint::{DiffusersParts, TokenizerSource, pad_token_of};
-use super::{ByteSource, Checkpoint, FileSource, WeightsError};
+use super::{ByteSource, Checkpoint, Component, FileSource, WeightsError};
 use crate::config::SdConfig;
 
 /// Which weight files of a diffusers folder to use when both exist.
@@ -27,12 +27,14 @@ fn read_text(path: &Path) -> Result<Option<String>, WeightsError> {
     }
 }
 
-/// The weight file of one diffusers model folder.
+/// The weight file of one model of a diffusers folder.
 fn weight_file(
-    dir: &Path,
-    stem: &str,
+    folder: &Path,
+    component: Component,
     variant: Variant,
 ) -> Result<Box<dyn ByteSource>, WeightsError> {
+    let dir = folder.join(component.folder());
+    let stem = component.weights_stem();
     let full = dir.join(format!("{stem}.safetensors"));
     let half = dir.join(format!("{stem}.fp16.safetensors"));
     let pick = match variant {
@@ -44,16 +46,15 @@ fn weight_file(
     if let Some(p) = pick {
         return Ok(Box::new(FileSource::open(&p)?));
     }
-    for pickle in [
-        format!("{stem}.bin"),
-        format!("{stem}.fp16.bin"),
-        format!("{stem}.ckpt"),
-    ] {
-        if dir.join(&pickle).exists() {
-            return Err(WeightsError::Pickle {
-                file: dir.join(pickle).display().to_string(),
-            });
-        }
+    if let Some(pickle) = component
+        .pickle_files()
+        .iter()
+        .map(|f| folder.join(f))
+        .find(|p| p.exists())
+    {
+        return Err(WeightsError::Pickle {
+            file: pickle.display().to_string(),
+        });
     }
     Err(WeightsError::UnknownModel {
         path: dir.display().to_string(),
@@ -103,9 +104,9 @@ impl Checkpoint {
                 });
             }
             let parts = DiffusersParts {
-                unet: weight_file(&path.join("unet"), "diffusion_pytorch_model", variant)?,
-                text_encoder: weight_file(&path.join("text_encoder"), "model", variant)?,
-                vae: weight_file(&path.join("vae"), "diffusion_pytorch_model", variant)?,
+                unet: weight_file(path, Component::Unet, variant)?,
+                text_encoder: weight_file(path, Component::TextEncoder, variant)?,
+                vae: weight_file(path, Component::Vae, variant)?,
                 unet_config: read_text(&path.join("unet/config.json"))?,
                 text_encoder_config: read_text(&path.join("text_encoder/config.json"))?,
                 vae_config: read_text(&path.join("vae/config.json"))?,

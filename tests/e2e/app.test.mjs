@@ -45,6 +45,13 @@ const TRAIN_RESOLUTION = 64;
 /// Main-thread tasks longer than this while training runs in the worker fail the test.
 const LONG_TASK_LIMIT_MS = 200;
 
+/// The tiny model as the published SD 1.5 folder lays it out (tests/fixtures/sd/published.py):
+/// the tensor names, buffers, configs and tokenizer files of 2022, with model_index.json,
+/// safety_checker/, feature_extractor/ and .bin pickles beside what the page needs.
+const MODEL_DIR = "tiny-sd1-2022";
+/// Files of that folder the page must never fetch.
+const NEVER_FETCHED = ["model_index.json", "/safety_checker/", "/feature_extractor/", ".bin", ".fp16."];
+
 /// The weight files of the tiny diffusers folder the page should download (the float32 ones).
 const WEIGHTS = [
   "unet/diffusion_pytorch_model.safetensors",
@@ -75,7 +82,7 @@ before(async () => {
   server = await serveDist(process.env.SEFI_DIST);
   browser = await launch({ webgpu: true });
   await fs.mkdir(SCREENSHOTS, { recursive: true });
-  modelUrl = `${server.url}fixtures/tiny-sd1/`;
+  modelUrl = `${server.url}fixtures/${MODEL_DIR}/`;
 });
 
 after(async () => {
@@ -463,10 +470,10 @@ test("a model loads from its address, then from storage without downloading agai
   // The float32 weights came from the server; the half-precision variants were not needed.
   const paths = new Set(fixtureRequests(mark));
   for (const file of WEIGHTS) {
-    assert.ok(paths.has(`/fixtures/tiny-sd1/${file}`), `${file} was not downloaded; the server saw: ${[...paths].join(", ")}`);
+    assert.ok(paths.has(`/fixtures/${MODEL_DIR}/${file}`), `${file} was not downloaded; the server saw: ${[...paths].join(", ")}`);
   }
-  const halves = [...paths].filter((p) => p.endsWith(".fp16.safetensors"));
-  assert.deepEqual(halves, [], "the page should download the float32 weights by default");
+  const unused = [...paths].filter((p) => NEVER_FETCHED.some((n) => p.includes(n)));
+  assert.deepEqual(unused, [], "the page fetched files a model does not need (half-precision variants are not the default)");
 
   const listed = await waitFor(page, "the stored model to be listed as complete", (s) => s.cached.some((m) => m.complete));
   assert.equal(listed.cached.length, 1, `one stored model expected: ${describe(listed.cached)}`);
@@ -682,7 +689,7 @@ test("nothing the page did left 127.0.0.1, and nothing was sent", { timeout: TES
   const pieces = [photo.subarray(200, 248).toString("base64"), photo.subarray(200, 248).toString("base64url")];
 
   assert.ok(
-    requests.some((r) => r.url.includes("/fixtures/tiny-sd1/unet/")),
+    requests.some((r) => r.url.includes(`/fixtures/${MODEL_DIR}/unet/`)),
     "the request log holds none of the model's downloads: it is not recording",
   );
   assert.deepEqual(foreignRequests, [], "requests to other hosts");
