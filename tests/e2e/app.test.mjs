@@ -17,7 +17,7 @@ import os from "node:os";
 import path from "node:path";
 import zlib from "node:zlib";
 import { setTimeout as sleep } from "node:timers/promises";
-import { serveDist, launch, openPage, PHOTOS_DIR } from "./harness.mjs";
+import { serveDist, launch, openPage, FIXTURES_DIR, PHOTOS_DIR } from "./harness.mjs";
 
 const SECOND = 1_000;
 const MINUTE = 60 * SECOND;
@@ -756,6 +756,32 @@ test("errors: a pickle checkpoint is refused and stored things stay", { timeout:
   );
   assert.ok(s.modelError, "the error should stay shown");
   assertConsoleClean(app, since, [/ckpt|safetensors|pickle/i]);
+});
+
+test("errors: a folder that holds only pickles says so, and the pickle is not downloaded", { timeout: TEST_TIMEOUT }, async () => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  // A diffusers folder as older repositories (and many fine-tunes) publish it: configs, and
+  // weights only as PyTorch pickles.
+  const dir = `/fixtures/pickles-only/`;
+  const fixtureDir = path.join(FIXTURES_DIR, MODEL_DIR);
+  for (const f of ["unet/config.json", "text_encoder/config.json", "vae/config.json"]) {
+    server.addFile(dir + f, await fs.readFile(path.join(fixtureDir, f)));
+  }
+  server.addFile(`${dir}text_encoder/pytorch_model.bin`, await fs.readFile(path.join(fixtureDir, "text_encoder/pytorch_model.bin")));
+  const served = server.requests.length;
+  const before = await appeared(page, "model-error");
+  await loadAddress(page, `${server.url}fixtures/pickles-only/`);
+  const box = await expectNewError(page, "model-error", before, "bad-model", { timeout: MODEL_TIMEOUT });
+  assert.match(box.text, /text_encoder\/pytorch_model\.bin/, `the explanation should name the pickle: ${box.text}`);
+  assert.match(box.text, /safetensors/i, `the explanation should point to .safetensors: ${box.text}`);
+  const pickleRequests = server.requests.slice(served).filter((r) => r.url.endsWith(".bin"));
+  assert.ok(pickleRequests.length > 0, "the page did not look for the pickle");
+  assert.deepEqual(pickleRequests.filter((r) => r.method !== "HEAD").map((r) => `${r.method} ${r.url}`), [], "the pickle was downloaded");
+  await waitFor(page, "the good model to be listed still", (s) => s.cached.some((m) => m.id === modelId && m.complete), {
+    fail: null,
+  });
+  assertConsoleClean(app, since, [/pickle|safetensors|404|Not Found/i]);
 });
 
 test("errors: a .safetensors file that holds garbage is refused", { timeout: TEST_TIMEOUT }, async () => {
