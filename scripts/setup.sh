@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing SeFi Studio needs on a Debian machine, skipping what is
-# already there in the right version. Usage: scripts/setup.sh serve|test
+# already there in the right version. Usage: scripts/setup.sh serve|test|cuda
+# (`test` includes `cuda`, whose LLVM the test suite needs to compile the `cuda` feature).
 set -euo pipefail
 
 purpose=${1:-test}
@@ -26,12 +27,43 @@ apt_install() {
   fi
 }
 
+# burn's CUDA runtime compiles its kernels with LLVM (cubecl-llvm). Its build dependency
+# tracel-llvm-bundler downloads a prebuilt LLVM from outside the package registries unless one is
+# installed where it looks (`<data dir>/tracel/<TRACEL_LLVM>` with a `.tracel-llvm-installed`
+# file); PyPI's relocatable LLVM static SDK serves as that one. TRACEL_LLVM must follow the
+# tracel-llvm-bundler version in Cargo.lock.
+TRACEL_LLVM=tracel-llvm-23.1.0-4
+LLVM_WHEELS=(mlc-llvm-static==23.1.1.post0 mlc-llvm-static-extra-targets==23.1.1.post0)
+
+install_llvm() {
+  local dest="${XDG_DATA_HOME:-$HOME/.local/share}/tracel/$TRACEL_LLVM"
+  # llvm-config --system-libs asks for zstd.
+  apt_install libzstd-dev python3-venv
+  [ -f "$dest/.tracel-llvm-installed" ] && return
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/sefi/llvm-venv"
+  say "LLVM for the cuda feature: ${LLVM_WHEELS[*]} into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${LLVM_WHEELS[@]}"
+  local prefix
+  prefix=$("$venv/bin/python" -c 'import mlc_llvm_static, os; print(os.path.join(os.path.dirname(mlc_llvm_static.__file__), "static"))')
+  "$prefix/bin/llvm-config" --targets-built | grep -qw NVPTX || { echo "the LLVM in $prefix lacks NVPTX" >&2; exit 1; }
+  mkdir -p "$(dirname "$dest")"
+  rm -rf "$dest"
+  ln -s "$prefix" "$dest"
+  touch "$dest/.tracel-llvm-installed"
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup (https://rustup.rs)" >&2; exit 1; }
 
 if [ "$purpose" = test ]; then
   # Mesa's lavapipe gives wgpu a Vulkan device without a GPU; Chromium drives the browser tests.
   apt_install mesa-vulkan-drivers libvulkan1 chromium chromium-driver
   command -v npm >/dev/null || apt_install nodejs npm
+fi
+
+if [ "$purpose" = test ] || [ "$purpose" = cuda ]; then
+  install_llvm
+  [ "$purpose" = cuda ] && exit 0
 fi
 
 if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then

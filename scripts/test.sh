@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: native tests (CPU and wgpu on lavapipe), in-browser tests in headless
-# Chromium with WebGPU, and end-to-end tests of the release site. Installs what it needs first.
+# The whole test suite: native tests (CPU and wgpu on lavapipe), the cuda build, in-browser tests
+# in headless Chromium with WebGPU, and end-to-end tests of the release site. Installs what it
+# needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
@@ -17,6 +18,10 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 step "native tests (cpu, wgpu on lavapipe)"
 cargo test
+
+step "the cuda feature: every target compiles; the CLI links and, without a driver, says what is missing"
+cargo check --features cuda --all-targets
+cargo test --features cuda --test device
 
 step "in-browser tests (wasm, WebGPU in headless Chromium)"
 CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=300 \

@@ -147,6 +147,19 @@ fn probing_for_a_gpu_is_quiet_without_a_runtime_dir() {
     assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
 }
 
+/// The `cuda` build on a machine without the NVIDIA driver: `sefi device --device cuda` says
+/// what to install, and no panic message reaches the terminal.
+#[cfg(feature = "cuda")]
+#[test]
+fn sefi_device_cuda_without_a_driver_says_what_is_missing() {
+    let out = sefi(&["device", "--device", "cuda"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if !out.status.success() {
+        assert!(stderr.contains("Install the NVIDIA driver"), "{stderr}");
+    }
+}
+
 #[test]
 fn sefi_device_rejects_an_unknown_backend() {
     let out = sefi(&["device", "--device", "tpu"]);

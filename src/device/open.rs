@@ -173,7 +173,15 @@ async fn open_wgpu() -> Result<ComputeDevice, DeviceError> {
 #[cfg(feature = "cuda")]
 fn open_cuda() -> Result<ComputeDevice, DeviceError> {
     use cudarc::driver::result as cu;
-    // cudarc loads libcuda lazily and panics when it is absent; turn that into an error.
+    // cudarc loads libcuda lazily and panics (printing a panic message) when it is absent: ask
+    // first, quietly.
+    // SAFETY: only tries to open the driver's library, which runs no code of ours.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(DeviceError::NoCuda {
+            detail: "the NVIDIA driver's library (libcuda) is not installed".into(),
+        });
+    }
+    // Any other failure to load it still becomes an error rather than a crash.
     let probe = std::panic::catch_unwind(|| -> Result<(String, u64), cu::DriverError> {
         cu::init()?;
         if cu::device::get_count()? < 1 {
