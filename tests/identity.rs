@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, Tensor};
 use sefi::block_on;
 use sefi::identity::condition::fingerprint;
 use sefi::identity::train::{
-    Draw, Photo, StepReport, Term, TrainConfig, TrainState, Trainer, decode_photo,
+    Draw, Photo, StepReport, Term, TrainConfig, TrainError, TrainState, Trainer, decode_photo,
 };
 use sefi::identity::{Identity, IdentityError, stage_of};
 use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise};
@@ -231,6 +231,31 @@ fn trainer_config(steps: usize) -> TrainConfig {
     c.steps = steps;
     c.seed = 11;
     c
+}
+
+/// A name that prompts could never refer to is refused before training, saying what a name
+/// may be (it used to train an identity that no `<name>` found).
+#[test]
+fn names_that_prompts_cannot_hold_are_refused() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model_in("tiny-sd1", &device, DType::F32);
+    for token in ["élise", "-bob", "two words"] {
+        let mut config = trainer_config(1);
+        config.token = token.into();
+        let err = block_on(Trainer::new(
+            &sd,
+            &ckpt.scheduler,
+            &[astronaut()],
+            config,
+            &device,
+        ))
+        .err()
+        .unwrap_or_else(|| panic!("`{token}` was accepted"));
+        assert!(
+            matches!(&err, TrainError::Setup(m) if m.contains(token) && m.contains("letters a-z")),
+            "{err:?}"
+        );
+    }
 }
 
 /// Three training steps on the tiny SD 1 model with its weights in `dtype`: the state before and

@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
+use crate::identity::settings;
 use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
 use crate::pipeline::RgbImage;
 use crate::sd::StableDiffusion;
@@ -29,17 +30,17 @@ pub struct TrainArgs {
     #[arg(long)]
     pub token: String,
     /// What the subject is: person, dog, cat, car, ...
-    #[arg(long, default_value = "person")]
+    #[arg(long, default_value = settings::DEFAULT_CLASS_WORD)]
     pub class_word: String,
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = settings::DEFAULT_STEPS)]
     pub steps: usize,
-    #[arg(long, default_value_t = 5e-3)]
+    #[arg(long, default_value_t = settings::DEFAULT_LR)]
     pub lr: f64,
     /// Weight of the face-wise attention loss.
-    #[arg(long, default_value_t = 0.003)]
+    #[arg(long, default_value_t = settings::DEFAULT_ATTN_WEIGHT)]
     pub attn_weight: f64,
     /// Timestep stages, each with its own key and value vectors.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = crate::identity::STAGES)]
     pub stages: usize,
     /// Training resolution in pixels (default: the model's native size).
     #[arg(long)]

@@ -360,6 +360,25 @@ pub fn placeholders(text: &str) -> impl Iterator<Item = &str> {
     placeholder_spans(text).map(|(_, name)| name)
 }
 
+/// What an identity's name may be, in words: the names [`placeholders`] finds.
+pub const PLACEHOLDER_NAME_RULE: &str =
+    "letters a-z, digits and _ (and, after the first character, . and -)";
+
+/// Whether `name` can be written as `<name>` in a prompt: the one rule for identity names, used
+/// by the trainer, the command line and the page alike.
+pub fn is_placeholder_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|b| name_start(&b)) && bytes.all(|b| name_rest(&b))
+}
+
+fn name_start(b: &u8) -> bool {
+    b.is_ascii_alphanumeric() || *b == b'_'
+}
+
+fn name_rest(b: &u8) -> bool {
+    name_start(b) || matches!(b, b'.' | b'-')
+}
+
 /// Each `<name>` of a prompt: its byte range (brackets included) and the name. A name starts
 /// with an ASCII letter, digit or `_` and goes on with those, `.` or `-` (the pattern
 /// `<([A-Za-z0-9_][A-Za-z0-9_.\-]*)>`, scanned by hand so that the page, which only needs the
@@ -370,10 +389,13 @@ fn placeholder_spans(text: &str) -> impl Iterator<Item = (std::ops::Range<usize>
     std::iter::from_fn(move || {
         while let Some(offset) = bytes[at..].iter().position(|&b| b == b'<') {
             let open = at + offset;
-            let first = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
-            let rest = |b: &u8| first(b) || matches!(b, b'.' | b'-');
             let name_len = match bytes.get(open + 1) {
-                Some(b) if first(b) => 1 + bytes[open + 2..].iter().take_while(|b| rest(b)).count(),
+                Some(b) if name_start(b) => {
+                    1 + bytes[open + 2..]
+                        .iter()
+                        .take_while(|b| name_rest(b))
+                        .count()
+                }
                 _ => 0,
             };
             let close = open + 1 + name_len;
@@ -551,6 +573,20 @@ mod tests {
         assert_eq!(t.vocab_size(), 49_408);
         assert_eq!((t.start_id(), t.end_id()), (49406, 49407));
         assert_eq!(ClipTokenizer::openai("!").pad_id(), 0);
+    }
+
+    #[test]
+    fn identity_names_are_the_names_prompts_find() {
+        for name in ["alice", "bob_2", "_x", "rex.v2", "a-b", "Z9"] {
+            assert!(is_placeholder_name(name), "{name}");
+            let prompt = format!("a photo of <{name}>");
+            assert_eq!(placeholders(&prompt).collect::<Vec<_>>(), [name]);
+        }
+        for name in ["", "élise", "-bob", ".x", "two words", "a<b", "ünï"] {
+            assert!(!is_placeholder_name(name), "{name}");
+            let prompt = format!("a photo of <{name}>");
+            assert!(!placeholders(&prompt).any(|found| found == name), "{name}");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct Objective {
     pub schedule: TrainSchedule,
     /// What the UNet predicts: the noise, or v.
     pub prediction: Prediction,
-    /// Weight of the attention loss (METHOD.md: 0.003).
+    /// Weight of the attention loss (docs/METHOD.md: 0.003, the paper's).
     pub attn_weight: f64,
 }
 

@@ -1,4 +1,4 @@
-//! SeFi identities: per-stage key and value token vectors (see METHOD.md), their file format,
+//! SeFi identities: per-stage key and value token vectors (see docs/METHOD.md), their file format,
 //! how they condition the UNet, and the training objective.
 
 #[cfg(feature = "compute")]

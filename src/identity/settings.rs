@@ -3,7 +3,16 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Training settings; the defaults are METHOD.md's.
+/// Default number of training steps (docs/METHOD.md).
+pub const DEFAULT_STEPS: usize = 600;
+/// Default AdamW learning rate.
+pub const DEFAULT_LR: f64 = 5e-3;
+/// The paper's weight of the attention loss.
+pub const DEFAULT_ATTN_WEIGHT: f64 = 0.003;
+/// The class word offered first.
+pub const DEFAULT_CLASS_WORD: &str = "person";
+
+/// Training settings; the defaults and where each comes from: docs/METHOD.md.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// The placeholder name (`<token>` in prompts).
@@ -29,9 +38,9 @@ impl TrainConfig {
         Self {
             token: token.into(),
             class_word: class_word.into(),
-            steps: 600,
-            lr: 5e-3,
-            attn_weight: 0.003,
+            steps: DEFAULT_STEPS,
+            lr: DEFAULT_LR,
+            attn_weight: DEFAULT_ATTN_WEIGHT,
             stages: super::STAGES,
             resolution,
             seed: 0,

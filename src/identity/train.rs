@@ -177,15 +177,11 @@ impl<'a> Trainer<'a> {
                     .into(),
             ));
         }
-        if config.token.is_empty()
-            || !config
-                .token
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-        {
+        if !crate::clip::tokenizer::is_placeholder_name(&config.token) {
             return Err(setup(format!(
-                "the token `{}` must be letters, digits, `_` or `-`",
-                config.token
+                "the token `{}` cannot be written as a placeholder in prompts: use {}",
+                config.token,
+                crate::clip::tokenizer::PLACEHOLDER_NAME_RULE
             )));
         }
         let class_id = sd.tokenizer.single_token(&config.class_word).ok_or_else(|| {

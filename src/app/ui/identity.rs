@@ -16,8 +16,9 @@ use super::widgets::{
 };
 use super::{Ctx, ModelState, store};
 use crate::app::protocol::{Request, Response, TrainJob};
+use crate::clip::tokenizer::{PLACEHOLDER_NAME_RULE, is_placeholder_name};
 use crate::identity::Identity;
-use crate::identity::settings::TrainConfig;
+use crate::identity::settings::{DEFAULT_CLASS_WORD, TrainConfig};
 use crate::store::Store;
 
 const RUN: &str = "runs/current";
@@ -302,22 +303,18 @@ async fn crop_png(p: &PhotoEntry) -> Result<Vec<u8>, UiError> {
         .map_err(UiError::from)
 }
 
-fn valid_token(t: &str) -> bool {
-    !t.is_empty()
-        && t.chars()
-            .all(|c| c.is_alphanumeric() || c == '_' || c == '-')
-}
-
 #[component]
 pub fn IdentityPanel() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
     let photos = RwSignal::new(Vec::<PhotoEntry>::new());
     let photo_error = RwSignal::new(None::<UiError>);
     let name = RwSignal::new(String::new());
-    let class_word = RwSignal::new("person".to_string());
-    let steps = RwSignal::new(400usize);
-    let lr = RwSignal::new(5e-3f64);
-    let attn = RwSignal::new(0.003f64);
+    // The library's defaults (`TrainConfig::new`); the resolution 0 means the model's own.
+    let defaults = TrainConfig::new("", DEFAULT_CLASS_WORD, 0);
+    let class_word = RwSignal::new(defaults.class_word);
+    let steps = RwSignal::new(defaults.steps);
+    let lr = RwSignal::new(defaults.lr);
+    let attn = RwSignal::new(defaults.attn_weight);
     let resolution = RwSignal::new(0usize);
     let seed = RwSignal::new(0u64);
     let next_key = StoredValue::new(0u32);
@@ -367,7 +364,10 @@ pub fn IdentityPanel() -> impl IntoView {
         )
     };
     let can_start = move || {
-        model_ready() && !photos.with(Vec::is_empty) && valid_token(&name.get()) && !running()
+        model_ready()
+            && !photos.with(Vec::is_empty)
+            && is_placeholder_name(&name.get())
+            && !running()
     };
 
     let start = move |_| {
@@ -480,8 +480,8 @@ pub fn IdentityPanel() -> impl IntoView {
                     />
                     {move || {
                         let n = name.get();
-                        (!n.is_empty() && !valid_token(&n))
-                            .then(|| view! { <small class="bad">"Letters, digits, _ and - only."</small> })
+                        (!n.is_empty() && !is_placeholder_name(&n))
+                            .then(|| view! { <small class="bad">{format!("Use {PLACEHOLDER_NAME_RULE}.")}</small> })
                     }}
                 </label>
                 <label>
@@ -861,10 +861,10 @@ fn IdentityList() -> impl IntoView {
         spawn_local(async move {
             let new = new.trim().to_string();
             let result = async {
-                if !valid_token(&new) {
+                if !is_placeholder_name(&new) {
                     return Err(UiError::new(
                         "bad-identity",
-                        "Names are letters, digits, _ and - only.",
+                        format!("Names are {PLACEHOLDER_NAME_RULE}."),
                     ));
                 }
                 if ctx
