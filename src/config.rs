@@ -319,12 +319,18 @@ impl SdConfig {
     }
 }
 
+/// A config file that cannot be used, and why. (The weights layer wraps it in its own error,
+/// so configs know nothing of weights.)
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{file}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub reason: String,
+}
+
 /// Parses one config.json.
-pub fn from_json<T: serde::de::DeserializeOwned>(
-    file: &str,
-    text: &str,
-) -> Result<T, crate::weights::WeightsError> {
-    serde_json::from_str(text).map_err(|e| crate::weights::WeightsError::Config {
+pub fn from_json<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
+    serde_json::from_str(text).map_err(|e| ConfigError {
         file: file.into(),
         reason: format!("not a valid config: {e}"),
     })
@@ -333,13 +339,12 @@ pub fn from_json<T: serde::de::DeserializeOwned>(
 /// Refuses `unet/config.json` settings this UNet does not implement (variants such as
 /// class-conditioned, LCM-distilled or dual cross-attention models), naming the setting,
 /// rather than computing something else silently.
-pub fn check_unet_json(file: &str, text: &str) -> Result<(), crate::weights::WeightsError> {
+pub fn check_unet_json(file: &str, text: &str) -> Result<(), ConfigError> {
     use serde_json::{Value, json};
-    let v: Value =
-        serde_json::from_str(text).map_err(|e| crate::weights::WeightsError::Config {
-            file: file.into(),
-            reason: e.to_string(),
-        })?;
+    let v: Value = serde_json::from_str(text).map_err(|e| ConfigError {
+        file: file.into(),
+        reason: e.to_string(),
+    })?;
     let expected: [(&str, Value); 12] = [
         ("act_fn", json!("silu")),
         ("center_input_sample", json!(false)),
@@ -356,7 +361,7 @@ pub fn check_unet_json(file: &str, text: &str) -> Result<(), crate::weights::Wei
     ];
     for (key, want) in expected {
         if let Some(got) = v.get(key).filter(|got| **got != want) {
-            return Err(crate::weights::WeightsError::Config {
+            return Err(ConfigError {
                 file: file.into(),
                 reason: format!(
                     "`{key}: {got}` is a UNet variant SeFi Studio does not support (expected {want})"

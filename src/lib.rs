@@ -21,6 +21,7 @@ pub mod identity;
 #[cfg(feature = "compute")]
 pub mod nn;
 pub mod pipeline;
+pub mod rgb;
 pub mod schedule;
 #[cfg(feature = "compute")]
 pub mod sd;

@@ -5,6 +5,8 @@
 pub mod condition;
 #[cfg(feature = "compute")]
 pub mod loss;
+#[cfg(feature = "compute")]
+pub mod prompt;
 pub mod settings;
 #[cfg(feature = "compute")]
 pub mod train;

@@ -12,9 +12,10 @@ use serde::{Deserialize, Serialize};
 
 use super::condition::fingerprint;
 use super::loss::{Loss, LossInputs, Objective, TrainPrompt, loss_scale, sefi_loss};
+use super::prompt::tokenize_prompt;
 pub use super::settings::{StepReport, TrainConfig};
 use super::{Fingerprint, Identity, stage_of};
-use crate::pipeline::{RgbImage, tokenize_prompt};
+use crate::rgb::RgbImage;
 use crate::schedule::{SchedulerConfig, TrainSchedule};
 use crate::sd::StableDiffusion;
 

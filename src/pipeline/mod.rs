@@ -13,8 +13,17 @@ use crate::schedule::{Sampler, ScheduleError};
 #[cfg(feature = "compute")]
 pub use run::*;
 
-/// Tokens a CLIP window holds between its start and end tokens.
-pub const CHUNK: usize = 75;
+#[cfg(feature = "compute")]
+impl From<crate::identity::prompt::UnknownPlaceholder> for PipelineError {
+    fn from(e: crate::identity::prompt::UnknownPlaceholder) -> Self {
+        PipelineError::UnknownPlaceholder {
+            name: e.name,
+            loaded: e.loaded,
+        }
+    }
+}
+
+pub use crate::rgb::RgbImage;
 
 /// Latents on the host, `[batch, channels, height, width]`, row-major.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,14 +76,6 @@ pub struct GivenNoise {
     pub initial: Option<HostLatents>,
     /// Ancestral samplers: the noise of every step.
     pub steps: Option<Vec<HostLatents>>,
-}
-
-/// An RGB image, 8 bits per channel, row-major.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RgbImage {
-    pub width: usize,
-    pub height: usize,
-    pub data: Vec<u8>,
 }
 
 /// Progress of a generation.

@@ -91,3 +91,12 @@ pub enum WeightsError {
     #[error("{file}: {reason}")]
     Config { file: String, reason: String },
 }
+
+impl From<crate::config::ConfigError> for WeightsError {
+    fn from(e: crate::config::ConfigError) -> Self {
+        WeightsError::Config {
+            file: e.file,
+            reason: e.reason,
+        }
+    }
+}

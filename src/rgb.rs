@@ -1,0 +1,10 @@
+//! The plain RGB image shared by photos, attention heat-maps and generated pictures: no
+//! compute backend and no codec, so every layer (and the page) can use it.
+
+/// An RGB image, 8 bits per channel, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbImage {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<u8>,
+}
