@@ -261,11 +261,12 @@ impl Checkpoint {
                     transform,
                     dtype,
                 };
+                let this_key = entry.key.clone();
                 if let Some(other) = map.insert(name.clone(), entry) {
                     return Err(WeightsError::UnknownModel {
                         path: path.into(),
                         reason: format!(
-                            "its {component} weights hold `{name}` twice (as `{}` and under an older name); keep one of them",
+                            "its {component} weights hold `{name}` twice, as `{}` and as `{this_key}` (today's name and an older one); keep one of them",
                             other.key
                         ),
                     });
