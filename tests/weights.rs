@@ -167,6 +167,16 @@ fn rewrite(path: &Path, edit: impl Fn(&mut Vec<(String, TensorView)>)) -> Vec<u8
     safetensors::serialize(tensors, None).unwrap()
 }
 
+/// A copy of the tensor of a rewritten file named `name`.
+fn tensor<'a>(tensors: &[(String, TensorView<'a>)], name: &str) -> TensorView<'a> {
+    tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no tensor {name}"))
+        .1
+        .clone()
+}
+
 fn tiny_sd1_with_vae(vae: Vec<u8>) -> Result<Checkpoint, WeightsError> {
     let dir = fixture("tiny-sd1");
     let file =
@@ -206,12 +216,7 @@ fn missing_extra_and_misshaped_tensors_are_named() {
     assert!(err.to_string().contains("decoder.conv_out.bias"));
 
     let extra = rewrite(&vae, |t| {
-        let copy = t
-            .iter()
-            .find(|(n, _)| n == "decoder.conv_out.bias")
-            .unwrap()
-            .1
-            .clone();
+        let copy = tensor(t, "decoder.conv_out.bias");
         t.push(("decoder.extra_head.bias".into(), copy));
     });
     let err = validate(&tiny_sd1_with_vae(extra).unwrap(), &device).unwrap_err();
@@ -262,12 +267,7 @@ fn older_names_are_accepted_and_nothing_else() {
     // An unknown tensor beside the old names is still refused, by name.
     let err = validate(
         &published_vae(|t| {
-            let bias = t
-                .iter()
-                .find(|(n, _)| n.ends_with("attentions.0.query.bias"))
-                .unwrap()
-                .1
-                .clone();
+            let bias = tensor(t, "decoder.mid_block.attentions.0.query.bias");
             t.push(("decoder.mid_block.attentions.0.query.scale".into(), bias));
         })
         .unwrap(),
@@ -283,12 +283,7 @@ fn older_names_are_accepted_and_nothing_else() {
     // An old name of the wrong shape is named as stored would be loaded.
     let err = validate(
         &published_vae(|t| {
-            let bias = t
-                .iter()
-                .find(|(n, _)| n == "decoder.mid_block.attentions.0.key.bias")
-                .unwrap()
-                .1
-                .clone();
+            let bias = tensor(t, "decoder.mid_block.attentions.0.key.bias");
             for (n, v) in t.iter_mut() {
                 if n == "decoder.mid_block.attentions.0.key.weight" {
                     *v = bias.clone();
@@ -306,12 +301,7 @@ fn older_names_are_accepted_and_nothing_else() {
 
     // The same tensor under both names is ambiguous: refused, naming both.
     let err = published_vae(|t| {
-        let q = t
-            .iter()
-            .find(|(n, _)| n == "decoder.mid_block.attentions.0.query.weight")
-            .unwrap()
-            .1
-            .clone();
+        let q = tensor(t, "decoder.mid_block.attentions.0.query.weight");
         t.push(("decoder.mid_block.attentions.0.to_q.weight".into(), q));
     })
     .unwrap_err();

@@ -182,9 +182,14 @@ fn total_size(resp: &Response) -> Option<u64> {
 }
 
 async fn fetch(url: &str, from: u64) -> Result<Response, AcquireError> {
+    request(url, "GET", from).await
+}
+
+/// A `method` request for `url`, from byte `from` on when it is not 0.
+async fn request(url: &str, method: &str, from: u64) -> Result<Response, AcquireError> {
     let window = web_sys::window().expect("the page has a window");
     let init = RequestInit::new();
-    init.set_method("GET");
+    init.set_method(method);
     if from > 0 {
         let headers = Headers::new().map_err(|e| network(url, &e))?;
         headers
@@ -200,13 +205,7 @@ async fn fetch(url: &str, from: u64) -> Result<Response, AcquireError> {
 
 /// Whether the server has `url` (a HEAD request: a pickle is named, never fetched).
 async fn exists(url: &str) -> bool {
-    let window = web_sys::window().expect("the page has a window");
-    let init = RequestInit::new();
-    init.set_method("HEAD");
-    match JsFuture::from(window.fetch_with_str_and_init(url, &init)).await {
-        Ok(resp) => resp.unchecked_into::<Response>().ok(),
-        Err(_) => false,
-    }
+    request(url, "HEAD", 0).await.is_ok_and(|r| r.ok())
 }
 
 /// Downloads one file into parts; `Ok(None)` when the server has no such file.

@@ -538,7 +538,7 @@ mod compute {
 
     fn pipeline_error(e: PipelineError) -> WorkerError {
         match e {
-            PipelineError::UnknownPlaceholder { .. } => WorkerError::BadIdentity(e.to_string()),
+            PipelineError::UnknownPlaceholder(_) => WorkerError::BadIdentity(e.to_string()),
             e => WorkerError::Other(e.to_string()),
         }
     }

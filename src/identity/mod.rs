@@ -5,7 +5,6 @@
 pub mod condition;
 #[cfg(feature = "compute")]
 pub mod loss;
-#[cfg(feature = "compute")]
 pub mod prompt;
 pub mod settings;
 #[cfg(feature = "compute")]

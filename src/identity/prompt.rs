@@ -1,9 +1,12 @@
 //! Prompts with identities: token ids in CLIP windows, and where each `<name>` puts its
 //! identity's vectors. Training and generation both start here.
 
+#[cfg(feature = "compute")]
 use crate::clip::Piece;
+#[cfg(feature = "compute")]
 use crate::sd::StableDiffusion;
 
+#[cfg(feature = "compute")]
 use super::Identity;
 
 /// Tokens a CLIP window holds between its start and end tokens.
@@ -37,6 +40,7 @@ pub struct PromptTokens {
 /// padding: one window for prompts that fit, as diffusers; more for longer prompts, encoded
 /// separately and concatenated, as the popular web UIs do (diffusers would cut them). Each
 /// `<name>` takes one position, for the vectors of the identity of that name.
+#[cfg(feature = "compute")]
 pub fn tokenize_prompt(
     sd: &StableDiffusion,
     text: &str,

@@ -8,20 +8,11 @@ mod run;
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::prompt::UnknownPlaceholder;
 use crate::schedule::{Sampler, ScheduleError};
 
 #[cfg(feature = "compute")]
 pub use run::*;
-
-#[cfg(feature = "compute")]
-impl From<crate::identity::prompt::UnknownPlaceholder> for PipelineError {
-    fn from(e: crate::identity::prompt::UnknownPlaceholder) -> Self {
-        PipelineError::UnknownPlaceholder {
-            name: e.name,
-            loaded: e.loaded,
-        }
-    }
-}
 
 pub use crate::rgb::RgbImage;
 
@@ -105,10 +96,8 @@ pub enum PipelineError {
     Request(String),
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
-    #[error(
-        "the prompt refers to <{name}>, but no identity of that name is loaded (loaded: {loaded})"
-    )]
-    UnknownPlaceholder { name: String, loaded: String },
+    #[error(transparent)]
+    UnknownPlaceholder(#[from] UnknownPlaceholder),
     #[error("cancelled")]
     Cancelled,
     #[error("reading results back from the device failed: {0}")]

@@ -10,6 +10,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::{Event, Flow, GenerateRequest, GivenNoise, HostLatents, PipelineError, RgbImage};
 use crate::clip::ids_tensor;
 use crate::identity::condition::encode_spliced;
+use crate::identity::prompt::UnknownPlaceholder;
 pub use crate::identity::prompt::{CHUNK, PromptTokens, Slot, tokenize_prompt};
 use crate::identity::{Identity, stage_of};
 use crate::schedule::{Plan, Scheduler, SchedulerConfig};
@@ -102,9 +103,11 @@ fn tokenize_pair(
 ) -> Result<TokenizedPair, PipelineError> {
     let mut pos = tokenize_prompt(sd, prompt, identities)?;
     let mut neg = prompt_windows(sd, negative).map_err(|e| match e {
-        PipelineError::UnknownPlaceholder { name, .. } => PipelineError::Request(format!(
-            "<{name}>: identities cannot be used in the negative prompt"
-        )),
+        PipelineError::UnknownPlaceholder(UnknownPlaceholder { name, .. }) => {
+            PipelineError::Request(format!(
+                "<{name}>: identities cannot be used in the negative prompt"
+            ))
+        }
         e => e,
     })?;
     let warnings = long_prompt_warnings(sd, [("prompt", &pos.windows), ("negative prompt", &neg)]);

@@ -48,36 +48,34 @@ pub fn adapt(component: Component, name: &str, shape: &[usize]) -> Adapted {
 /// converted from original checkpoints without squeezing keep the four weights as 1x1
 /// convolution kernels [C, C, 1, 1], under either naming.
 fn vae(name: &str, shape: &[usize]) -> Adapted {
+    // (older name, today's name) of each projection.
+    const PROJECTIONS: [(&str, &str); 4] = [
+        ("query", "to_q"),
+        ("key", "to_k"),
+        ("value", "to_v"),
+        ("proj_attn", "to_out.0"),
+    ];
     let Some((block, tail)) = attention_block(name) else {
         return Adapted::Current;
     };
-    let Some((proj, param)) = tail.split_once('.') else {
+    let Some((proj, param)) = tail.rsplit_once('.') else {
         return Adapted::Current;
     };
-    let today = match proj {
-        "query" => "to_q",
-        "key" => "to_k",
-        "value" => "to_v",
-        "proj_attn" => "to_out.0",
-        _ => proj,
+    let Some(today) = PROJECTIONS
+        .iter()
+        .find_map(|&(old, new)| (proj == old || proj == new).then_some(new))
+    else {
+        return Adapted::Current;
     };
-    // `to_out.0.weight` splits as ("to_out", "0.weight").
-    let (today, param) = match (proj, param.split_once('.')) {
-        ("to_out", Some(("0", p))) => ("to_out.0", p),
-        _ => (today, param),
-    };
-    if !["to_q", "to_k", "to_v", "to_out.0"].contains(&today)
-        || !["weight", "bias"].contains(&param)
-    {
+    if !["weight", "bias"].contains(&param) {
         return Adapted::Current;
     }
     let conv_kernel = param == "weight" && shape.len() == 4 && shape[2..] == [1, 1];
-    let name_today = format!("{block}.{today}.{param}");
-    if name_today == name && !conv_kernel {
+    if proj == today && !conv_kernel {
         return Adapted::Current;
     }
     Adapted::Renamed {
-        name: name_today,
+        name: format!("{block}.{today}.{param}"),
         transform: if conv_kernel {
             Transform::Squeeze
         } else {
