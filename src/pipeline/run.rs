@@ -148,7 +148,8 @@ pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, Pipeline
     crate::nn::read_f32(t).await.map_err(PipelineError::Read)
 }
 
-/// Generates images from a prompt.
+/// Generates images from a prompt: prepare the conditioning and the starting latents, run the
+/// sampling loop, decode.
 pub async fn generate(
     sd: &StableDiffusion,
     scheduler: &SchedulerConfig,
@@ -166,97 +167,220 @@ pub async fn generate(
         req.height / 8,
         req.width / 8,
     ];
-    let per_image = shape[1] * shape[2] * shape[3];
-    let n = req.num_images;
+    let mut noise = Noise::new(req, shape, given, plan.len())?;
 
-    // Noise: given, or one seeded stream per image (seed + i), so that image i is the same
-    // whatever the batch size.
-    let mut rngs: Vec<StdRng> = (0..n)
-        .map(|i| StdRng::seed_from_u64(req.seed.wrapping_add(i as u64)))
-        .collect();
-    let initial = match &given.initial {
-        Some(h) if h.shape != shape => {
-            return Err(PipelineError::Request(format!(
-                "the latents have shape {:?}, but {}x{} images x{n} need {shape:?}",
-                h.shape, req.width, req.height
-            )));
-        }
-        Some(h) => h.clone(),
-        None => HostLatents {
-            shape,
-            data: rngs
-                .iter_mut()
-                .flat_map(|r| seeded_noise(r, per_image))
-                .collect(),
-        },
-    };
-    if let (Some(steps), true) = (&given.steps, req.sampler.is_ancestral())
-        && (steps.len() < plan.len() || steps.iter().any(|s| s.shape != shape))
-    {
-        return Err(PipelineError::Request(format!(
-            "ancestral sampling needs {} noise tensors of shape {shape:?}",
-            plan.len()
-        )));
-    }
-
-    let (pos, neg, warnings) = tokenize_pair(sd, &req.prompt, &req.negative_prompt, identities)?;
+    let (prompt, negative, warnings) =
+        tokenize_pair(sd, &req.prompt, &req.negative_prompt, identities)?;
     if on_event(Event::Encoded {
         warnings: warnings.clone(),
     }) == Flow::Cancel
     {
         return Err(PipelineError::Cancelled);
     }
-    let guided = req.guidance > 1.0;
-    let repeat = |t: Tensor<3>| {
+    let mut conditioning = Conditioning::new(
+        sd,
+        device,
+        prompt,
+        (req.guidance > 1.0).then_some(&negative[..]),
+        identities,
+        req.num_images,
+        scheduler.num_train_timesteps,
+    );
+
+    let latents = sample(
+        sd,
+        Scheduler::new(plan),
+        req,
+        &mut conditioning,
+        &mut noise,
+        device,
+        on_event,
+    )
+    .await?;
+    let images = decode(sd, latents.clone()).await?;
+    Ok(Generated {
+        latents,
+        images,
+        warnings,
+    })
+}
+
+/// The request's noise on the host: the starting latents and, for ancestral samplers, the
+/// noise of each step; given by the caller, or one seeded stream per image (seed + i), so that
+/// image i is the same whatever the batch size.
+struct Noise<'a> {
+    shape: [usize; 4],
+    initial: HostLatents,
+    given_steps: Option<&'a [HostLatents]>,
+    streams: Vec<StdRng>,
+}
+
+impl<'a> Noise<'a> {
+    fn new(
+        req: &GenerateRequest,
+        shape: [usize; 4],
+        given: &'a GivenNoise,
+        steps: usize,
+    ) -> Result<Self, PipelineError> {
+        let n = req.num_images;
+        let mut streams: Vec<StdRng> = (0..n)
+            .map(|i| StdRng::seed_from_u64(req.seed.wrapping_add(i as u64)))
+            .collect();
+        let initial = match &given.initial {
+            Some(h) if h.shape != shape => {
+                return Err(PipelineError::Request(format!(
+                    "the latents have shape {:?}, but {}x{} images x{n} need {shape:?}",
+                    h.shape, req.width, req.height
+                )));
+            }
+            Some(h) => h.clone(),
+            None => next_noise(&mut streams, shape),
+        };
+        if let (Some(given), true) = (&given.steps, req.sampler.is_ancestral())
+            && (given.len() < steps || given.iter().any(|s| s.shape != shape))
+        {
+            return Err(PipelineError::Request(format!(
+                "ancestral sampling needs {steps} noise tensors of shape {shape:?}"
+            )));
+        }
+        Ok(Self {
+            shape,
+            initial,
+            given_steps: given.steps.as_deref(),
+            streams,
+        })
+    }
+
+    /// The noise an ancestral sampler adds at step `i`.
+    fn step(&mut self, i: usize) -> HostLatents {
+        match self.given_steps {
+            Some(steps) => steps[i].clone(),
+            None => next_noise(&mut self.streams, self.shape),
+        }
+    }
+}
+
+/// The next `shape` of standard normal noise, each image from its own stream.
+fn next_noise(streams: &mut [StdRng], shape: [usize; 4]) -> HostLatents {
+    let per_image = shape[1] * shape[2] * shape[3];
+    HostLatents {
+        shape,
+        data: streams
+            .iter_mut()
+            .flat_map(|r| seeded_noise(r, per_image))
+            .collect(),
+    }
+}
+
+/// The UNet's text conditioning: the negative prompt's encoding (with guidance) and the
+/// prompt's key and value contexts. Identity vectors differ per timestep stage, so the contexts
+/// of each combination of the identities' stages are encoded once, when the loop first needs
+/// them.
+struct Conditioning<'a> {
+    sd: &'a StableDiffusion,
+    device: &'a Device,
+    prompt: PromptTokens,
+    identities: &'a [Identity],
+    /// The negative prompt's encoding, `[batch, 77 k, dim]`; `None` without guidance.
+    negative: Option<Tensor<3>>,
+    batch: usize,
+    train_steps: usize,
+    by_stages: HashMap<Vec<usize>, Context>,
+}
+
+impl<'a> Conditioning<'a> {
+    fn new(
+        sd: &'a StableDiffusion,
+        device: &'a Device,
+        prompt: PromptTokens,
+        negative: Option<&[Vec<u32>]>,
+        identities: &'a [Identity],
+        batch: usize,
+        train_steps: usize,
+    ) -> Self {
+        let mut this = Self {
+            sd,
+            device,
+            prompt,
+            identities,
+            negative: None,
+            batch,
+            train_steps,
+            by_stages: HashMap::new(),
+        };
+        this.negative = negative.map(|windows| this.per_image(encode_windows(sd, windows, device)));
+        this
+    }
+
+    /// `[1, s, d]` -> `[batch, s, d]`.
+    fn per_image(&self, t: Tensor<3>) -> Tensor<3> {
         let [_, s, d] = t.dims();
-        t.expand([n, s, d])
-    };
-    let uncond = guided.then(|| repeat(encode_windows(sd, &neg, device)));
-    // Identity vectors differ per timestep stage: the key and value contexts of each
-    // combination of stages are computed once per generation.
-    let train_steps = scheduler.num_train_timesteps;
-    let stages_at = |t: f64| -> Vec<usize> {
-        if pos.slots.is_empty() {
+        t.expand([self.batch, s, d])
+    }
+
+    /// The UNet's context at timestep `t`: `[2 batch, ..]` (negative first) with guidance,
+    /// `[batch, ..]` without.
+    fn at(&mut self, t: f64) -> Context {
+        // Without identities in the prompt, every timestep shares one context.
+        let stages: Vec<usize> = if self.prompt.slots.is_empty() {
             Vec::new()
         } else {
-            identities
-                .iter()
-                .map(|id| stage_of(t, id.stages, train_steps))
+            (self.identities.iter())
+                .map(|id| stage_of(t, id.stages, self.train_steps))
                 .collect()
+        };
+        if let Some(context) = self.by_stages.get(&stages) {
+            return context.clone();
         }
-    };
-    let mut contexts: HashMap<Vec<usize>, Context> = HashMap::new();
-    let mut context_for = |stages: &Vec<usize>| -> Context {
-        contexts
-            .entry(stages.clone())
-            .or_insert_with(|| {
-                let row = |values: fn(&Identity) -> &Vec<f32>| {
-                    move |slot: &Slot| {
-                        let id = &identities[slot.identity];
-                        let stage = stages[slot.identity];
-                        values(id)[stage * id.dim..(stage + 1) * id.dim].to_vec()
-                    }
-                };
-                let c_k = repeat(encode_tokens(sd, &pos, &row(|i| &i.key), device));
-                let c_v = if pos.slots.is_empty() {
-                    c_k.clone()
-                } else {
-                    repeat(encode_tokens(sd, &pos, &row(|i| &i.value), device))
-                };
-                match &uncond {
-                    Some(u) => Context::split(
-                        Tensor::cat(vec![u.clone(), c_k], 0),
-                        Tensor::cat(vec![u.clone(), c_v], 0),
-                    ),
-                    None => Context::split(c_k, c_v),
-                }
-            })
-            .clone()
-    };
+        let context = self.encode(&stages);
+        self.by_stages.insert(stages, context.clone());
+        context
+    }
 
-    let mut scheduler = Scheduler::new(plan);
+    /// Encodes the prompt with each identity's key (and value) vector of its stage spliced in.
+    fn encode(&self, stages: &[usize]) -> Context {
+        let stage_vector = |pick: fn(&Identity) -> &Vec<f32>| {
+            move |slot: &Slot| {
+                let id = &self.identities[slot.identity];
+                let stage = stages[slot.identity];
+                pick(id)[stage * id.dim..(stage + 1) * id.dim].to_vec()
+            }
+        };
+        let encode = |pick: fn(&Identity) -> &Vec<f32>| {
+            let tokens = encode_tokens(self.sd, &self.prompt, &stage_vector(pick), self.device);
+            self.per_image(tokens)
+        };
+        let key = encode(|id| &id.key);
+        let value = if self.prompt.slots.is_empty() {
+            key.clone()
+        } else {
+            encode(|id| &id.value)
+        };
+        match &self.negative {
+            Some(negative) => Context::split(
+                Tensor::cat(vec![negative.clone(), key], 0),
+                Tensor::cat(vec![negative.clone(), value], 0),
+            ),
+            None => Context::split(key, value),
+        }
+    }
+}
+
+/// The sampling loop: from the starting noise to the final latents `[batch, 4, h / 8, w / 8]`,
+/// with classifier-free guidance, progress events, previews and cancellation.
+async fn sample(
+    sd: &StableDiffusion,
+    mut scheduler: Scheduler,
+    req: &GenerateRequest,
+    conditioning: &mut Conditioning<'_>,
+    noise: &mut Noise<'_>,
+    device: &Device,
+    on_event: &mut dyn FnMut(Event) -> Flow,
+) -> Result<Tensor<4>, PipelineError> {
+    let guided = conditioning.negative.is_some();
     let total = scheduler.plan().len();
-    let mut latents = to_device(&initial, device).mul_scalar(scheduler.plan().init_noise_sigma);
+    let mut latents =
+        to_device(&noise.initial, device).mul_scalar(scheduler.plan().init_noise_sigma);
     for i in 0..total {
         let t = scheduler.plan().timesteps[i];
         let input = if guided {
@@ -268,25 +392,16 @@ pub async fn generate(
         let batch = input.dims()[0];
         let timesteps =
             Tensor::<1>::from_data(TensorData::new(vec![t as f32; batch], [batch]), device);
-        let context = context_for(&stages_at(t));
-        let out = sd.unet.forward(input, timesteps, &context, None);
-        let out = if guided {
-            let [u, c]: [Tensor<4>; 2] = out.chunk(2, 0).try_into().expect("two halves");
-            u.clone() + (c - u).mul_scalar(req.guidance)
+        let prediction = sd.unet.forward(input, timesteps, &conditioning.at(t), None);
+        let prediction = if guided {
+            let [uncond, cond]: [Tensor<4>; 2] =
+                prediction.chunk(2, 0).try_into().expect("two halves");
+            uncond.clone() + (cond - uncond).mul_scalar(req.guidance)
         } else {
-            out
+            prediction
         };
-        let noise = req.sampler.is_ancestral().then(|| match &given.steps {
-            Some(steps) => to_device(&steps[i], device),
-            None => {
-                let data = rngs
-                    .iter_mut()
-                    .flat_map(|r| seeded_noise(r, per_image))
-                    .collect();
-                to_device(&HostLatents { shape, data }, device)
-            }
-        });
-        latents = scheduler.step(out, i, latents, noise);
+        let step_noise = (req.sampler.is_ancestral()).then(|| to_device(&noise.step(i), device));
+        latents = scheduler.step(prediction, i, latents, step_noise);
         let preview =
             if req.preview_every > 0 && ((i + 1) % req.preview_every == 0 || i + 1 == total) {
                 Some(preview(latents.clone()).await?)
@@ -302,12 +417,7 @@ pub async fn generate(
             return Err(PipelineError::Cancelled);
         }
     }
-    let images = decode(sd, latents.clone()).await?;
-    Ok(Generated {
-        latents,
-        images,
-        warnings,
-    })
+    Ok(latents)
 }
 
 /// Latents (as the sampler leaves them) -> RGB images, as diffusers' image processor makes
