@@ -167,3 +167,125 @@ fn sefi_device_rejects_an_unknown_backend() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("auto, cpu, wgpu or cuda"), "{stderr}");
 }
+
+fn sd_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/sd")
+        .join(name)
+}
+
+/// `--reference`: the tiny models on the CPU give diffusers' outputs, each one named.
+#[test]
+fn sefi_device_reference_compares_each_model_output() {
+    let (sd1, sd2) = (sd_fixture("tiny-sd1"), sd_fixture("tiny-sd2"));
+    let out = sefi(&[
+        "device",
+        "--device",
+        "cpu",
+        "--json",
+        "--reference",
+        sd1.to_str().unwrap(),
+        "--reference",
+        sd2.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let refs = report["references"].as_array().unwrap();
+    assert_eq!(refs.len(), 2);
+    for r in refs {
+        assert_eq!(r[1]["passed"], true, "{r}");
+        let names: Vec<_> = r[1]["outputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                assert!(o["max_abs_error"].as_f64().unwrap() <= 1e-4, "{o}");
+                o["name"].as_str().unwrap().to_string()
+            })
+            .collect();
+        for name in ["text.pooled", "unet.out", "unet.out_kv", "vae.decoded"] {
+            assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+        }
+    }
+}
+
+/// A reference that disagrees with the model by 0.01 in one value of the UNet's output fails
+/// the check, names the output and exits with an error.
+#[test]
+fn sefi_device_reference_names_an_output_that_differs() {
+    let sd1 = sd_fixture("tiny-sd1");
+    let dir = std::env::temp_dir().join(format!("sefi-reference-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&sd1).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name() != "goldens.safetensors" {
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let bytes = std::fs::read(sd1.join("goldens.safetensors")).unwrap();
+    let goldens = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        goldens.tensors().into_iter().collect();
+    let mut changed = tensors
+        .iter()
+        .find(|(n, _)| n == "unet.out")
+        .unwrap()
+        .1
+        .data()
+        .to_vec();
+    let first = f32::from_le_bytes(changed[..4].try_into().unwrap()) + 0.01;
+    changed[..4].copy_from_slice(&first.to_le_bytes());
+    for (name, view) in &mut tensors {
+        if name == "unet.out" {
+            *view =
+                safetensors::tensor::TensorView::new(view.dtype(), view.shape().to_vec(), &changed)
+                    .unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("goldens.safetensors"),
+        safetensors::serialize(tensors, None).unwrap(),
+    )
+    .unwrap();
+
+    let out = sefi(&[
+        "device",
+        "--device",
+        "cpu",
+        "--reference",
+        dir.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("reference    WRONG RESULTS"), "{stdout}");
+    let line = stdout.lines().find(|l| l.contains("unet.out ")).unwrap();
+    assert!(line.ends_with("<- too large"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .filter(|l| l.ends_with("<- too large"))
+            .count()
+            == 1,
+        "{stdout}"
+    );
+}
+
+#[test]
+fn sefi_device_reference_without_goldens_says_what_it_wants() {
+    let out = sefi(&[
+        "device",
+        "--device",
+        "cpu",
+        "--reference",
+        sd_fixture("tiny-sd1-2022").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("goldens.safetensors"), "{stderr}");
+    assert!(stderr.contains("tests/fixtures/sd/tiny-sd1"), "{stderr}");
+}

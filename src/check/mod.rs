@@ -1,12 +1,16 @@
-//! A short autodiff computation that proves a device computes what it should.
+//! Checks that a device computes what it should.
 //!
-//! It runs the operations identity training leans on (matmul, softmax, tanh, reductions and
-//! their backward pass) on small fixed inputs, reads the loss and the gradient back
-//! asynchronously, and compares them with the same maths done in f64 on the host.
+//! The quick one, here, is a short autodiff computation: it runs the operations identity
+//! training leans on (matmul, softmax, tanh, reductions and their backward pass) on small fixed
+//! inputs, reads the loss and the gradient back asynchronously, and compares them with the same
+//! maths done in f64 on the host. [`reference`] runs a whole tiny model against diffusers.
 
 #[cfg(feature = "compute")]
 use burn::tensor::{Device, Tensor, TensorData, activation::softmax};
 use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "compute")]
+pub mod reference;
 
 /// Rows of X (think: query positions).
 pub const M: usize = 8;
