@@ -18,11 +18,7 @@ args=("$@")
 [[ " $* " == *" --device "* ]] || args+=(--device cpu)
 [[ " $* " == *" --dtype "* ]] || args+=(--dtype f32)
 
-if ! "$venv/bin/python" -c "import diffusers, transformers, torch" 2>/dev/null; then
-  echo "==> Python reference packages into $venv" >&2
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q -r tests/fixtures/requirements.txt
-fi
+SEFI_VENV=$venv scripts/setup.sh python >&2
 cargo build --release --bin sefi >&2
 
 # A name for the result files from the arguments that decide the work.

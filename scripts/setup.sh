@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what building and testing SeFi Studio needs on a Debian machine, skipping what is
-# already there in the right version. Usage: scripts/setup.sh serve|test|cuda
-# (`test` includes `cuda`, whose LLVM the test suite needs to compile the `cuda` feature).
+# already there in the right version. Usage: scripts/setup.sh serve|test|cuda|python
+# (`test` includes `cuda`, whose LLVM the test suite needs to compile the `cuda` feature, and
+# `python`, the reference packages that derive test fixtures and that the GPU script's dry run
+# and the benchmarks compare with).
 set -euo pipefail
 
 purpose=${1:-test}
@@ -53,12 +55,47 @@ install_llvm() {
   touch "$dest/.tracel-llvm-installed"
 }
 
+# diffusers, transformers and PyTorch, pinned, in their own environment: the benchmarks' and the
+# GPU script's reference side (the tests themselves read committed fixtures, never Python).
+VENV=${SEFI_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sefi/venv}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+install_python() {
+  "$VENV/bin/python" -c 'import diffusers, transformers, torch, numpy, safetensors' 2>/dev/null && return
+  apt_install python3-venv
+  say "Python reference packages (tests/fixtures/requirements.txt) into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/tests/fixtures/requirements.txt"
+}
+
+# The test models' fp16 variants, single files and 2022 layouts are derived from the committed
+# folders, not committed (a few seconds; byte for byte the same files every time).
+derive_fixtures() {
+  say "test fixtures derived from the tiny models (tests/fixtures/sd/generate.py --derived)"
+  local log
+  log=$(mktemp)
+  if ! HF_HUB_OFFLINE=1 "$VENV/bin/python" "$ROOT/tests/fixtures/sd/generate.py" --derived >"$log" 2>&1; then
+    cat "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
+}
+
+if [ "$purpose" = python ]; then
+  install_python
+  exit 0
+fi
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup (https://rustup.rs)" >&2; exit 1; }
 
 if [ "$purpose" = test ]; then
   # Mesa's lavapipe gives wgpu a Vulkan device without a GPU; Chromium drives the browser tests.
   apt_install mesa-vulkan-drivers libvulkan1 chromium chromium-driver
   command -v npm >/dev/null || apt_install nodejs npm
+fi
+
+if [ "$purpose" = test ]; then
+  install_python
+  derive_fixtures
 fi
 
 if [ "$purpose" = test ] || [ "$purpose" = cuda ]; then

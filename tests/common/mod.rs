@@ -9,11 +9,19 @@ use sefi::sd::StableDiffusion;
 use sefi::weights::open::Variant;
 use sefi::weights::{Checkpoint, FileSource, SafetensorsFile};
 
-/// A path under `tests/fixtures`.
+/// A path under `tests/fixtures`. Panics with what to run when it is one of the derived files
+/// (fp16 variants, single files, 2022 layouts) and has not been derived yet.
 pub fn fixture(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let full = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(path)
+        .join(path);
+    assert!(
+        full.exists(),
+        "{} is missing: the test fixtures derived from the tiny models are made by \
+         `scripts/setup.sh test` (tests/fixtures/sd/generate.py --derived)",
+        full.display()
+    );
+    full
 }
 
 /// A path under `tests/fixtures/sd` (the tiny models).
