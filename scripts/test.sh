@@ -23,6 +23,11 @@ step "the cuda feature: every target compiles; the CLI links and, without a driv
 cargo check --features cuda --all-targets
 cargo test --features cuda --test device
 
+step "the GPU script, packed and run on the CPU: pack, unpack, checks, parity, benchmark"
+bench/gpu/pack.sh --dev
+PYTHON="$HOME/.cache/sefi/venv/bin/python" \
+  bench/gpu/run.sh --devices cpu,wgpu --config tiny --dtype f32 --reps 1 --out "$work/gpu"
+
 step "in-browser tests (wasm, WebGPU in headless Chromium)"
 CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=300 \
   cargo test --release --target wasm32-unknown-unknown --no-default-features --features web,wgpu --test browser
