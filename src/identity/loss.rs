@@ -83,12 +83,15 @@ pub fn sefi_loss(
         .detach();
 
     let a = objective.schedule.alphas_cumprod[inputs.timestep];
-    let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
-    let z_t = inputs.latents.clone().mul_scalar(sa) + inputs.noise.clone().mul_scalar(sb);
+    // diffusers' sqrt_alpha_prod and sqrt_one_minus_alpha_prod.
+    let (sqrt_alpha, sqrt_one_minus_alpha) = (a.sqrt(), (1.0 - a).sqrt());
+    let z_t = inputs.latents.clone().mul_scalar(sqrt_alpha)
+        + inputs.noise.clone().mul_scalar(sqrt_one_minus_alpha);
     let target = match objective.prediction {
         Prediction::Epsilon => inputs.noise.clone(),
         Prediction::VPrediction => {
-            inputs.noise.clone().mul_scalar(sa) - inputs.latents.clone().mul_scalar(sb)
+            inputs.noise.clone().mul_scalar(sqrt_alpha)
+                - inputs.latents.clone().mul_scalar(sqrt_one_minus_alpha)
         }
     };
 

@@ -463,16 +463,8 @@ impl<'a> Trainer<'a> {
     pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
         let started = web_time::Instant::now();
         let draw = self.draw(state.step);
-        let g = self.gradients(state, &draw, Term::Total).await?;
-        let (stage, t, l, ln, la, gk, gv) = (
-            g.stage,
-            draw.timestep,
-            g.loss,
-            g.noise_loss,
-            g.attn_loss,
-            g.key,
-            g.value,
-        );
+        let grads = self.gradients(state, &draw, Term::Total).await?;
+        let stage = grads.stage;
         let range = stage * self.dim()..(stage + 1) * self.dim();
 
         // AdamW (PyTorch's, decoupled weight decay) on this stage's rows only.
@@ -496,22 +488,22 @@ impl<'a> Trainer<'a> {
             &mut state.key[range.clone()],
             &mut state.m_key[range.clone()],
             &mut state.v_key[range.clone()],
-            &gk,
+            &grads.key,
         );
         update(
             &mut state.value[range.clone()],
             &mut state.m_value[range.clone()],
             &mut state.v_value[range.clone()],
-            &gv,
+            &grads.value,
         );
         state.step += 1;
         Ok(StepReport {
             step: state.step,
             total: c.steps,
-            loss: l,
-            noise_loss: ln,
-            attn_loss: la,
-            timestep: t,
+            loss: grads.loss,
+            noise_loss: grads.noise_loss,
+            attn_loss: grads.attn_loss,
+            timestep: draw.timestep,
             stage,
             steps_per_second: 1.0 / started.elapsed().as_secs_f64().max(1e-9),
         })

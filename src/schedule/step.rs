@@ -73,15 +73,18 @@ impl Scheduler {
                 let ap = t
                     .checked_sub(p.step_ratio)
                     .map_or(p.final_alpha_cumprod, |prev| ac[prev]);
-                let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+                let (sqrt_alpha, sqrt_one_minus_alpha) = (a.sqrt(), (1.0 - a).sqrt());
                 let (x0, eps) = match p.prediction {
                     Prediction::Epsilon => (
-                        (sample - model_output.clone().mul_scalar(sb)).div_scalar(sa),
+                        (sample - model_output.clone().mul_scalar(sqrt_one_minus_alpha))
+                            .div_scalar(sqrt_alpha),
                         model_output,
                     ),
                     Prediction::VPrediction => (
-                        sample.clone().mul_scalar(sa) - model_output.clone().mul_scalar(sb),
-                        model_output.mul_scalar(sa) + sample.mul_scalar(sb),
+                        sample.clone().mul_scalar(sqrt_alpha)
+                            - model_output.clone().mul_scalar(sqrt_one_minus_alpha),
+                        model_output.mul_scalar(sqrt_alpha)
+                            + sample.mul_scalar(sqrt_one_minus_alpha),
                     ),
                 };
                 let x0 = match p.clip {
@@ -123,7 +126,7 @@ impl Scheduler {
                 };
                 let h = lambda(s_next) - lambda(s0);
                 // exp(-h) - 1, which is -1 at the final sigma of 0 (h = inf).
-                let em1 = (-h).exp_m1();
+                let exp_neg_h_minus_1 = (-h).exp_m1();
                 // The last step is first order (final sigma 0), as is the first.
                 let last = i + 1 == p.len();
                 let out = match (&self.previous_x0, last) {
@@ -132,11 +135,12 @@ impl Scheduler {
                         let r0 = h0 / h;
                         let d1 = (x0.clone() - prev.clone()).div_scalar(r0);
                         sample.mul_scalar(sigma_t / sigma_s0)
-                            - x0.clone().mul_scalar(alpha_t * em1)
-                            - d1.mul_scalar(0.5 * alpha_t * em1)
+                            - x0.clone().mul_scalar(alpha_t * exp_neg_h_minus_1)
+                            - d1.mul_scalar(0.5 * alpha_t * exp_neg_h_minus_1)
                     }
                     _ => {
-                        sample.mul_scalar(sigma_t / sigma_s0) - x0.clone().mul_scalar(alpha_t * em1)
+                        sample.mul_scalar(sigma_t / sigma_s0)
+                            - x0.clone().mul_scalar(alpha_t * exp_neg_h_minus_1)
                     }
                 };
                 self.previous_x0 = Some(x0);

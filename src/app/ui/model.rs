@@ -92,8 +92,11 @@ pub async fn load_last(ctx: Ctx) {
     }
 }
 
+/// Where a model comes from.
 enum Pick {
-    Address(String, bool),
+    /// A model folder or file at an address; `fp16` prefers the half-precision variant files.
+    Address { address: String, fp16: bool },
+    /// Files the user dropped or chose.
     Files(Vec<web_sys::File>),
 }
 
@@ -114,7 +117,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
     };
     ctx.model_error.set(None);
     let (phase, name) = match &pick {
-        Pick::Address(a, _) => ("download", a.clone()),
+        Pick::Address { address, .. } => ("download", address.clone()),
         Pick::Files(f) => ("copy", f.first().map(|f| f.name()).unwrap_or_default()),
     };
     ctx.model.set(ModelState::Acquiring {
@@ -147,7 +150,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
     let result: Result<Manifest, UiError> = async {
         let s = store().await?;
         match pick {
-            Pick::Address(address, fp16) => {
+            Pick::Address { address, fp16 } => {
                 let origin = super::widgets::page_origin();
                 let source = ModelSource::parse(&address, &origin)
                     .map_err(|e| UiError::new("bad-model", e.to_string()))?;
@@ -210,7 +213,7 @@ pub fn ModelPanel() -> impl IntoView {
         let a = address.get_untracked();
         let fp16 = PRESETS.iter().any(|p| p.address == a.trim() && p.fp16);
         clear_failure(ctx);
-        spawn_local(acquire(ctx, Pick::Address(a, fp16)));
+        spawn_local(acquire(ctx, Pick::Address { address: a, fp16 }));
     };
     let files = move |f: Vec<web_sys::File>| {
         if !f.is_empty() {
@@ -445,7 +448,7 @@ fn CachedModels() -> impl IntoView {
                                 } else if !resume.starts_with("local:") {
                                     view! {
                                         <button on:click=move |_| {
-                                            spawn_local(acquire(ctx, Pick::Address(resume.clone(), fp16)))
+                                            spawn_local(acquire(ctx, Pick::Address { address: resume.clone(), fp16 }))
                                         }>"Resume download"</button>
                                     }
                                         .into_any()
