@@ -372,6 +372,99 @@ fn resuming_reproduces_the_uninterrupted_run() {
     );
 }
 
+/// The run driver the CLI and the browser share: events in order, a pause that hands back a
+/// checkpoint, and a resumed run that ends where the uninterrupted one does.
+#[test]
+fn a_paused_run_resumes_to_the_same_identity() {
+    use sefi::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(4),
+        &device,
+    ))
+    .unwrap();
+    let schedule = Schedule {
+        checkpoint: Due {
+            every: 1,
+            ..Due::default()
+        },
+        maps: Due {
+            every: 2,
+            last_step: true,
+            ..Due::default()
+        },
+        maps_before_training: true,
+    };
+    let run = |state: &mut TrainState, pause_before: usize, events: &mut Vec<String>| {
+        let mut asked = 0;
+        let mut stop = || {
+            asked += 1;
+            (asked == pause_before).then_some(Stop::Pause)
+        };
+        block_on(session::run(
+            &trainer,
+            state,
+            &schedule,
+            &mut stop,
+            &mut |e| -> Result<(), Box<dyn std::error::Error>> {
+                events.push(match e {
+                    TrainEvent::Step(r) => format!("step {}", r.step),
+                    TrainEvent::Checkpoint { step, .. } => format!("checkpoint {step}"),
+                    TrainEvent::Maps { step, maps, .. } => {
+                        assert_eq!((maps.width, maps.height), (16, 8));
+                        format!("maps {step}")
+                    }
+                });
+                Ok(())
+            },
+        ))
+        .unwrap()
+    };
+
+    let mut straight = trainer.initial_state();
+    let mut events = Vec::new();
+    let Finished::Done(whole) = run(&mut straight, 0, &mut events) else {
+        panic!("nothing stopped it")
+    };
+    assert_eq!(
+        events,
+        [
+            "maps 0",
+            "step 1",
+            "checkpoint 1",
+            "step 2",
+            "checkpoint 2",
+            "maps 2",
+            "step 3",
+            "checkpoint 3",
+            "step 4",
+            "maps 4"
+        ]
+    );
+
+    let mut first = trainer.initial_state();
+    let mut events = Vec::new();
+    let Finished::Stopped {
+        step: 2,
+        checkpoint: Some(bytes),
+    } = run(&mut first, 3, &mut events)
+    else {
+        panic!("paused after two steps")
+    };
+    assert_eq!(events.last().unwrap(), "maps 2");
+    let restored = block_on(Identity::from_bytes("checkpoint", bytes)).unwrap();
+    let mut resumed = trainer.resume_state(&restored).unwrap();
+    let Finished::Done(identity) = run(&mut resumed, 0, &mut Vec::new()) else {
+        panic!("nothing stopped it")
+    };
+    assert_eq!(resumed, straight);
+    assert_eq!((identity.key, identity.value), (whole.key, whole.value));
+}
+
 #[test]
 fn training_lowers_the_noise_loss_on_fixed_draws() {
     let device = Device::flex().autodiff();

@@ -74,7 +74,8 @@ mod compute {
     };
     use crate::device::{ComputeDevice, DeviceChoice, DeviceError, Precision};
     use crate::identity::condition::fingerprint;
-    use crate::identity::train::{Photo, TrainError, TrainState, Trainer, decode_photo};
+    use crate::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
+    use crate::identity::train::{Photo, TrainError, Trainer, decode_photo};
     use crate::identity::{Fingerprint, Identity, IdentityError};
     use crate::pipeline::{self, Event, Flow, GivenNoise, PipelineError, RgbImage};
     use crate::schedule::SchedulerConfig;
@@ -314,7 +315,7 @@ mod compute {
         id: &str,
         respond: &dyn Fn(Response),
     ) -> Result<ModelInfo, WorkerError> {
-        let started = web_time::Instant::now();
+        let started = Instant::now();
         let store = Store::open().await.map_err(storage)?;
         let manifest = read_manifest(&store, id)
             .await
@@ -442,25 +443,16 @@ mod compute {
         Ok([half(0)?, half(1)?])
     }
 
-    fn checkpoint(trainer: &Trainer<'_>, st: &TrainState) -> Result<ByteBuf, WorkerError> {
-        trainer
-            .checkpoint(st)
-            .map(ByteBuf::from)
-            .map_err(identity_error)
+    impl From<TrainError> for WorkerError {
+        fn from(e: TrainError) -> Self {
+            train_error(e)
+        }
     }
 
-    /// The heat-maps of the last step's draw.
-    async fn maps_at(trainer: &Trainer<'_>, st: &TrainState) -> Result<Response, WorkerError> {
-        let maps = trainer
-            .attention_maps(st, &trainer.draw(st.step.saturating_sub(1)))
-            .await
-            .map_err(train_error)?;
-        let [identity, class] = heat_maps(&maps)?;
-        Ok(Response::TrainMaps {
-            step: st.step,
-            identity,
-            class,
-        })
+    impl From<IdentityError> for WorkerError {
+        fn from(e: IdentityError) -> Self {
+            identity_error(e)
+        }
     }
 
     async fn train(
@@ -475,7 +467,6 @@ mod compute {
                 .map_err(|e| WorkerError::BadPhoto(format!("photo {}: {e}", i + 1)))?;
             photos.push(Photo { image, crop: None });
         }
-        let total = job.config.steps;
         let trainer = Trainer::new(
             &loaded.sd,
             &loaded.scheduler,
@@ -483,56 +474,64 @@ mod compute {
             job.config,
             &loaded.device,
         )
-        .await
-        .map_err(train_error)?;
+        .await?;
         let mut st = match job.resume {
             Some(bytes) => {
-                let saved = Identity::from_bytes("checkpoint", bytes.into_vec())
-                    .await
-                    .map_err(identity_error)?;
-                trainer.resume_state(&saved).map_err(train_error)?
+                let saved = Identity::from_bytes("checkpoint", bytes.into_vec()).await?;
+                trainer.resume_state(&saved)?
             }
             None => trainer.initial_state(),
         };
         state.stop_training.set(None);
-        respond(maps_at(&trainer, &st).await?);
-        // On a slow GPU (a software adapter takes most of a minute per step) the step counts
-        // alone would leave long gaps: checkpoints and heat-maps are also due after a while.
-        let (mut last_checkpoint, mut last_maps) = (Instant::now(), Instant::now());
-        while st.step < total {
-            if let Some(cancel) = state.stop_training.take() {
-                respond(Response::TrainStopped {
-                    step: st.step,
-                    checkpoint: if cancel {
-                        None
-                    } else {
-                        Some(checkpoint(&trainer, &st)?)
-                    },
-                });
-                return Ok(());
-            }
-            let report = trainer.step(&mut st).await.map_err(train_error)?;
-            let step = report.step;
-            respond(Response::TrainStep(report));
-            let due = |every: usize, last: Instant, after: Duration| {
-                (every > 0 && step % every == 0) || last.elapsed() >= after
-            };
-            if step < total && due(job.checkpoint_every, last_checkpoint, CHECKPOINT_AFTER) {
-                respond(Response::TrainCheckpoint {
+        let schedule = Schedule {
+            checkpoint: Due {
+                every: job.checkpoint_every,
+                after: Some(CHECKPOINT_AFTER),
+                ..Due::default()
+            },
+            maps: Due {
+                every: job.maps_every,
+                after: Some(MAPS_AFTER),
+                first_step: true,
+                last_step: true,
+            },
+            maps_before_training: true,
+        };
+        let mut stop = || {
+            state
+                .stop_training
+                .take()
+                .map(|cancel| if cancel { Stop::Cancel } else { Stop::Pause })
+        };
+        let mut on_event = |event: TrainEvent| -> Result<(), WorkerError> {
+            respond(match event {
+                TrainEvent::Step(report) => Response::TrainStep(report),
+                TrainEvent::Checkpoint { step, bytes } => Response::TrainCheckpoint {
                     step,
-                    bytes: checkpoint(&trainer, &st)?,
-                });
-                last_checkpoint = Instant::now();
-            }
-            if step == 1 || step == total || due(job.maps_every, last_maps, MAPS_AFTER) {
-                respond(maps_at(&trainer, &st).await?);
-                last_maps = Instant::now();
-            }
-        }
-        let identity = trainer.identity(&st).to_bytes().map_err(identity_error)?;
-        respond(Response::TrainDone {
-            identity: ByteBuf::from(identity),
-        });
+                    bytes: ByteBuf::from(bytes),
+                },
+                TrainEvent::Maps { step, maps, .. } => {
+                    let [identity, class] = heat_maps(&maps)?;
+                    Response::TrainMaps {
+                        step,
+                        identity,
+                        class,
+                    }
+                }
+            });
+            Ok(())
+        };
+        respond(
+            match session::run(&trainer, &mut st, &schedule, &mut stop, &mut on_event).await? {
+                Finished::Done(identity) => Response::TrainDone {
+                    identity: ByteBuf::from(identity.to_bytes()?),
+                },
+                Finished::Stopped { step, checkpoint } => Response::TrainStopped {
+                    step,
+                    checkpoint: checkpoint.map(ByteBuf::from),
+                },
+            },
+        );
         Ok(())
     }
 

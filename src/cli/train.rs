@@ -9,6 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
+use crate::identity::session::{self, Due, Finished, Schedule, TrainEvent};
 use crate::identity::settings;
 use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
 use crate::pipeline::RgbImage;
@@ -173,41 +174,69 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .expect("template"),
     );
     bar.set_position(state.step as u64);
-    while state.step < args.steps {
-        let r = crate::block_on(trainer.step(&mut state))?;
-        bar.set_position(r.step as u64);
-        bar.set_message(format!(
-            "loss {:.4} (noise {:.4}, attention {:.2e}) t={} stage {}",
-            r.loss, r.noise_loss, r.attn_loss, r.timestep, r.stage
-        ));
-        if let Some(f) = log.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&r)?)?;
+    let schedule = Schedule {
+        checkpoint: Due {
+            every: args.save_every,
+            last_step: args.save_every > 0,
+            ..Due::default()
+        },
+        maps: Due {
+            every: if args.save_every > 0 {
+                args.save_every
+            } else {
+                50
+            },
+            last_step: true,
+            ..Due::default()
+        },
+        maps_before_training: false,
+    };
+    let mut on_event = |event: TrainEvent| -> Result<(), Box<dyn std::error::Error>> {
+        match event {
+            TrainEvent::Step(r) => {
+                bar.set_position(r.step as u64);
+                bar.set_message(format!(
+                    "loss {:.4} (noise {:.4}, attention {:.2e}) t={} stage {}",
+                    r.loss, r.noise_loss, r.attn_loss, r.timestep, r.stage
+                ));
+                if let Some(f) = log.as_mut() {
+                    writeln!(f, "{}", serde_json::to_string(&r)?)?;
+                }
+            }
+            TrainEvent::Checkpoint { bytes, .. } => std::fs::write(&checkpoint, bytes)?,
+            TrainEvent::Maps {
+                step,
+                timestep,
+                maps,
+            } => {
+                let Some(dir) = &args.attention_maps else {
+                    return Ok(());
+                };
+                std::fs::create_dir_all(dir)?;
+                let text = format!(
+                    "<{}> (left) and \"{}\" (right), step {step}, t={timestep}",
+                    args.token, args.class_word
+                );
+                std::fs::write(
+                    dir.join(format!("step-{step:06}.png")),
+                    crate::pipeline::png::encode(&maps, &text)?,
+                )?;
+            }
         }
-        if args.save_every > 0 && r.step % args.save_every == 0 {
-            std::fs::write(&checkpoint, trainer.checkpoint(&state)?)?;
-        }
-        let every = if args.save_every > 0 {
-            args.save_every
-        } else {
-            50
-        };
-        if let Some(dir) = &args.attention_maps
-            && (r.step % every == 0 || r.step == args.steps)
-        {
-            std::fs::create_dir_all(dir)?;
-            let image = crate::block_on(trainer.attention_maps(&state, &trainer.draw(r.step - 1)))?;
-            let text = format!(
-                "<{}> (left) and \"{}\" (right), step {}, t={}",
-                args.token, args.class_word, r.step, r.timestep
-            );
-            std::fs::write(
-                dir.join(format!("step-{:06}.png", r.step)),
-                crate::pipeline::png::encode(&image, &text)?,
-            )?;
-        }
-    }
+        Ok(())
+    };
+    let finished = crate::block_on(session::run(
+        &trainer,
+        &mut state,
+        &schedule,
+        &mut || None,
+        &mut on_event,
+    ))?;
     bar.finish();
-    std::fs::write(&args.out, trainer.identity(&state).to_bytes()?)?;
+    let Finished::Done(identity) = finished else {
+        unreachable!("nothing stops a command-line run")
+    };
+    std::fs::write(&args.out, identity.to_bytes()?)?;
     println!(
         "{} (<{}>, class word {})",
         args.out.display(),

@@ -6,6 +6,8 @@ pub mod condition;
 #[cfg(feature = "compute")]
 pub mod loss;
 pub mod prompt;
+#[cfg(feature = "compute")]
+pub mod session;
 pub mod settings;
 #[cfg(feature = "compute")]
 pub mod train;

@@ -1,0 +1,186 @@
+//! A whole training run: steps until the configured count, checkpoints and attention maps when
+//! they are due, and a stop signal. The command line and the browser's worker both drive
+//! training through [`run`]; they only decide what to do with its events.
+
+use std::time::Duration;
+
+use web_time::Instant;
+
+use super::train::{TrainError, TrainState, Trainer};
+use super::{Identity, IdentityError};
+use crate::identity::settings::StepReport;
+use crate::rgb::RgbImage;
+
+/// When a periodic piece of work (a checkpoint, attention maps) is due.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Due {
+    /// Every this many steps; 0: not by count.
+    pub every: usize,
+    /// Also once this much time has passed since the last one (slow GPUs take minutes per
+    /// step, and a count alone would leave long gaps).
+    pub after: Option<Duration>,
+    /// After the first step (the first maps show at once what training looks at).
+    pub first_step: bool,
+    /// After the last step. Otherwise the last step counts as no other.
+    pub last_step: bool,
+}
+
+impl Due {
+    fn at(&self, step: usize, total: usize, since: Instant) -> bool {
+        if step == total {
+            return self.last_step;
+        }
+        (self.every > 0 && step.is_multiple_of(self.every))
+            || self.after.is_some_and(|after| since.elapsed() >= after)
+            || (self.first_step && step == 1)
+    }
+}
+
+/// What a run reports, and when.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Schedule {
+    pub checkpoint: Due,
+    pub maps: Due,
+    /// Attention maps before the first step (or before the first step after resuming).
+    pub maps_before_training: bool,
+}
+
+/// What happened in a run, in order: after each step its report, then a checkpoint if one is
+/// due, then attention maps if they are due.
+#[derive(Debug)]
+pub enum TrainEvent {
+    Step(StepReport),
+    /// A checkpoint file (the identity with the optimizer state) that resumes the run.
+    Checkpoint {
+        step: usize,
+        bytes: Vec<u8>,
+    },
+    /// The identity token's attention map beside the class word's, for the draw of the last
+    /// step (`step` 0: before training, at the first draw).
+    Maps {
+        step: usize,
+        timestep: usize,
+        maps: RgbImage,
+    },
+}
+
+/// Asked of the stop signal before each step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Stop and hand back a checkpoint to continue from later.
+    Pause,
+    /// Stop and keep nothing.
+    Cancel,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub enum Finished {
+    /// Every step ran: the learned identity.
+    Done(Identity),
+    /// The stop signal ended it after `step` steps.
+    Stopped {
+        step: usize,
+        /// With [`Stop::Pause`]: the checkpoint to continue from.
+        checkpoint: Option<Vec<u8>>,
+    },
+}
+
+/// Trains from `state` until the configured number of steps or until `stop` says so, passing
+/// every event to `on_event`. Errors of the consumer (`E`) stop the run as training errors do.
+pub async fn run<E>(
+    trainer: &Trainer<'_>,
+    state: &mut TrainState,
+    schedule: &Schedule,
+    stop: &mut dyn FnMut() -> Option<Stop>,
+    on_event: &mut dyn FnMut(TrainEvent) -> Result<(), E>,
+) -> Result<Finished, E>
+where
+    E: From<TrainError> + From<IdentityError>,
+{
+    let total = trainer.config.steps;
+    if schedule.maps_before_training {
+        on_event(maps(trainer, state).await?)?;
+    }
+    let (mut last_checkpoint, mut last_maps) = (Instant::now(), Instant::now());
+    while state.step < total {
+        if let Some(how) = stop() {
+            let checkpoint = match how {
+                Stop::Pause => Some(trainer.checkpoint(state)?),
+                Stop::Cancel => None,
+            };
+            return Ok(Finished::Stopped {
+                step: state.step,
+                checkpoint,
+            });
+        }
+        let report = trainer.step(state).await?;
+        let step = report.step;
+        on_event(TrainEvent::Step(report))?;
+        if schedule.checkpoint.at(step, total, last_checkpoint) {
+            on_event(TrainEvent::Checkpoint {
+                step,
+                bytes: trainer.checkpoint(state)?,
+            })?;
+            last_checkpoint = Instant::now();
+        }
+        if schedule.maps.at(step, total, last_maps) {
+            on_event(maps(trainer, state).await?)?;
+            last_maps = Instant::now();
+        }
+    }
+    Ok(Finished::Done(trainer.identity(state)))
+}
+
+/// The attention maps of the last step's draw (the first draw before any step).
+async fn maps(trainer: &Trainer<'_>, state: &TrainState) -> Result<TrainEvent, TrainError> {
+    let draw = trainer.draw(state.step.saturating_sub(1));
+    let maps = trainer.attention_maps(state, &draw).await?;
+    Ok(TrainEvent::Maps {
+        step: state.step,
+        timestep: draw.timestep,
+        maps,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_by_count_first_and_last_step() {
+        let now = Instant::now();
+        let every_2 = Due {
+            every: 2,
+            ..Due::default()
+        };
+        let at = |d: Due| (1..=5).filter(|&s| d.at(s, 5, now)).collect::<Vec<_>>();
+        assert_eq!(at(every_2), [2, 4]);
+        assert_eq!(
+            at(Due {
+                last_step: true,
+                first_step: true,
+                ..every_2
+            }),
+            [1, 2, 4, 5]
+        );
+        // The last step follows its own rule, even when the count falls on it.
+        let every_5 = Due {
+            every: 5,
+            ..Due::default()
+        };
+        assert_eq!(at(every_5), Vec::<usize>::new());
+        assert_eq!(at(Due::default()), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn due_after_a_time() {
+        let long_ago = Instant::now() - Duration::from_secs(30);
+        let d = Due {
+            after: Some(Duration::from_secs(20)),
+            ..Due::default()
+        };
+        assert!(d.at(3, 10, long_ago));
+        assert!(!d.at(3, 10, Instant::now()));
+    }
+}
