@@ -14,6 +14,7 @@ use web_sys::{File, Headers, ReadableStreamDefaultReader, RequestInit, Response}
 use super::catalog::{
     Manifest, ModelSource, PART_SIZE, StoredFile, Wanted, folder_files, model_id,
 };
+use super::view::ErrorKind;
 use crate::store::{Store, StoreError, Writer, estimate};
 
 /// Why a model could not be brought into storage.
@@ -35,14 +36,14 @@ pub enum AcquireError {
 
 impl AcquireError {
     /// The `data-kind` the page shows it with.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            AcquireError::BlockedHost { .. } => "blocked-host",
-            AcquireError::Network(_) => "network",
-            AcquireError::BadModel(_) => "bad-model",
-            AcquireError::Store(StoreError::Full) => "storage-full",
-            AcquireError::Store(_) => "storage",
-            AcquireError::Cancelled => "cancelled",
+            AcquireError::BlockedHost { .. } => ErrorKind::BlockedHost,
+            AcquireError::Network(_) => ErrorKind::Network,
+            AcquireError::BadModel(_) => ErrorKind::BadModel,
+            AcquireError::Store(StoreError::Full) => ErrorKind::StorageFull,
+            AcquireError::Store(_) => ErrorKind::Storage,
+            AcquireError::Cancelled => ErrorKind::Cancelled,
         }
     }
 }

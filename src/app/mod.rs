@@ -10,6 +10,7 @@ pub mod fit;
 pub mod protocol;
 #[cfg(all(feature = "web", target_family = "wasm"))]
 mod ui;
+pub mod view;
 #[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod worker;
 

@@ -6,6 +6,7 @@ use serde_bytes::ByteBuf;
 use wasm_bindgen::JsValue;
 
 use super::fit::FitReport;
+use super::view::ErrorKind;
 use crate::check::CheckReport;
 use crate::device::DeviceInfo;
 use crate::identity::settings::{StepReport, TrainConfig};
@@ -159,16 +160,16 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// The `data-kind` the page shows it with.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            WorkerError::NoWebGpu(_) => "no-webgpu",
-            WorkerError::OutOfMemory(_) => "out-of-memory",
-            WorkerError::DeviceLost(_) => "device-lost",
-            WorkerError::BadModel(_) => "bad-model",
-            WorkerError::BadIdentity(_) => "bad-identity",
-            WorkerError::BadPhoto(_) => "bad-photo",
-            WorkerError::NoModel => "no-model",
-            WorkerError::Other(_) => "error",
+            WorkerError::NoWebGpu(_) => ErrorKind::NoWebGpu,
+            WorkerError::OutOfMemory(_) => ErrorKind::OutOfMemory,
+            WorkerError::DeviceLost(_) => ErrorKind::DeviceLost,
+            WorkerError::BadModel(_) => ErrorKind::BadModel,
+            WorkerError::BadIdentity(_) => ErrorKind::BadIdentity,
+            WorkerError::BadPhoto(_) => ErrorKind::BadPhoto,
+            WorkerError::NoModel => ErrorKind::NoModel,
+            WorkerError::Other(_) => ErrorKind::Other,
         }
     }
 

@@ -9,6 +9,7 @@ use serde_bytes::ByteBuf;
 use super::widgets::{ErrorBox, NumberField, UiError, blob_url, blob_url_of, random_seed, revoke};
 use super::{Ctx, ModelState, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
+pub use crate::app::view::GenView;
 use crate::clip::tokenizer::placeholders;
 use crate::pipeline::GenerateRequest;
 use crate::schedule::Sampler;
@@ -25,16 +26,6 @@ const SIZES: &[(&str, usize, usize)] = &[
     ("768", 768, 768),
     ("1024", 1024, 1024),
 ];
-
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GenView {
-    pub running: bool,
-    pub step: usize,
-    pub total: usize,
-    pub preview: Option<String>,
-    pub error: Option<UiError>,
-    pub warnings: Vec<String>,
-}
 
 /// What a gallery image was made with: `gallery/<name>.json` beside `gallery/<name>.png`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -81,12 +72,7 @@ pub async fn load_gallery(ctx: Ctx) {
 }
 
 pub fn on_crash(ctx: Ctx, error: UiError) {
-    ctx.generation.update(|g| {
-        if g.running {
-            g.running = false;
-            g.error = Some(error);
-        }
-    });
+    ctx.generation.update(|g| g.crashed(error));
 }
 
 pub fn on_response(ctx: Ctx, response: Response) {
@@ -96,20 +82,14 @@ pub fn on_response(ctx: Ctx, response: Response) {
             total,
             preview,
         } => ctx.generation.update(|g| {
-            g.step = step;
-            g.total = total;
-            if let Some(p) = preview {
-                if let Some(old) = g.preview.take() {
-                    revoke(&old);
-                }
-                g.preview = Some(blob_url(&p, "image/png"));
+            let preview = preview.map(|p| blob_url(&p, "image/png"));
+            if let Some(old) = g.step_done(step, total, preview) {
+                revoke(&old);
             }
         }),
         Response::GenDone { images, warnings } => {
             ctx.generation.update(|g| {
-                g.running = false;
-                g.warnings = warnings;
-                if let Some(old) = g.preview.take() {
+                if let Some(old) = g.done(warnings) {
                     revoke(&old);
                 }
             });
@@ -140,13 +120,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     }
                     .await;
                     if let Err(e) = &saved {
-                        save_error = Some(UiError::new(
-                            &e.kind,
-                            format!(
-                                "{} The new image is shown below but not kept: download it before leaving the page.",
-                                e.message
-                            ),
-                        ));
+                        save_error = Some(e.clone());
                     }
                     fresh.push(GalleryItem {
                         meta,
@@ -159,17 +133,15 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     fresh.append(g);
                     *g = fresh;
                 });
-                if save_error.is_some() {
-                    ctx.generation.update(|g| g.error = save_error);
+                if let Some(e) = save_error {
+                    ctx.generation.update(|g| g.unsaved(&e));
                 }
             });
         }
         Response::GenFailed(e) => ctx.generation.update(|g| {
-            g.running = false;
-            if let Some(old) = g.preview.take() {
+            if let Some(old) = g.failed(e.into()) {
                 revoke(&old);
             }
-            g.error = Some(e.into());
         }),
         _ => {}
     }
@@ -180,15 +152,42 @@ thread_local! {
     static LAST_JOB: std::cell::RefCell<Option<GenerateJob>> = const { std::cell::RefCell::new(None) };
 }
 
+/// The generation settings as the form holds them.
+#[derive(Clone, Copy)]
+struct GenSettings {
+    steps: RwSignal<usize>,
+    guidance: RwSignal<f64>,
+    sampler: RwSignal<Sampler>,
+    /// One of [`SIZES`]' names.
+    size: RwSignal<String>,
+    count: RwSignal<usize>,
+}
+
+impl GenSettings {
+    fn new() -> Self {
+        Self {
+            steps: RwSignal::new(25),
+            guidance: RwSignal::new(7.5),
+            sampler: RwSignal::new(Sampler::DpmPp2mKarras),
+            size: RwSignal::new("512".to_string()),
+            count: RwSignal::new(1),
+        }
+    }
+
+    /// The chosen size, width by height.
+    fn size(&self) -> (usize, usize) {
+        let name = self.size.get_untracked();
+        SIZES
+            .iter()
+            .find(|s| s.0 == name)
+            .map_or((512, 512), |&(_, w, h)| (w, h))
+    }
+}
+
 #[component]
 pub fn GeneratePanel() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
-    let steps = RwSignal::new(25usize);
-    let guidance = RwSignal::new(7.5f64);
-    let sampler = RwSignal::new(Sampler::DpmPp2mKarras);
-    let size = RwSignal::new("512".to_string());
-    let count = RwSignal::new(1usize);
-    let prompt_ref = NodeRef::<leptos::html::Textarea>::new();
+    let settings = GenSettings::new();
     let model_ready = move || matches!(ctx.model.get(), ModelState::Ready(_));
 
     // The model's native size once one is ready.
@@ -196,54 +195,32 @@ pub fn GeneratePanel() -> impl IntoView {
         if let ModelState::Ready(info) = ctx.model.get() {
             let native = info.resolution.to_string();
             if SIZES.iter().any(|s| s.0 == native) {
-                size.set(native);
+                settings.size.set(native);
             }
         }
     });
-
-    let insert = move |token: String| {
-        let text = format!("<{token}>");
-        let at = prompt_ref
-            .get()
-            .and_then(|t| t.selection_start().ok().flatten())
-            .map(|i| i as usize);
-        ctx.prompt.update(|p| {
-            // selectionStart counts UTF-16 units; fall back to the end when they differ.
-            let at = at.filter(|&i| i <= p.len() && p.is_char_boundary(i) && p.is_ascii());
-            match at {
-                Some(i) => p.insert_str(i, &text),
-                None => p.push_str(&text),
-            }
-        });
-    };
 
     let generate = move |_| {
         let ModelState::Ready(info) = ctx.model.get_untracked() else {
             return;
         };
-        let (_, width, height) = SIZES
-            .iter()
-            .copied()
-            .find(|s| s.0 == size.get_untracked())
-            .unwrap_or(("512", 512, 512));
+        let (width, height) = settings.size();
         let request = GenerateRequest {
             prompt: ctx.prompt.get_untracked(),
             negative_prompt: ctx.negative.get_untracked(),
-            steps: steps.get_untracked().max(1),
-            guidance: guidance.get_untracked(),
-            sampler: sampler.get_untracked(),
+            steps: settings.steps.get_untracked().max(1),
+            guidance: settings.guidance.get_untracked(),
+            sampler: settings.sampler.get_untracked(),
             seed: ctx.seed.get_untracked(),
             width,
             height,
-            num_images: count.get_untracked().clamp(1, 8),
+            num_images: settings.count.get_untracked().clamp(1, 8),
             preview_every: 1,
         };
         ctx.generation.update(|g| {
-            g.running = true;
-            g.step = 0;
-            g.total = request.steps;
-            g.error = None;
-            g.warnings.clear();
+            if let Some(old) = g.start(request.steps) {
+                revoke(&old);
+            }
         });
         spawn_local(async move {
             let mut identities = Vec::new();
@@ -265,111 +242,8 @@ pub fn GeneratePanel() -> impl IntoView {
     view! {
         <section class="panel" id="generate" data-testid="generate-panel">
             <h2><span class="num">"3"</span>" Generate"</h2>
-            <div class="chips" aria-label="Your identities">
-                <For
-                    each=move || ctx.identities.get()
-                    key=|e| e.token.clone()
-                    children=move |e| {
-                        let token = e.token.clone();
-                        view! {
-                            <button
-                                class="chip"
-                                data-testid="identity-chip"
-                                title=format!("Insert <{}> ({})", e.token, e.class_word)
-                                on:click=move |_| insert(token.clone())
-                            >
-                                {format!("<{}>", e.token)}
-                            </button>
-                        }
-                    }
-                />
-            </div>
-            <label class="block">
-                <span>"Prompt"</span>
-                <textarea
-                    node_ref=prompt_ref
-                    data-testid="prompt"
-                    rows="3"
-                    placeholder="a photo of <alice> holding a basketball in front of the Eiffel Tower"
-                    prop:value=move || ctx.prompt.get()
-                    on:input=move |ev| ctx.prompt.set(event_target_value(&ev))
-                ></textarea>
-            </label>
-            <label class="block">
-                <span>"Negative prompt"</span>
-                <textarea
-                    data-testid="negative-prompt"
-                    rows="2"
-                    placeholder="blurry, low quality"
-                    prop:value=move || ctx.negative.get()
-                    on:input=move |ev| ctx.negative.set(event_target_value(&ev))
-                ></textarea>
-            </label>
-            <div class="form-grid">
-                <NumberField label="Steps" testid="gen-steps" value=steps min="1" step="1" max="150" />
-                <NumberField label="Guidance" testid="gen-guidance" value=guidance min="1" step="0.5" />
-                <label>
-                    <span>"Seed"</span>
-                    <span class="with-button">
-                        <input
-                            type="number"
-                            min="0"
-                            data-testid="seed"
-                            prop:value=move || ctx.seed.get().to_string()
-                            on:input=move |ev| {
-                                if let Ok(v) = event_target_value(&ev).parse::<u64>() {
-                                    ctx.seed.set(v.min((1 << 53) - 1))
-                                }
-                            }
-                        />
-                        <button
-                            data-testid="seed-dice"
-                            title="A new random seed"
-                            aria-label="A new random seed"
-                            on:click=move |_| ctx.seed.set(random_seed())
-                        >
-                            "Random"
-                        </button>
-                    </span>
-                </label>
-                <label>
-                    <span>"Sampler"</span>
-                    <select
-                        data-testid="gen-sampler"
-                        on:change=move |ev| {
-                            if let Ok(s) = event_target_value(&ev).parse() {
-                                sampler.set(s)
-                            }
-                        }
-                    >
-                        {Sampler::ALL
-                            .map(|s| {
-                                view! {
-                                    <option value=s.name() selected=move || sampler.get() == s>
-                                        {s.webui_name()}
-                                    </option>
-                                }
-                            })
-                            .collect_view()}
-                    </select>
-                </label>
-                <label>
-                    <span>"Size"</span>
-                    <select data-testid="gen-size" on:change=move |ev| size.set(event_target_value(&ev))>
-                        {SIZES
-                            .iter()
-                            .map(|&(value, w, h)| {
-                                view! {
-                                    <option value=value selected=move || size.get() == value>
-                                        {format!("{w} × {h}")}
-                                    </option>
-                                }
-                            })
-                            .collect_view()}
-                    </select>
-                </label>
-                <NumberField label="Images" testid="gen-count" value=count min="1" step="1" max="8" />
-            </div>
+            <PromptBox />
+            <GenerateSettings settings />
             <div class="row">
                 <button
                     class="primary"
@@ -386,27 +260,181 @@ pub fn GeneratePanel() -> impl IntoView {
                 </Show>
                 {move || (!model_ready()).then(|| view! { <span class="muted">" Load a model first."</span> })}
             </div>
-            <Show when=move || ctx.generation.with(|g| g.running || g.step > 0)>
-                <div class="row">
-                    <progress
-                        class="grow"
-                        data-testid="gen-progress"
-                        data-step=move || ctx.generation.with(|g| g.step)
-                        max=move || ctx.generation.with(|g| g.total.max(1))
-                        value=move || ctx.generation.with(|g| g.step)
-                    ></progress>
-                    <span class="muted">
-                        {move || ctx.generation.with(|g| format!("step {} of {}", g.step, g.total))}
-                    </span>
-                    {move || ctx.generation.with(|g| g.preview.clone()).map(|src| view! {
-                        <img class="preview" data-testid="gen-preview" src=src alt="Preview of the image being made" />
-                    })}
-                </div>
-            </Show>
-            {move || ctx.generation.with(|g| g.error.clone()).map(|error| view! { <ErrorBox error testid="gen-error" /> })}
-            {move || ctx.generation.with(|g| g.warnings.clone()).into_iter().map(|w| view! { <p class="warning">{w}</p> }).collect_view()}
+            <GenProgress />
             <Gallery />
         </section>
+    }
+}
+
+/// Chips that insert identities at the cursor, the prompt and the negative prompt.
+#[component]
+fn PromptBox() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let prompt_ref = NodeRef::<leptos::html::Textarea>::new();
+    let insert = move |token: String| {
+        let text = format!("<{token}>");
+        let at = prompt_ref
+            .get()
+            .and_then(|t| t.selection_start().ok().flatten())
+            .map(|i| i as usize);
+        ctx.prompt.update(|p| {
+            // selectionStart counts UTF-16 units; fall back to the end when they differ.
+            let at = at.filter(|&i| i <= p.len() && p.is_char_boundary(i) && p.is_ascii());
+            match at {
+                Some(i) => p.insert_str(i, &text),
+                None => p.push_str(&text),
+            }
+        });
+    };
+
+    view! {
+        <div class="chips" aria-label="Your identities">
+            <For
+                each=move || ctx.identities.get()
+                key=|e| e.token.clone()
+                children=move |e| {
+                    let token = e.token.clone();
+                    view! {
+                        <button
+                            class="chip"
+                            data-testid="identity-chip"
+                            title=format!("Insert <{}> ({})", e.token, e.class_word)
+                            on:click=move |_| insert(token.clone())
+                        >
+                            {format!("<{}>", e.token)}
+                        </button>
+                    }
+                }
+            />
+        </div>
+        <label class="block">
+            <span>"Prompt"</span>
+            <textarea
+                node_ref=prompt_ref
+                data-testid="prompt"
+                rows="3"
+                placeholder="a photo of <alice> holding a basketball in front of the Eiffel Tower"
+                prop:value=move || ctx.prompt.get()
+                on:input=move |ev| ctx.prompt.set(event_target_value(&ev))
+            ></textarea>
+        </label>
+        <label class="block">
+            <span>"Negative prompt"</span>
+            <textarea
+                data-testid="negative-prompt"
+                rows="2"
+                placeholder="blurry, low quality"
+                prop:value=move || ctx.negative.get()
+                on:input=move |ev| ctx.negative.set(event_target_value(&ev))
+            ></textarea>
+        </label>
+    }
+}
+
+/// Steps, guidance, seed, sampler, size and image count.
+#[component]
+fn GenerateSettings(settings: GenSettings) -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let GenSettings {
+        steps,
+        guidance,
+        sampler,
+        size,
+        count,
+    } = settings;
+    view! {
+        <div class="form-grid">
+            <NumberField label="Steps" testid="gen-steps" value=steps min="1" step="1" max="150" />
+            <NumberField label="Guidance" testid="gen-guidance" value=guidance min="1" step="0.5" />
+            <label>
+                <span>"Seed"</span>
+                <span class="with-button">
+                    <input
+                        type="number"
+                        min="0"
+                        data-testid="seed"
+                        prop:value=move || ctx.seed.get().to_string()
+                        on:input=move |ev| {
+                            if let Ok(v) = event_target_value(&ev).parse::<u64>() {
+                                ctx.seed.set(v.min((1 << 53) - 1))
+                            }
+                        }
+                    />
+                    <button
+                        data-testid="seed-dice"
+                        title="A new random seed"
+                        aria-label="A new random seed"
+                        on:click=move |_| ctx.seed.set(random_seed())
+                    >
+                        "Random"
+                    </button>
+                </span>
+            </label>
+            <label>
+                <span>"Sampler"</span>
+                <select
+                    data-testid="gen-sampler"
+                    on:change=move |ev| {
+                        if let Ok(s) = event_target_value(&ev).parse() {
+                            sampler.set(s)
+                        }
+                    }
+                >
+                    {Sampler::ALL
+                        .map(|s| {
+                            view! {
+                                <option value=s.name() selected=move || sampler.get() == s>
+                                    {s.webui_name()}
+                                </option>
+                            }
+                        })
+                        .collect_view()}
+                </select>
+            </label>
+            <label>
+                <span>"Size"</span>
+                <select data-testid="gen-size" on:change=move |ev| size.set(event_target_value(&ev))>
+                    {SIZES
+                        .iter()
+                        .map(|&(value, w, h)| {
+                            view! {
+                                <option value=value selected=move || size.get() == value>
+                                    {format!("{w} × {h}")}
+                                </option>
+                            }
+                        })
+                        .collect_view()}
+                </select>
+            </label>
+            <NumberField label="Images" testid="gen-count" value=count min="1" step="1" max="8" />
+        </div>
+    }
+}
+
+/// The generation in progress (with its live preview), its error and warnings.
+#[component]
+fn GenProgress() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    view! {
+        <Show when=move || ctx.generation.with(|g| g.running || g.step > 0)>
+            <div class="row">
+                <progress
+                    class="grow"
+                    data-testid="gen-progress"
+                    data-step=move || ctx.generation.with(|g| g.step)
+                    max=move || ctx.generation.with(|g| g.total.max(1))
+                    value=move || ctx.generation.with(|g| g.step)
+                ></progress>
+                <span class="muted">
+                    {move || ctx.generation.with(|g| format!("step {} of {}", g.step, g.total))}
+                </span>
+                {move || ctx.generation.with(|g| g.preview.clone()).map(|src| view! {
+                    <img class="preview" data-testid="gen-preview" src=src alt="Preview of the image being made" />
+                })}
+            </div>
+        </Show>
+        {move || ctx.generation.with(|g| g.error.clone()).map(|error| view! { <ErrorBox error testid="gen-error" /> })}
+        {move || ctx.generation.with(|g| g.warnings.clone()).into_iter().map(|w| view! { <p class="warning">{w}</p> }).collect_view()}
     }
 }
 

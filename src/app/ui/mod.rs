@@ -18,7 +18,7 @@ use crate::store::{Store, StoreError};
 pub use generate::{GalleryItem, GenView};
 pub use gpu::GpuState;
 pub use identity::{IdentityEntry, TrainView};
-pub use widgets::UiError;
+pub use widgets::{ErrorKind, UiError};
 
 /// Mounts the app on `<body>`; called by the page binary.
 pub fn mount() {
@@ -177,9 +177,9 @@ pub async fn store() -> Result<Store, UiError> {
 impl From<StoreError> for UiError {
     fn from(e: StoreError) -> Self {
         let kind = if e == StoreError::Full {
-            "storage-full"
+            ErrorKind::StorageFull
         } else {
-            "storage"
+            ErrorKind::Storage
         };
         UiError::new(kind, e.to_string())
     }

@@ -7,7 +7,7 @@ use std::rc::Rc;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 
-use super::widgets::{ErrorBox, UiError, bytes, dropped_files, duration, input_files};
+use super::widgets::{ErrorBox, ErrorKind, UiError, bytes, dropped_files, duration, input_files};
 use super::{Ctx, ModelState, store};
 use crate::app::acquire::{self, AcquireError, Progress};
 use crate::app::catalog::{Manifest, ModelSource, PRESETS, csp_allows};
@@ -153,7 +153,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
             Pick::Address { address, fp16 } => {
                 let origin = super::widgets::page_origin();
                 let source = ModelSource::parse(&address, &origin)
-                    .map_err(|e| UiError::new("bad-model", e.to_string()))?;
+                    .map_err(|e| UiError::new(ErrorKind::BadModel, e.to_string()))?;
                 if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
                     let host = source.host().unwrap_or_default().to_string();
                     return Err(error(AcquireError::BlockedHost { host }));
@@ -179,7 +179,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
         Ok(m) => load_stored(ctx, &m),
         Err(e) => {
             ctx.model.set(previous);
-            if e.kind != "cancelled" {
+            if e.kind != ErrorKind::Cancelled {
                 ctx.model_error.set(Some(e));
             }
         }

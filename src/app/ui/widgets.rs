@@ -8,21 +8,7 @@ use web_sys::{Blob, BlobPropertyBag, Url};
 use crate::app::protocol::WorkerError;
 use crate::device::WEBGPU_HINT;
 
-/// An error as the page shows it: a kind (`data-kind`, for styling and tests) and the text.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UiError {
-    pub kind: String,
-    pub message: String,
-}
-
-impl UiError {
-    pub fn new(kind: &str, message: impl Into<String>) -> Self {
-        Self {
-            kind: kind.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::app::view::{ErrorKind, UiError};
 
 impl From<WorkerError> for UiError {
     fn from(e: WorkerError) -> Self {
@@ -38,22 +24,9 @@ impl From<WorkerError> for UiError {
 /// An error box with the given test id.
 #[component]
 pub fn ErrorBox(error: UiError, testid: &'static str) -> impl IntoView {
-    let title = match error.kind.as_str() {
-        "blocked-host" => "This host is not allowed",
-        "network" => "The download failed",
-        "bad-model" => "This model cannot be used",
-        "storage-full" => "Storage is full",
-        "out-of-memory" => "Not enough GPU memory",
-        "device-lost" => "The GPU stopped",
-        "no-webgpu" => "WebGPU is not available",
-        "bad-photo" => "This photo cannot be read",
-        "bad-identity" => "This identity cannot be used",
-        "no-model" => "No model yet",
-        _ => "Something went wrong",
-    };
     view! {
-        <div class="status error" role="alert" data-testid=testid data-kind=error.kind.clone()>
-            <strong>{title}</strong>
+        <div class="status error" role="alert" data-testid=testid data-kind=error.kind.as_str()>
+            <strong>{error.kind.title()}</strong>
             <p>{error.message}</p>
         </div>
     }
@@ -209,7 +182,7 @@ pub fn page_origin() -> String {
 pub async fn file_bytes(file: &web_sys::File) -> Result<Vec<u8>, UiError> {
     crate::store::read_blob(&file.name(), file)
         .await
-        .map_err(|e| UiError::new("storage", e.to_string()))
+        .map_err(|e| UiError::new(ErrorKind::Storage, e.to_string()))
 }
 
 /// A labelled number input bound to a signal; text that does not parse leaves the value as is.

@@ -1,0 +1,358 @@
+//! A training run on the page's side: starting it (photos and record into storage), the
+//! worker's reports into [`TrainView`], checkpoints kept in storage, pause, continue and cancel,
+//! and the offer to continue a run found in storage.
+
+use leptos::prelude::*;
+use leptos::task::spawn_local;
+use serde_bytes::ByteBuf;
+
+use super::list::{identity_path, load_list};
+use super::photos::{PhotoEntry, crop_png};
+use crate::app::protocol::{Request, Response, TrainJob};
+use crate::app::ui::widgets::{
+    ErrorBox, ErrorKind, LossChart, UiError, blob_url, duration, revoke,
+};
+use crate::app::ui::{Ctx, ModelState, store};
+use crate::app::view::{Phase, RunRecord};
+use crate::identity::settings::TrainConfig;
+use crate::store::Store;
+
+const RUN: &str = "runs/current";
+/// Checkpoints every this many steps (and every 20 s, and when paused).
+const CHECKPOINT_EVERY: usize = 10;
+const MAPS_EVERY: usize = 10;
+
+pub async fn look_for_unfinished_run(ctx: Ctx) {
+    let Ok(s) = store().await else { return };
+    let Ok(Some(text)) = s.read_text(&format!("{RUN}/run.json")).await else {
+        return;
+    };
+    if let Ok(record) = serde_json::from_str::<RunRecord>(&text) {
+        ctx.train.update(|t| t.offer_unfinished(record));
+    }
+}
+
+async fn write_record(s: &Store, r: &RunRecord) -> Result<(), UiError> {
+    let text = serde_json::to_string(r).expect("plain data");
+    s.write(&format!("{RUN}/run.json"), text.as_bytes())
+        .await
+        .map_err(UiError::from)
+}
+
+pub fn on_crash(ctx: Ctx, error: UiError) {
+    ctx.train.update(|t| {
+        t.crashed(error);
+    });
+    spawn_local(look_for_unfinished_run(ctx));
+}
+
+pub fn on_response(ctx: Ctx, response: Response) {
+    match response {
+        Response::TrainStep(r) => ctx.train.update(|t| t.step_done(&r)),
+        Response::TrainMaps {
+            step,
+            identity,
+            class,
+        } => ctx.train.update(|t| {
+            let (identity, class) = (
+                blob_url(&identity, "image/png"),
+                blob_url(&class, "image/png"),
+            );
+            if let Some((a, b)) = t.show_maps(identity, class, step) {
+                revoke(&a);
+                revoke(&b);
+            }
+        }),
+        Response::TrainCheckpoint { step, bytes } => {
+            spawn_local(async move {
+                let saved = save_checkpoint(step, &bytes).await;
+                ctx.train.update(|t| t.checkpoint_saved(step, saved));
+            });
+        }
+        Response::TrainStopped { step, checkpoint } => spawn_local(async move {
+            let result = match checkpoint {
+                Some(bytes) => save_checkpoint(step, &bytes).await,
+                None => match store().await {
+                    Ok(s) => s.remove(RUN).await.map_err(UiError::from),
+                    Err(e) => Err(e),
+                },
+            };
+            ctx.train.update(|t| t.stopped(step, result));
+            look_for_unfinished_run(ctx).await;
+        }),
+        Response::TrainDone { identity } => spawn_local(async move {
+            let token = ctx.train.with_untracked(|t| t.token.clone());
+            let result = async {
+                let s = store().await?;
+                s.write(&identity_path(&token), &identity).await?;
+                s.remove(RUN).await?;
+                Ok::<_, UiError>(())
+            }
+            .await;
+            ctx.train.update(|t| t.done(result));
+            load_list(ctx).await;
+        }),
+        Response::TrainFailed(e) => ctx.train.update(|t| t.failed(e.into())),
+        _ => {}
+    }
+}
+
+async fn save_checkpoint(step: usize, bytes: &[u8]) -> Result<(), UiError> {
+    let s = store().await?;
+    s.write(&format!("{RUN}/checkpoint.safetensors"), bytes)
+        .await?;
+    let text = s
+        .read_text(&format!("{RUN}/run.json"))
+        .await?
+        .unwrap_or_default();
+    if let Ok(mut r) = serde_json::from_str::<RunRecord>(&text) {
+        r.step = step;
+        write_record(&s, &r).await?;
+    }
+    Ok(())
+}
+
+/// Stores the photos' squares and the run's record, then starts the run.
+pub fn start(
+    ctx: Ctx,
+    config: TrainConfig,
+    entries: Vec<PhotoEntry>,
+    model_id: String,
+    model_name: String,
+) {
+    spawn_local(async move {
+        let result = async {
+            let mut pngs = Vec::new();
+            for p in &entries {
+                pngs.push(crop_png(p).await?);
+            }
+            let s = store().await?;
+            s.remove(RUN).await?;
+            for (i, png) in pngs.iter().enumerate() {
+                s.write(&format!("{RUN}/photo-{i}.png"), png).await?;
+            }
+            let record = RunRecord {
+                config: config.clone(),
+                model_id,
+                model_name,
+                photos: pngs.len(),
+                step: 0,
+            };
+            write_record(&s, &record).await?;
+            Ok::<_, UiError>(pngs)
+        }
+        .await;
+        match result {
+            Ok(pngs) => run(ctx, config, pngs, None, 0),
+            Err(e) => ctx.train.update(|t| t.error = Some(e)),
+        }
+    });
+}
+
+/// Sends a run to the worker.
+fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u8>>, start: usize) {
+    ctx.train.update(|t| {
+        let underlay = photos.first().map(|p| blob_url(p, "image/png"));
+        if let Some(old) = t.start(&config, start, underlay) {
+            revoke(&old);
+        }
+    });
+    ctx.send(Request::Train(TrainJob {
+        config,
+        photos: photos.into_iter().map(ByteBuf::from).collect(),
+        resume: resume.map(ByteBuf::from),
+        checkpoint_every: CHECKPOINT_EVERY,
+        maps_every: MAPS_EVERY,
+    }));
+}
+
+/// Continues the stored run from its checkpoint.
+async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
+    let s = store().await?;
+    let text = s
+        .read_text(&format!("{RUN}/run.json"))
+        .await?
+        .ok_or_else(|| UiError::new(ErrorKind::Storage, "the stored run is gone"))?;
+    let record: RunRecord = serde_json::from_str(&text).map_err(|e| {
+        UiError::new(
+            ErrorKind::Storage,
+            format!("the stored run is damaged: {e}"),
+        )
+    })?;
+    match ctx.model.get_untracked() {
+        ModelState::Ready(i) if i.id == record.model_id => {}
+        _ => {
+            return Err(UiError::new(
+                ErrorKind::NoModel,
+                format!(
+                    "This run was started on {}: load that model (step 1) to continue it.",
+                    record.model_name
+                ),
+            ));
+        }
+    }
+    let mut photos = Vec::new();
+    for i in 0..record.photos {
+        photos.push(s.read(&format!("{RUN}/photo-{i}.png")).await?);
+    }
+    let checkpoint = s.read(&format!("{RUN}/checkpoint.safetensors")).await.ok();
+    ctx.train.update(|t| t.offer = None);
+    let start = if checkpoint.is_some() { record.step } else { 0 };
+    run(ctx, record.config, photos, checkpoint, start);
+    Ok(())
+}
+
+#[component]
+pub fn ResumeOffer() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let error = RwSignal::new(None::<UiError>);
+    let cont = move |_| {
+        spawn_local(async move {
+            error.set(continue_run(ctx).await.err());
+        })
+    };
+    let discard = move |_| {
+        spawn_local(async move {
+            if let Ok(s) = store().await {
+                let _ = s.remove(RUN).await;
+            }
+            ctx.train.update(|t| {
+                t.offer = None;
+                t.phase = Phase::Idle;
+            });
+        })
+    };
+    move || {
+        let offer = ctx.train.with(|t| {
+            (t.phase != Phase::Running && t.phase != Phase::Stopping)
+                .then(|| t.offer.clone())
+                .flatten()
+        })?;
+        Some(view! {
+            <div class="offer" data-testid="train-resume-offer" data-step=offer.step>
+                <p>
+                    "Training of "
+                    <strong>{format!("<{}>", offer.config.token)}</strong>
+                    {format!(
+                        " stopped at step {} of {} (on {}). Continue where it stopped?",
+                        offer.step,
+                        offer.config.steps,
+                        offer.model_name
+                    )}
+                </p>
+                <button class="primary" data-testid="train-continue" on:click=cont>"Continue"</button>
+                <button data-testid="train-discard" on:click=discard>"Discard"</button>
+                {move || error.get().map(|error| view! { <ErrorBox error testid="train-error" /> })}
+            </div>
+        })
+    }
+}
+
+#[component]
+pub fn TrainProgress() -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
+    let t = ctx.train;
+    let visible = move || t.with(|t| t.phase != Phase::Idle || !t.points.is_empty());
+    let points = Signal::derive(move || t.with(|t| t.points.clone()));
+    let total = Signal::derive(move || t.with(|t| t.total));
+    let pause = move |_| {
+        t.update(|t| t.phase = Phase::Stopping);
+        ctx.send(Request::StopTraining { cancel: false });
+    };
+    let resume = move |_| {
+        spawn_local(async move {
+            if let Err(e) = continue_run(ctx).await {
+                t.update(|t| t.error = Some(e));
+            }
+        })
+    };
+    let cancel = move |_| {
+        if t.with_untracked(|t| t.phase) == Phase::Running {
+            t.update(|t| t.phase = Phase::Idle);
+            ctx.send(Request::StopTraining { cancel: true });
+        } else {
+            spawn_local(async move {
+                if let Ok(s) = store().await {
+                    let _ = s.remove(RUN).await;
+                }
+                t.update(|t| {
+                    t.phase = Phase::Idle;
+                    t.offer = None;
+                });
+            });
+        }
+    };
+    view! {
+        {move || t.with(|t| t.error.clone()).map(|error| view! { <ErrorBox error testid="train-error" /> })}
+        <Show when=visible>
+            <div class="training">
+                <div class="row">
+                    <progress
+                        class="grow"
+                        data-testid="train-progress"
+                        data-step=move || t.with(|t| t.step)
+                        data-checkpoint=move || t.with(|t| t.checkpoint_step.map(|s| s.to_string()))
+                        max=move || t.with(|t| t.total.max(1))
+                        value=move || t.with(|t| t.step)
+                    ></progress>
+                    <span class="muted" data-testid="train-steps-per-second">
+                        {move || t.with(|t| {
+                            let left = (t.total - t.step.min(t.total)) as f64 / t.steps_per_second.max(1e-9);
+                            format!(
+                                "step {} of {} · {:.2} steps/s · {} left",
+                                t.step,
+                                t.total,
+                                t.steps_per_second,
+                                if t.phase == Phase::Running { duration(left) } else { "–".into() }
+                            )
+                        })}
+                    </span>
+                </div>
+                <div class="row">
+                    {move || match t.with(|t| t.phase) {
+                        Phase::Running => view! {
+                            <button data-testid="train-pause" on:click=pause>"Pause"</button>
+                            <button class="danger" data-testid="train-cancel" on:click=cancel>"Cancel"</button>
+                        }.into_any(),
+                        Phase::Stopping => view! { <span class="muted">"Stopping after this step…"</span> }.into_any(),
+                        Phase::Paused | Phase::Failed => view! {
+                            <button class="primary" data-testid="train-resume" on:click=resume>"Resume"</button>
+                            <button class="danger" data-testid="train-cancel" on:click=cancel>"Cancel"</button>
+                        }.into_any(),
+                        Phase::Done => view! {
+                            <span class="status ok">
+                                {move || t.with(|t| format!("<{}> is learned: use it in step 3.", t.token))}
+                            </span>
+                        }.into_any(),
+                        Phase::Idle => ().into_any(),
+                    }}
+                </div>
+                <div class="train-views">
+                    <LossChart points total />
+                    {move || t.with(|t| t.maps.clone().map(|(id_map, class_map, step)| {
+                        let token = t.token.clone();
+                        let under = t.underlay.clone().unwrap_or_default();
+                        view! {
+                            <div class="maps" data-testid="attention-map" data-step=step>
+                                <figure>
+                                    <div class="heat">
+                                        <img src=under.clone() alt="" />
+                                        <img class="over" src=id_map alt=format!("attention of <{token}>") />
+                                    </div>
+                                    <figcaption>{format!("<{token}>")}</figcaption>
+                                </figure>
+                                <figure>
+                                    <div class="heat">
+                                        <img src=under alt="" />
+                                        <img class="over" src=class_map alt="attention of the class word" />
+                                    </div>
+                                    <figcaption>"class word (the target)"</figcaption>
+                                </figure>
+                            </div>
+                        }
+                    }))}
+                </div>
+            </div>
+        </Show>
+    }
+}

@@ -1,0 +1,477 @@
+//! What the page's panels show, as plain data, and how each worker response changes it. The
+//! leptos components (`ui/`) hold these in signals and only render them; the transitions live
+//! here so that they build and are tested natively, without a browser. Blob URLs are made and
+//! revoked by the caller: a method that replaces one returns the old one to revoke.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::settings::{StepReport, TrainConfig};
+
+/// The kinds of error the page shows, each with its own title. The kind is also the error
+/// box's `data-kind`, which the end-to-end tests read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    BlockedHost,
+    Network,
+    BadModel,
+    StorageFull,
+    Storage,
+    OutOfMemory,
+    DeviceLost,
+    NoWebGpu,
+    BadPhoto,
+    BadIdentity,
+    NoModel,
+    /// A name that is taken.
+    Exists,
+    Cancelled,
+    /// Anything else (a bug, most likely).
+    Other,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 14] = [
+        ErrorKind::BlockedHost,
+        ErrorKind::Network,
+        ErrorKind::BadModel,
+        ErrorKind::StorageFull,
+        ErrorKind::Storage,
+        ErrorKind::OutOfMemory,
+        ErrorKind::DeviceLost,
+        ErrorKind::NoWebGpu,
+        ErrorKind::BadPhoto,
+        ErrorKind::BadIdentity,
+        ErrorKind::NoModel,
+        ErrorKind::Exists,
+        ErrorKind::Cancelled,
+        ErrorKind::Other,
+    ];
+
+    /// The `data-kind` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BlockedHost => "blocked-host",
+            ErrorKind::Network => "network",
+            ErrorKind::BadModel => "bad-model",
+            ErrorKind::StorageFull => "storage-full",
+            ErrorKind::Storage => "storage",
+            ErrorKind::OutOfMemory => "out-of-memory",
+            ErrorKind::DeviceLost => "device-lost",
+            ErrorKind::NoWebGpu => "no-webgpu",
+            ErrorKind::BadPhoto => "bad-photo",
+            ErrorKind::BadIdentity => "bad-identity",
+            ErrorKind::NoModel => "no-model",
+            ErrorKind::Exists => "exists",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Other => "error",
+        }
+    }
+
+    /// The error box's heading.
+    pub fn title(self) -> &'static str {
+        match self {
+            ErrorKind::BlockedHost => "This host is not allowed",
+            ErrorKind::Network => "The download failed",
+            ErrorKind::BadModel => "This model cannot be used",
+            ErrorKind::StorageFull => "Storage is full",
+            ErrorKind::Storage => "The browser's storage failed",
+            ErrorKind::OutOfMemory => "Not enough GPU memory",
+            ErrorKind::DeviceLost => "The GPU stopped",
+            ErrorKind::NoWebGpu => "WebGPU is not available",
+            ErrorKind::BadPhoto => "This photo cannot be read",
+            ErrorKind::BadIdentity => "This identity cannot be used",
+            ErrorKind::NoModel => "No model yet",
+            ErrorKind::Exists => "That name is taken",
+            ErrorKind::Cancelled => "Cancelled",
+            ErrorKind::Other => "Something went wrong",
+        }
+    }
+}
+
+/// An error as the page shows it: a kind (title, `data-kind`) and what to do about it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl UiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a training run is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Phase {
+    #[default]
+    Idle,
+    Running,
+    /// Pause asked; the worker finishes its step first.
+    Stopping,
+    Paused,
+    Done,
+    Failed,
+}
+
+/// A run in storage: `runs/current/run.json`, beside its photos and checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub config: TrainConfig,
+    pub model_id: String,
+    pub model_name: String,
+    pub photos: usize,
+    /// Steps in the stored checkpoint.
+    pub step: usize,
+}
+
+/// What the training part of the identity panel shows.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainView {
+    pub phase: Phase,
+    pub token: String,
+    pub step: usize,
+    pub total: usize,
+    /// (step, loss, attention term)
+    pub points: Vec<(usize, f64, f64)>,
+    pub steps_per_second: f64,
+    /// The step of the last checkpoint in storage.
+    pub checkpoint_step: Option<usize>,
+    /// Heat-maps (identity, class word) as blob URLs, and the step they are from.
+    pub maps: Option<(String, String, usize)>,
+    /// The first training square, under the heat-maps.
+    pub underlay: Option<String>,
+    pub error: Option<UiError>,
+    /// An unfinished run found in storage.
+    pub offer: Option<RunRecord>,
+}
+
+impl TrainView {
+    /// A run starting (or continuing at `start`): a fresh view that keeps the last heat-maps
+    /// until new ones come. Returns the old underlay's URL.
+    pub fn start(
+        &mut self,
+        config: &TrainConfig,
+        start: usize,
+        underlay: Option<String>,
+    ) -> Option<String> {
+        let old = self.underlay.take();
+        *self = TrainView {
+            phase: Phase::Running,
+            token: config.token.clone(),
+            total: config.steps,
+            step: start,
+            checkpoint_step: (start > 0).then_some(start),
+            underlay,
+            maps: self.maps.take(),
+            ..TrainView::default()
+        };
+        old
+    }
+
+    pub fn is_running(&self) -> bool {
+        matches!(self.phase, Phase::Running | Phase::Stopping)
+    }
+
+    /// A step's report: progress, the loss chart, and a smoothed speed (one slow step, a
+    /// checkpoint or the heat-maps, does not make it jump).
+    pub fn step_done(&mut self, r: &StepReport) {
+        self.step = r.step;
+        self.total = r.total;
+        self.points.push((r.step, r.loss, r.attn_loss));
+        self.steps_per_second = if self.steps_per_second == 0.0 {
+            r.steps_per_second
+        } else {
+            0.8 * self.steps_per_second + 0.2 * r.steps_per_second
+        };
+    }
+
+    /// New heat-maps; returns the replaced ones' URLs.
+    pub fn show_maps(
+        &mut self,
+        identity: String,
+        class: String,
+        step: usize,
+    ) -> Option<(String, String)> {
+        let old = self.maps.take().map(|(a, b, _)| (a, b));
+        self.maps = Some((identity, class, step));
+        old
+    }
+
+    /// A checkpoint was written to storage (or could not be).
+    pub fn checkpoint_saved(&mut self, step: usize, saved: Result<(), UiError>) {
+        match saved {
+            Ok(()) => self.checkpoint_step = Some(step),
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    /// The worker stopped the run after `step` steps, and its checkpoint was stored (pause) or
+    /// the run removed (cancel).
+    pub fn stopped(&mut self, step: usize, stored: Result<(), UiError>) {
+        self.phase = if self.phase == Phase::Stopping && step < self.total {
+            Phase::Paused
+        } else {
+            Phase::Idle
+        };
+        if let Err(e) = stored {
+            self.error = Some(e);
+        }
+    }
+
+    /// Every step ran and the identity was stored (or could not be).
+    pub fn done(&mut self, stored: Result<(), UiError>) {
+        self.phase = Phase::Done;
+        self.offer = None;
+        if let Err(e) = stored {
+            self.error = Some(e);
+        }
+    }
+
+    /// The worker reported an error.
+    pub fn failed(&mut self, error: UiError) {
+        self.phase = Phase::Failed;
+        self.error = Some(error);
+    }
+
+    /// The worker died. Only a run in progress fails; returns whether one did.
+    pub fn crashed(&mut self, error: UiError) -> bool {
+        let was_running = self.is_running();
+        if was_running {
+            self.failed(error);
+        }
+        was_running
+    }
+
+    /// An unfinished run found in storage, offered when nothing runs.
+    pub fn offer_unfinished(&mut self, record: RunRecord) {
+        if self.phase == Phase::Idle {
+            self.offer = Some(record);
+        }
+    }
+}
+
+/// What the generate panel shows of the generation in progress.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GenView {
+    pub running: bool,
+    pub step: usize,
+    pub total: usize,
+    /// The latest preview's blob URL.
+    pub preview: Option<String>,
+    pub error: Option<UiError>,
+    pub warnings: Vec<String>,
+}
+
+impl GenView {
+    /// A generation of `total` steps starting; returns a leftover preview's URL.
+    pub fn start(&mut self, total: usize) -> Option<String> {
+        let old = self.preview.take();
+        *self = GenView {
+            running: true,
+            total,
+            ..GenView::default()
+        };
+        old
+    }
+
+    /// A step done, maybe with a new preview; returns the replaced preview's URL.
+    pub fn step_done(
+        &mut self,
+        step: usize,
+        total: usize,
+        preview: Option<String>,
+    ) -> Option<String> {
+        self.step = step;
+        self.total = total;
+        preview.and_then(|p| self.preview.replace(p))
+    }
+
+    /// The images came: the preview goes (its URL is returned).
+    pub fn done(&mut self, warnings: Vec<String>) -> Option<String> {
+        self.running = false;
+        self.warnings = warnings;
+        self.preview.take()
+    }
+
+    /// The worker reported an error; returns the preview's URL.
+    pub fn failed(&mut self, error: UiError) -> Option<String> {
+        self.running = false;
+        self.error = Some(error);
+        self.preview.take()
+    }
+
+    /// The worker died: a generation in progress fails.
+    pub fn crashed(&mut self, error: UiError) {
+        if self.running {
+            self.running = false;
+            self.error = Some(error);
+        }
+    }
+
+    /// A new image that could not be stored: shown, with what to do.
+    pub fn unsaved(&mut self, error: &UiError) {
+        self.error = Some(UiError::new(
+            error.kind,
+            format!(
+                "{} The new image is shown below but not kept: download it before leaving the page.",
+                error.message
+            ),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(step: usize, speed: f64) -> StepReport {
+        StepReport {
+            step,
+            total: 10,
+            loss: 0.5,
+            noise_loss: 0.4,
+            attn_loss: 0.1,
+            timestep: 500,
+            stage: 2,
+            steps_per_second: speed,
+        }
+    }
+
+    #[test]
+    fn every_error_kind_has_its_own_title_and_name() {
+        let mut titles: Vec<_> = ErrorKind::ALL.iter().map(|k| k.title()).collect();
+        let mut names: Vec<_> = ErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        titles.sort();
+        titles.dedup();
+        names.sort();
+        names.dedup();
+        assert_eq!((titles.len(), names.len()), (14, 14));
+        for kind in [ErrorKind::Exists, ErrorKind::Storage] {
+            assert_ne!(kind.title(), ErrorKind::Other.title(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_run_goes_from_start_to_done() {
+        let config = TrainConfig::new("alice", "person", 512);
+        let mut t = TrainView {
+            maps: Some(("a".into(), "b".into(), 3)),
+            underlay: Some("old".into()),
+            error: Some(UiError::new(ErrorKind::Other, "before")),
+            ..TrainView::default()
+        };
+        assert_eq!(
+            t.start(&config, 0, Some("photo".into())),
+            Some("old".into())
+        );
+        assert_eq!(
+            (t.phase, t.total, t.error.clone()),
+            (Phase::Running, config.steps, None)
+        );
+        assert_eq!(
+            t.maps.as_ref().unwrap().2,
+            3,
+            "the last maps stay until new ones come"
+        );
+
+        t.step_done(&report(1, 2.0));
+        t.step_done(&report(2, 1.0));
+        assert_eq!(t.points.len(), 2);
+        assert!((t.steps_per_second - 1.8).abs() < 1e-12, "smoothed");
+        assert_eq!(
+            t.show_maps("c".into(), "d".into(), 2),
+            Some(("a".into(), "b".into()))
+        );
+        t.checkpoint_saved(2, Ok(()));
+        assert_eq!(t.checkpoint_step, Some(2));
+        t.checkpoint_saved(3, Err(UiError::new(ErrorKind::StorageFull, "full")));
+        assert_eq!(t.checkpoint_step, Some(2));
+        assert_eq!(t.error.as_ref().unwrap().kind, ErrorKind::StorageFull);
+
+        t.offer = Some(RunRecord {
+            config: config.clone(),
+            model_id: "m".into(),
+            model_name: "M".into(),
+            photos: 1,
+            step: 2,
+        });
+        t.done(Ok(()));
+        assert_eq!((t.phase, t.offer.is_none()), (Phase::Done, true));
+    }
+
+    #[test]
+    fn pausing_and_cancelling() {
+        let config = TrainConfig::new("alice", "person", 512);
+        let mut t = TrainView::default();
+        t.start(&config, 0, None);
+        t.phase = Phase::Stopping;
+        t.stopped(4, Ok(()));
+        assert_eq!(t.phase, Phase::Paused, "a pause before the end");
+        t.start(&config, 4, None);
+        assert_eq!(t.checkpoint_step, Some(4));
+        t.stopped(5, Ok(()));
+        assert_eq!(t.phase, Phase::Idle, "a cancel");
+        t.phase = Phase::Stopping;
+        t.stopped(config.steps, Err(UiError::new(ErrorKind::Storage, "gone")));
+        assert_eq!(t.phase, Phase::Idle, "a pause that came at the end");
+        assert_eq!(t.error.as_ref().unwrap().kind, ErrorKind::Storage);
+    }
+
+    #[test]
+    fn a_crash_fails_only_a_run_in_progress_and_offers_wait_for_idle() {
+        let config = TrainConfig::new("alice", "person", 512);
+        let record = RunRecord {
+            config: config.clone(),
+            model_id: "m".into(),
+            model_name: "M".into(),
+            photos: 1,
+            step: 2,
+        };
+        let mut t = TrainView::default();
+        assert!(!t.crashed(UiError::new(ErrorKind::DeviceLost, "lost")));
+        assert_eq!((t.phase, t.error.is_none()), (Phase::Idle, true));
+        t.offer_unfinished(record.clone());
+        assert!(t.offer.is_some());
+
+        let mut t = TrainView::default();
+        t.start(&config, 0, None);
+        t.offer_unfinished(record);
+        assert!(t.offer.is_none(), "no offer while running");
+        assert!(t.crashed(UiError::new(ErrorKind::DeviceLost, "lost")));
+        assert_eq!(t.phase, Phase::Failed);
+    }
+
+    #[test]
+    fn a_generation_hands_back_each_preview_it_replaces() {
+        let mut g = GenView {
+            preview: Some("p0".into()),
+            error: Some(UiError::new(ErrorKind::Other, "before")),
+            ..GenView::default()
+        };
+        assert_eq!(g.start(4), Some("p0".into()));
+        assert!(g.running && g.error.is_none());
+        assert_eq!(g.step_done(1, 4, Some("p1".into())), None);
+        assert_eq!(g.step_done(2, 4, None), None);
+        assert_eq!(g.step_done(3, 4, Some("p3".into())), Some("p1".into()));
+        assert_eq!(g.done(vec!["long".into()]), Some("p3".into()));
+        assert!(!g.running);
+        assert_eq!(g.warnings, ["long"]);
+        g.crashed(UiError::new(ErrorKind::DeviceLost, "lost"));
+        assert!(g.error.is_none(), "nothing was running");
+        g.unsaved(&UiError::new(ErrorKind::StorageFull, "Storage is full."));
+        let e = g.error.clone().unwrap();
+        assert_eq!(e.kind, ErrorKind::StorageFull);
+        assert!(
+            e.message
+                .starts_with("Storage is full. The new image is shown")
+        );
+
+        g.start(4);
+        assert_eq!(g.failed(UiError::new(ErrorKind::OutOfMemory, "oom")), None);
+        assert_eq!(g.error.unwrap().kind, ErrorKind::OutOfMemory);
+    }
+}

@@ -1,0 +1,388 @@
+//! The worker's state and its jobs: the GPU check, training and generation on the loaded
+//! model, each streaming its progress back to the page.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Duration;
+
+use burn::tensor::Device;
+use gloo_worker::{HandlerId, WorkerScope};
+use serde_bytes::ByteBuf;
+
+use super::GpuWorker;
+use super::load::load_model;
+use crate::app::fit;
+use crate::app::protocol::{
+    GenImage, GenerateJob, GpuReport, ModelInfo, Request, Response, TrainJob, WorkerError,
+};
+use crate::device::{ComputeDevice, DeviceChoice, DeviceError};
+use crate::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
+use crate::identity::train::{Photo, TrainError, Trainer, decode_photo};
+use crate::identity::{Fingerprint, Identity, IdentityError};
+use crate::pipeline::{self, Event, Flow, GivenNoise, PipelineError, RgbImage};
+use crate::schedule::SchedulerConfig;
+use crate::sd::StableDiffusion;
+
+/// A checkpoint is due at least this often, whatever the step count.
+const CHECKPOINT_AFTER: Duration = Duration::from_secs(20);
+/// Heat-maps (a forward pass each) at least this often.
+const MAPS_AFTER: Duration = Duration::from_secs(120);
+
+/// A model on the GPU.
+pub(super) struct Loaded {
+    pub(super) sd: StableDiffusion,
+    pub(super) scheduler: SchedulerConfig,
+    pub(super) fingerprint: Fingerprint,
+    /// The autodiff device the model lives on (training needs gradients).
+    pub(super) device: Device,
+    pub(super) info: ModelInfo,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub(super) device: RefCell<Option<ComputeDevice>>,
+    pub(super) model: RefCell<Option<Rc<Loaded>>>,
+    /// Set by `StopTraining`: `Some(cancel)`.
+    pub(super) stop_training: Cell<Option<bool>>,
+    pub(super) cancel_generate: Cell<bool>,
+}
+
+thread_local! {
+    /// Where a panic is reported: the page's bridge.
+    static REPORT_TO: RefCell<Option<(WorkerScope<GpuWorker>, Option<HandlerId>)>> =
+        const { RefCell::new(None) };
+}
+
+/// A panic in the worker (a GPU error wgpu cannot return, a bug) leaves its wasm instance
+/// unusable: tell the page why, so that it starts a new worker and explains.
+pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
+    REPORT_TO.with(|r| *r.borrow_mut() = Some((scope, None)));
+    std::panic::set_hook(Box::new(|info| {
+        console_error_panic_hook::hook(info);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| info.to_string());
+        REPORT_TO.with(|r| {
+            if let Ok(r) = r.try_borrow()
+                && let Some((scope, Some(id))) = r.as_ref()
+            {
+                scope.respond(*id, Response::Crashed(WorkerError::from_crash(&message)));
+            }
+        });
+    }));
+}
+
+pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request, id: HandlerId) {
+    REPORT_TO.with(|r| {
+        if let Some((_, last)) = r.borrow_mut().as_mut() {
+            *last = Some(id);
+        }
+    });
+    match msg {
+        Request::StopTraining { cancel } => state.stop_training.set(Some(cancel)),
+        Request::CancelGenerate => state.cancel_generate.set(true),
+        msg => {
+            let (state, scope) = (state.clone(), scope.clone());
+            wasm_bindgen_futures::spawn_local(async move {
+                let respond = |r: Response| scope.respond(id, r);
+                match msg {
+                    Request::GpuCheck => respond(Response::GpuCheck(gpu_check().await)),
+                    Request::LoadModel { id } => {
+                        let r = load_model(&state, &id, &respond).await;
+                        respond(match r {
+                            Ok(info) => Response::ModelReady(info),
+                            Err(e) => Response::ModelFailed(e),
+                        });
+                    }
+                    Request::Train(job) => {
+                        if let Err(e) = train(&state, job, &respond).await {
+                            respond(Response::TrainFailed(e));
+                        }
+                    }
+                    Request::Generate(job) => {
+                        state.cancel_generate.set(false);
+                        respond(match generate(&state, job, &respond).await {
+                            Ok(r) => r,
+                            Err(e) => Response::GenFailed(e),
+                        });
+                    }
+                    Request::StopTraining { .. } | Request::CancelGenerate => {}
+                }
+            });
+        }
+    }
+}
+
+fn device_error(e: DeviceError) -> WorkerError {
+    match e {
+        DeviceError::NoWebGpu { detail, .. } | DeviceError::NoWgpuAdapter { detail, .. } => {
+            WorkerError::NoWebGpu(detail)
+        }
+        other => WorkerError::Other(other.to_string()),
+    }
+}
+
+/// Opens the WebGPU device (once) and runs the autodiff check on it.
+pub async fn gpu_check() -> Result<GpuReport, WorkerError> {
+    let dev = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
+    let check = crate::check::autodiff_check(&dev.device)
+        .await
+        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    Ok(GpuReport {
+        device: dev.info,
+        check,
+    })
+}
+
+pub(super) async fn device(state: &State) -> Result<ComputeDevice, WorkerError> {
+    if let Some(d) = state.device.borrow().as_ref() {
+        return Ok(d.clone());
+    }
+    let d = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
+    *state.device.borrow_mut() = Some(d.clone());
+    Ok(d)
+}
+
+fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {
+    state.model.borrow().clone().ok_or(WorkerError::NoModel)
+}
+
+fn train_error(e: TrainError) -> WorkerError {
+    WorkerError::Other(e.to_string())
+}
+
+fn identity_error(e: IdentityError) -> WorkerError {
+    WorkerError::BadIdentity(e.to_string())
+}
+
+/// Grey level -> a warm heat colour whose opacity grows with the attention.
+fn heat(v: u8) -> [u8; 4] {
+    let t = f32::from(v) / 255.0;
+    let r = (255.0 * (1.6 * t).min(1.0)) as u8;
+    let g = (255.0 * (1.6 * t - 0.5).clamp(0.0, 1.0)) as u8;
+    let b = (255.0 * (2.5 * t - 1.5).clamp(0.0, 1.0)) as u8;
+    [r, g, b, (40.0 + 200.0 * t) as u8]
+}
+
+fn rgba_png(width: usize, height: usize, data: &[u8]) -> Result<Vec<u8>, WorkerError> {
+    let mut out = Vec::new();
+    let mut enc = ::png::Encoder::new(&mut out, width as u32, height as u32);
+    enc.set_color(::png::ColorType::Rgba);
+    enc.set_depth(::png::BitDepth::Eight);
+    let mut w = enc
+        .write_header()
+        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    w.write_image_data(data)
+        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    w.finish().map_err(|e| WorkerError::Other(e.to_string()))?;
+    Ok(out)
+}
+
+/// The trainer's side-by-side grey maps as two heat-map PNGs.
+fn heat_maps(maps: &RgbImage) -> Result<[ByteBuf; 2], WorkerError> {
+    let side = maps.height;
+    let half = |k: usize| -> Result<ByteBuf, WorkerError> {
+        let mut data = Vec::with_capacity(side * side * 4);
+        for y in 0..side {
+            for x in 0..side {
+                data.extend(heat(maps.data[(y * maps.width + k * side + x) * 3]));
+            }
+        }
+        rgba_png(side, side, &data).map(ByteBuf::from)
+    };
+    Ok([half(0)?, half(1)?])
+}
+
+impl From<TrainError> for WorkerError {
+    fn from(e: TrainError) -> Self {
+        train_error(e)
+    }
+}
+
+impl From<IdentityError> for WorkerError {
+    fn from(e: IdentityError) -> Self {
+        identity_error(e)
+    }
+}
+
+async fn train(
+    state: &State,
+    job: TrainJob,
+    respond: &dyn Fn(Response),
+) -> Result<(), WorkerError> {
+    let loaded = model(state)?;
+    let mut photos = Vec::new();
+    for (i, bytes) in job.photos.iter().enumerate() {
+        let image = decode_photo(bytes)
+            .map_err(|e| WorkerError::BadPhoto(format!("photo {}: {e}", i + 1)))?;
+        photos.push(Photo { image, crop: None });
+    }
+    let trainer = Trainer::new(
+        &loaded.sd,
+        &loaded.scheduler,
+        &photos,
+        job.config,
+        &loaded.device,
+    )
+    .await?;
+    let mut st = match job.resume {
+        Some(bytes) => {
+            let saved = Identity::from_bytes("checkpoint", bytes.into_vec()).await?;
+            trainer.resume_state(&saved)?
+        }
+        None => trainer.initial_state(),
+    };
+    state.stop_training.set(None);
+    let schedule = Schedule {
+        checkpoint: Due {
+            every: job.checkpoint_every,
+            after: Some(CHECKPOINT_AFTER),
+            ..Due::default()
+        },
+        maps: Due {
+            every: job.maps_every,
+            after: Some(MAPS_AFTER),
+            first_step: true,
+            last_step: true,
+        },
+        maps_before_training: true,
+    };
+    let mut stop = || {
+        state
+            .stop_training
+            .take()
+            .map(|cancel| if cancel { Stop::Cancel } else { Stop::Pause })
+    };
+    let mut on_event = |event: TrainEvent| -> Result<(), WorkerError> {
+        respond(match event {
+            TrainEvent::Step(report) => Response::TrainStep(report),
+            TrainEvent::Checkpoint { step, bytes } => Response::TrainCheckpoint {
+                step,
+                bytes: ByteBuf::from(bytes),
+            },
+            TrainEvent::Maps { step, maps, .. } => {
+                let [identity, class] = heat_maps(&maps)?;
+                Response::TrainMaps {
+                    step,
+                    identity,
+                    class,
+                }
+            }
+        });
+        Ok(())
+    };
+    respond(
+        match session::run(&trainer, &mut st, &schedule, &mut stop, &mut on_event).await? {
+            Finished::Done(identity) => Response::TrainDone {
+                identity: ByteBuf::from(identity.to_bytes()?),
+            },
+            Finished::Stopped { step, checkpoint } => Response::TrainStopped {
+                step,
+                checkpoint: checkpoint.map(ByteBuf::from),
+            },
+        },
+    );
+    Ok(())
+}
+
+fn pipeline_error(e: PipelineError) -> WorkerError {
+    match e {
+        PipelineError::UnknownPlaceholder(_) => WorkerError::BadIdentity(e.to_string()),
+        e => WorkerError::Other(e.to_string()),
+    }
+}
+
+async fn generate(
+    state: &State,
+    job: GenerateJob,
+    respond: &dyn Fn(Response),
+) -> Result<Response, WorkerError> {
+    let loaded = model(state)?;
+    let req = job.request;
+    req.validate().map_err(pipeline_error)?;
+    let mut warnings = Vec::new();
+    let mut identities = Vec::new();
+    for bytes in job.identities {
+        let id = Identity::from_bytes("identity", bytes.into_vec())
+            .await
+            .map_err(identity_error)?;
+        match id.check_model(loaded.sd.family, &loaded.fingerprint) {
+            Ok(()) => {}
+            Err(e @ IdentityError::OtherModel { .. }) => warnings.push(e.to_string()),
+            Err(e) => {
+                // Only an identity the prompt uses must fit the model.
+                if req.prompt.contains(&format!("<{}>", id.token)) {
+                    return Err(identity_error(e));
+                }
+                continue;
+            }
+        }
+        identities.push(id);
+    }
+    let batch = if req.guidance > 1.0 { 2 } else { 1 } * req.num_images;
+    if let Some(limit) = loaded.info.fit.binding_limit {
+        let need = fit::attention_bytes(&loaded.sd.config.unet, req.width, req.height, batch);
+        if need > limit {
+            return Err(WorkerError::OutOfMemory(format!(
+                "{}x{} with {} image(s) needs a {} MiB attention buffer, and this GPU allows {} MiB. Choose {} px or less, or fewer images at once.",
+                req.width,
+                req.height,
+                req.num_images,
+                need >> 20,
+                limit >> 20,
+                fit::largest_side(&loaded.sd.config.unet, batch, limit)
+            )));
+        }
+    }
+    let generated = pipeline::generate(
+        &loaded.sd,
+        &loaded.scheduler,
+        &req,
+        &identities,
+        &GivenNoise::default(),
+        &loaded.device,
+        &mut |event| {
+            match event {
+                Event::Encoded { warnings: w } => warnings.extend(w),
+                Event::Step {
+                    step,
+                    total,
+                    preview,
+                } => {
+                    let preview = preview
+                        .and_then(|p| pipeline::png::encode(&p, "").ok())
+                        .map(ByteBuf::from);
+                    respond(Response::GenStep {
+                        step,
+                        total,
+                        preview,
+                    });
+                }
+            }
+            if state.cancel_generate.get() {
+                Flow::Cancel
+            } else {
+                Flow::Continue
+            }
+        },
+    )
+    .await
+    .map_err(pipeline_error)?;
+    let mut images = Vec::new();
+    for (i, image) in generated.images.iter().enumerate() {
+        let seed = req.seed.wrapping_add(i as u64);
+        let parameters = pipeline::png::parameters_text(&req, seed, &job.model_name);
+        let png = pipeline::png::encode(image, &parameters).map_err(WorkerError::Other)?;
+        images.push(GenImage {
+            png: ByteBuf::from(png),
+            seed,
+            width: image.width,
+            height: image.height,
+            parameters,
+        });
+    }
+    Ok(Response::GenDone { images, warnings })
+}

@@ -1,0 +1,197 @@
+//! A stored model onto the GPU: its files read in parts from the browser's storage, the
+//! checkpoint opened from their headers and configs, the weights streamed to the device.
+
+use std::rc::Rc;
+
+use web_time::Instant;
+
+use super::compute::{Loaded, State, device};
+use crate::app::acquire::{part_prefix, read_manifest};
+use crate::app::catalog::{Manifest, PART_SIZE};
+use crate::app::fit;
+use crate::app::protocol::{ModelInfo, Response, WorkerError};
+use crate::device::Precision;
+use crate::identity::condition::fingerprint;
+use crate::sd::{self, StableDiffusion};
+use crate::store::{PartsSource, Store, StoreError};
+use crate::weights::checkpoint::pad_token_of;
+use crate::weights::{
+    ByteSource, Checkpoint, Component, DiffusersParts, TokenizerSource, WeightsError,
+};
+
+fn bad_model(e: impl ToString) -> WorkerError {
+    WorkerError::BadModel(e.to_string())
+}
+
+fn storage(e: StoreError) -> WorkerError {
+    WorkerError::Other(e.to_string())
+}
+
+async fn source(store: &Store, m: &Manifest, path: &str) -> Result<PartsSource, WorkerError> {
+    let size = m
+        .file(path)
+        .and_then(|f| f.size)
+        .ok_or_else(|| bad_model(format!("{path} is missing from the stored model")))?;
+    PartsSource::open(
+        store,
+        &format!("{}/{path}", m.name),
+        &part_prefix(&m.id, path),
+        size,
+        PART_SIZE,
+    )
+    .await
+    .map_err(storage)
+}
+
+async fn text(store: &Store, m: &Manifest, path: &str) -> Result<Option<String>, WorkerError> {
+    if m.file(path).is_none() {
+        return Ok(None);
+    }
+    let src = source(store, m, path).await?;
+    let bytes = src
+        .read_at(0, src.len() as usize)
+        .await
+        .map_err(bad_model)?;
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|_| bad_model(format!("{path} is not text")))
+}
+
+/// The stored model's checkpoint, reading only headers and configs.
+async fn open_checkpoint(store: &Store, m: &Manifest) -> Result<Checkpoint, WorkerError> {
+    if m.single_file {
+        let src = source(store, m, "model.safetensors").await?;
+        return Checkpoint::single_file(Box::new(src), None)
+            .await
+            .map_err(bad_model);
+    }
+    let weights = |dir: &str, stem: &str| {
+        let full = format!("{dir}/{stem}.safetensors");
+        let half = format!("{dir}/{stem}.fp16.safetensors");
+        if m.file(&full).is_some() { full } else { half }
+    };
+    let boxed = |s: PartsSource| -> Box<dyn ByteSource> { Box::new(s) };
+    let tokenizer = match (
+        text(store, m, "tokenizer/vocab.json").await?,
+        text(store, m, "tokenizer/merges.txt").await?,
+    ) {
+        (Some(vocab), Some(merges)) => {
+            let mut configs = Vec::new();
+            for f in [
+                "tokenizer/special_tokens_map.json",
+                "tokenizer/tokenizer_config.json",
+            ] {
+                configs.extend(text(store, m, f).await?);
+            }
+            Some(TokenizerSource::Texts {
+                vocab,
+                merges,
+                pad_token: pad_token_of(&configs.iter().map(String::as_str).collect::<Vec<_>>()),
+            })
+        }
+        _ => None,
+    };
+    let parts = DiffusersParts {
+        unet: boxed(source(store, m, &weights("unet", "diffusion_pytorch_model")).await?),
+        text_encoder: boxed(source(store, m, &weights("text_encoder", "model")).await?),
+        vae: boxed(source(store, m, &weights("vae", "diffusion_pytorch_model")).await?),
+        unet_config: text(store, m, "unet/config.json").await?,
+        text_encoder_config: text(store, m, "text_encoder/config.json").await?,
+        vae_config: text(store, m, "vae/config.json").await?,
+        scheduler_config: text(store, m, "scheduler/scheduler_config.json").await?,
+        tokenizer,
+    };
+    Checkpoint::diffusers(&m.name, parts)
+        .await
+        .map_err(bad_model)
+}
+
+fn weights_error(e: WeightsError) -> WorkerError {
+    match e {
+        WeightsError::Io { .. } => WorkerError::Other(e.to_string()),
+        e => bad_model(e),
+    }
+}
+
+pub(super) async fn load_model(
+    state: &State,
+    id: &str,
+    respond: &dyn Fn(Response),
+) -> Result<ModelInfo, WorkerError> {
+    let started = Instant::now();
+    let store = Store::open().await.map_err(storage)?;
+    let manifest = read_manifest(&store, id)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| bad_model("this model is no longer in storage; load it again"))?;
+    if !manifest.complete {
+        return Err(bad_model(
+            "the model's download did not finish; load it again to resume",
+        ));
+    }
+    let dev = device(state).await?;
+    let ckpt = open_checkpoint(&store, &manifest).await?;
+    sd::validate(&ckpt, &dev.device).map_err(weights_error)?;
+    let precision = dev
+        .info
+        .resolve(Precision::Auto)
+        .map_err(|e| WorkerError::Other(e.to_string()))?;
+    let bytes_per_param = if precision == Precision::F32 { 4 } else { 2 };
+    let largest = Component::ALL
+        .iter()
+        .flat_map(|&c| ckpt.entries(c).values())
+        .map(|e| e.shape.iter().product::<usize>() as u64 * bytes_per_param)
+        .max()
+        .unwrap_or(0);
+    let params: u64 = Component::ALL.iter().map(|&c| ckpt.params(c)).sum();
+    let resolution = ckpt.config.unet.sample_size * 8;
+    let fit = fit::estimate(
+        &ckpt.config.unet,
+        ckpt.params(Component::Unet),
+        params,
+        bytes_per_param,
+        largest,
+        resolution,
+        dev.info.limits.as_ref(),
+    );
+    if fit.binding_limit.is_some_and(|l| largest > l) {
+        return Err(WorkerError::OutOfMemory(fit.advice.join(" ")));
+    }
+    // Free the previous model's GPU memory before loading the next.
+    state.model.borrow_mut().take();
+    let device = dev.device.clone().autodiff();
+    // Progress over all three models, whichever order they load in.
+    let total = Component::ALL.iter().map(|&c| ckpt.entries(c).len()).sum();
+    let (mut finished, mut current) = (0, None);
+    let sd = StableDiffusion::load(&ckpt, &device, precision.dtype(), &mut |p| {
+        if current.is_some_and(|(c, _)| c != p.component) {
+            finished += current.map_or(0, |(_, n)| n);
+        }
+        current = Some((p.component, p.tensors_total));
+        respond(Response::ModelProgress {
+            done: finished + p.tensors_done,
+            total,
+        })
+    })
+    .await
+    .map_err(weights_error)?;
+    let fingerprint = fingerprint(&sd).await.map_err(WorkerError::Other)?;
+    let info = ModelInfo {
+        id: id.into(),
+        name: manifest.name.clone(),
+        family: ckpt.family,
+        dtype: precision.to_string(),
+        params,
+        resolution,
+        fit,
+        millis: started.elapsed().as_secs_f64() * 1e3,
+    };
+    *state.model.borrow_mut() = Some(Rc::new(Loaded {
+        sd,
+        scheduler: ckpt.scheduler.clone(),
+        fingerprint,
+        device,
+        info: info.clone(),
+    }));
+    Ok(info)
+}

@@ -1,0 +1,60 @@
+//! The dedicated worker that owns the GPU: every model computation runs here, so the page
+//! stays responsive. It keeps one model on the GPU, trains and generates with it, and streams
+//! progress back as [`Response`]s.
+
+use gloo_worker::{HandlerId, Registrable, Worker, WorkerScope};
+
+use super::protocol::{JsCodec, Request, Response};
+
+/// The worker's loader script as trunk emits it (`data-bin="sefi-worker"` with
+/// `data-loader-shim`); a same-origin script, so the CSP needs no `blob:` workers.
+pub const LOADER: &str = "./sefi-worker_loader.js";
+
+#[cfg(feature = "compute")]
+pub use compute::gpu_check;
+
+pub struct GpuWorker {
+    #[cfg(feature = "compute")]
+    state: std::rc::Rc<compute::State>,
+}
+
+impl Worker for GpuWorker {
+    type Message = ();
+    type Input = Request;
+    type Output = Response;
+
+    fn create(scope: &WorkerScope<Self>) -> Self {
+        #[cfg(feature = "compute")]
+        compute::install_panic_hook(scope.clone());
+        #[cfg(not(feature = "compute"))]
+        let _ = scope;
+        GpuWorker {
+            #[cfg(feature = "compute")]
+            state: Default::default(),
+        }
+    }
+
+    fn update(&mut self, _scope: &WorkerScope<Self>, _msg: ()) {}
+
+    fn received(&mut self, scope: &WorkerScope<Self>, msg: Request, id: HandlerId) {
+        #[cfg(feature = "compute")]
+        compute::received(&self.state, scope, msg, id);
+        #[cfg(not(feature = "compute"))]
+        scope.respond(
+            id,
+            Response::Crashed(super::protocol::WorkerError::Other(format!(
+                "this build has no compute backend (asked for {msg:?}); the worker binary is built with `wgpu`"
+            ))),
+        );
+    }
+}
+
+/// Starts the worker's message loop; called by the worker binary.
+pub fn register() {
+    GpuWorker::registrar().encoding::<JsCodec>().register();
+}
+
+#[cfg(feature = "compute")]
+mod compute;
+#[cfg(feature = "compute")]
+mod load;
