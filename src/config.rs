@@ -7,11 +7,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum PerBlock {
+    /// One number shared by every block.
     All(usize),
+    /// One number per block, in down-block order.
     Each(Vec<usize>),
 }
 
 impl PerBlock {
+    /// The number for down block `block` (0-based); blocks past the end of a list take its
+    /// last entry.
     pub fn get(&self, block: usize) -> usize {
         match self {
             PerBlock::All(n) => *n,
@@ -24,26 +28,50 @@ impl PerBlock {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UNetConfig {
+    /// Latent height and width the model was trained at (pixels / 8): 64 for 512 px, 96 for
+    /// 768 px.
     pub sample_size: usize,
+    /// Channels of the input latents (4).
     pub in_channels: usize,
+    /// Channels of the prediction (4).
     pub out_channels: usize,
+    /// Type of each down block, highest resolution first: `CrossAttnDownBlock2D` (with
+    /// attention) or `DownBlock2D`.
     pub down_block_types: Vec<String>,
+    /// Type of each up block, lowest resolution first: `CrossAttnUpBlock2D` (with attention)
+    /// or `UpBlock2D`.
     pub up_block_types: Vec<String>,
+    /// Output channels of each UNet level, highest resolution first; the first also sets the
+    /// timestep embedding's width (4 times it).
     pub block_out_channels: Vec<usize>,
+    /// Resnets per down block (up blocks have one more).
     pub layers_per_block: usize,
     /// For SD 1.x/2.x diffusers reads this as the number of heads (a long-standing naming
     /// quirk of `UNet2DConditionModel`), unless `num_attention_heads` is set.
     pub attention_head_dim: PerBlock,
+    /// Attention heads per block; when set, it takes precedence over `attention_head_dim`.
     pub num_attention_heads: Option<PerBlock>,
+    /// Width of the text-encoder states that cross-attention attends to (768 for SD 1.x,
+    /// 1024 for SD 2.x).
     pub cross_attention_dim: usize,
+    /// Transformer blocks in each block's `Transformer2DModel`s (1 for SD 1.x and 2.x).
     pub transformer_layers_per_block: PerBlock,
+    /// Groups of the UNet's group norms.
     pub norm_num_groups: usize,
+    /// Epsilon of the resnets' and the output's group norms.
     pub norm_eps: f64,
+    /// Whether the transformers project in and out with linear layers (SD 2.x) rather than
+    /// 1x1 convolutions (SD 1.x).
     pub use_linear_projection: bool,
     /// Softmax in f32 for f16 models (SD 2.1 768-v); f32 models are unaffected.
     pub upcast_attention: bool,
+    /// Whether the sinusoidal timestep features put the cosines before the sines.
     pub flip_sin_to_cos: bool,
+    /// Subtracted from half the feature width in the timestep frequencies' denominator
+    /// (diffusers' `downscale_freq_shift`; 0 for SD).
     pub freq_shift: usize,
+    /// Extra conditioning added to the timestep embedding (SDXL's `text_time`); models that
+    /// set it are refused.
     pub addition_embed_type: Option<String>,
 }
 
@@ -126,18 +154,32 @@ impl UNetConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TextConfig {
+    /// Tokens in the vocabulary: rows of the token-embedding table (49408).
     pub vocab_size: usize,
+    /// Width of the token states (768 for ViT-L/14, 1024 for ViT-H/14).
     pub hidden_size: usize,
+    /// Width of the hidden layer of each encoder layer's MLP.
     pub intermediate_size: usize,
+    /// Encoder layers (23 for SD 2.x, whose text encoder stops one short of OpenCLIP's 24).
     pub num_hidden_layers: usize,
+    /// Self-attention heads per encoder layer.
     pub num_attention_heads: usize,
+    /// Longest token sequence, start and end tokens included (77): rows of the
+    /// position-embedding table.
     pub max_position_embeddings: usize,
     /// `quick_gelu` (OpenAI CLIP, SD 1.x) or `gelu` (OpenCLIP, SD 2.x).
     pub hidden_act: String,
+    /// Epsilon of the layer norms.
     pub layer_norm_eps: f64,
+    /// Output width of `CLIPTextModelWithProjection`'s text projection; SD conditions on the
+    /// hidden states, so the text encoder here has no projection.
     pub projection_dim: usize,
+    /// Padding token id as config.json records it; the tokenizer decides the padding used.
     pub pad_token_id: u32,
+    /// Start-of-text token id as config.json records it; the tokenizer supplies the ids used.
     pub bos_token_id: u32,
+    /// End-of-text token id as config.json records it; the pooled output is taken at the
+    /// largest id instead.
     pub eos_token_id: u32,
 }
 
@@ -185,13 +227,23 @@ impl TextConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct VaeConfig {
+    /// Channels of the images encoded (3: RGB).
     pub in_channels: usize,
+    /// Channels of the images decoded (3: RGB).
     pub out_channels: usize,
+    /// Output channels of each encoder level, highest resolution first (the decoder mirrors
+    /// them); every level but the last halves the image size.
     pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder block (decoder blocks have one more).
     pub layers_per_block: usize,
+    /// Channels of the latents (4).
     pub latent_channels: usize,
+    /// Groups of the VAE's group norms.
     pub norm_num_groups: usize,
+    /// Image height and width, in pixels, the VAE was trained at.
     pub sample_size: usize,
+    /// Factor that brings the VAE's latents to about unit variance for the UNet (0.18215
+    /// for SD 1.x and 2.x).
     pub scaling_factor: f64,
 }
 
@@ -216,6 +268,7 @@ impl VaeConfig {
         }
     }
 
+    /// The VAE of SD 2.1 (768 px): SD 1.x's, with a `sample_size` of 768.
     pub fn v2_1() -> Self {
         Self {
             sample_size: 768,
@@ -228,20 +281,27 @@ impl VaeConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Prediction {
+    /// The noise added to the clean latents (`epsilon`).
     Epsilon,
+    /// The velocity `sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0` (`v_prediction`).
     VPrediction,
 }
 
 /// The three models of a Stable Diffusion checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SdConfig {
+    /// The denoising UNet's config.
     pub unet: UNetConfig,
+    /// The CLIP text encoder's config.
     pub text_encoder: TextConfig,
+    /// The autoencoder's config.
     pub vae: VaeConfig,
+    /// What the UNet predicts.
     pub prediction: Prediction,
 }
 
 impl SdConfig {
+    /// SD 1.5 (512 px, epsilon prediction).
     pub fn v1_5() -> Self {
         Self {
             unet: UNetConfig::v1_5(),
@@ -251,6 +311,7 @@ impl SdConfig {
         }
     }
 
+    /// SD 2.1 (768 px, v-prediction).
     pub fn v2_1() -> Self {
         Self {
             unet: UNetConfig::v2_1(),
@@ -260,6 +321,7 @@ impl SdConfig {
         }
     }
 
+    /// SD 2.1-base (512 px, epsilon prediction).
     pub fn v2_1_base() -> Self {
         Self {
             unet: UNetConfig::v2_1_base(),
@@ -324,7 +386,9 @@ impl SdConfig {
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("{file}: {reason}")]
 pub struct ConfigError {
+    /// The config file's path, as the caller gave it.
     pub file: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 

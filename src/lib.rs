@@ -3,7 +3,9 @@
 //! The core (everything but `app` and `cli`) holds no UI code: it reports through return
 //! values and callbacks, and every read of a tensor back from the GPU is `async`, because a
 //! synchronous read panics on WebGPU. Native code drives the same futures with
-//! [`block_on`].
+//! `block_on` (native targets only).
+
+#![warn(missing_docs)]
 
 #[cfg(all(
     feature = "compute",

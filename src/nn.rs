@@ -62,6 +62,7 @@ impl VarStore {
         }
     }
 
+    /// The path at the root of the store, from which a model asks for its weights.
     pub fn root(&self) -> Vars<'_> {
         Vars {
             store: self,
@@ -105,6 +106,7 @@ impl<'a> Vars<'a> {
         }
     }
 
+    /// The device the store's tensors live on.
     pub fn device(&self) -> &Device {
         &self.store.device
     }
@@ -166,8 +168,11 @@ impl<'a> Vars<'a> {
 /// Progress of a model load.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoadProgress {
+    /// The model being loaded.
     pub component: Component,
+    /// Tensors loaded onto the device so far.
     pub tensors_done: usize,
+    /// Tensors the model needs in all.
     pub tensors_total: usize,
 }
 
@@ -216,11 +221,15 @@ pub async fn load<M>(
 /// `torch.nn.Linear`. The weight is kept as [in, out], the layout burn's `linear` takes.
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// The weight, transposed from the checkpoint's `[d_out, d_in]` to `[d_in, d_out]`.
     pub weight: Tensor<2>,
+    /// The bias, `[d_out]`, if the layer has one.
     pub bias: Option<Tensor<1>>,
 }
 
 impl Linear {
+    /// Reads `weight` (and `bias` if `bias`) under `vars`, for `d_in` input and `d_out` output
+    /// features.
     pub fn new(vars: Vars, d_in: usize, d_out: usize, bias: bool) -> Result<Self, WeightsError> {
         Ok(Self {
             weight: vars.get("weight", [d_out, d_in])?.transpose(),
@@ -241,12 +250,16 @@ impl Linear {
 /// `torch.nn.Conv2d` with square kernels and symmetric padding.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
+    /// The kernels, `[c_out, c_in, kernel, kernel]`.
     pub weight: Tensor<4>,
+    /// The bias, `[c_out]`.
     pub bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 }
 
 impl Conv2d {
+    /// Reads `weight` and `bias` under `vars`: a `kernel` x `kernel` convolution from `c_in` to
+    /// `c_out` channels, with the given stride and the same padding on every side.
     pub fn new(
         vars: Vars,
         c_in: usize,
@@ -268,7 +281,8 @@ impl Conv2d {
         self
     }
 
-    /// `[n, c_in, h, w]` -> `[n, c_out, h', w']`.
+    /// `[n, c_in, h, w]` -> `[n, c_out, h', w']`, where
+    /// `h' = (h + pad_begin + pad_end - kernel) / stride + 1` (rounded down; likewise `w'`).
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         conv2d(
             x,
@@ -282,13 +296,17 @@ impl Conv2d {
 /// `torch.nn.GroupNorm` (affine).
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
+    /// Per-channel scale, `[channels]`.
     pub weight: Tensor<1>,
+    /// Per-channel shift, `[channels]`.
     pub bias: Tensor<1>,
     groups: usize,
     eps: f64,
 }
 
 impl GroupNorm {
+    /// Reads `weight` and `bias` under `vars`: `channels` channels normalised in `groups`
+    /// groups, with `eps` added to the variance.
     pub fn new(vars: Vars, groups: usize, channels: usize, eps: f64) -> Result<Self, WeightsError> {
         Ok(Self {
             weight: vars.get("weight", [channels])?,
@@ -319,12 +337,16 @@ impl GroupNorm {
 /// `torch.nn.LayerNorm` over the last dimension.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// Per-feature scale, `[dim]`.
     pub weight: Tensor<1>,
+    /// Per-feature shift, `[dim]`.
     pub bias: Tensor<1>,
     eps: f64,
 }
 
 impl LayerNorm {
+    /// Reads `weight` and `bias` under `vars` for a last dimension of `dim`, with `eps` added
+    /// to the variance.
     pub fn new(vars: Vars, dim: usize, eps: f64) -> Result<Self, WeightsError> {
         Ok(Self {
             weight: vars.get("weight", [dim])?,
@@ -333,6 +355,8 @@ impl LayerNorm {
         })
     }
 
+    /// `[..., dim]` -> same shape, normalised over the last dimension (computed in F32,
+    /// returned in the input's dtype).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         // In F32 whatever the weights' dtype, as for group norm.
         let dtype = x.dtype();
@@ -349,10 +373,12 @@ impl LayerNorm {
 /// `torch.nn.Embedding`.
 #[derive(Clone, Debug)]
 pub struct Embedding {
+    /// The lookup table, `[count, dim]`: one row per id.
     pub weight: Tensor<2>,
 }
 
 impl Embedding {
+    /// Reads `weight` under `vars`: `count` vectors of `dim` values.
     pub fn new(vars: Vars, count: usize, dim: usize) -> Result<Self, WeightsError> {
         Ok(Self {
             weight: vars.get("weight", [count, dim])?,
@@ -368,12 +394,16 @@ impl Embedding {
 /// Activation functions by their config names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// `gelu`: exact (erf) GELU, as OpenCLIP (SD 2.x) uses.
     Gelu,
+    /// `quick_gelu`: `x * sigmoid(1.702 x)`, OpenAI CLIP's (SD 1.x) approximation of GELU.
     QuickGelu,
+    /// `silu` (or `swish`): `x * sigmoid(x)`.
     Silu,
 }
 
 impl Activation {
+    /// The activation a config's `hidden_act` / `act_fn` names; `None` for an unknown name.
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "gelu" => Some(Self::Gelu),
@@ -383,6 +413,7 @@ impl Activation {
         }
     }
 
+    /// Applies the activation elementwise: any shape -> the same shape.
     pub fn forward<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
         match self {
             Self::Gelu => gelu(x),

@@ -9,12 +9,20 @@ use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
 use crate::weights::{Checkpoint, Component, Family, TokenizerSource, WeightsError};
 
+/// A Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE, with the
+/// family and config they were built from.
 pub struct StableDiffusion {
+    /// Which SD generation and prediction type the checkpoint is.
     pub family: Family,
+    /// The configs of the three models and the UNet's prediction type.
     pub config: SdConfig,
+    /// Turns prompts into token ids for the text encoder.
     pub tokenizer: ClipTokenizer,
+    /// The CLIP text encoder the UNet is conditioned on.
     pub text_encoder: ClipTextModel,
+    /// The denoising UNet, working on latents.
     pub unet: UNet2DConditionModel,
+    /// The autoencoder between images and latents.
     pub vae: AutoencoderKL,
 }
 

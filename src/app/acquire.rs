@@ -23,13 +23,21 @@ pub enum AcquireError {
     #[error(
         "this site may only download models from the hosts its Content-Security-Policy lists, and {host} is not one of them (a guarantee that nothing is sent elsewhere). Download the files yourself and pick them with \"Your files\", or ask the site's owner to add the host"
     )]
-    BlockedHost { host: String },
+    /// The page's Content-Security-Policy does not list the model's host.
+    BlockedHost {
+        /// The refused host.
+        host: String,
+    },
+    /// A request failed or was answered with an error status.
     #[error("{0}")]
     Network(String),
+    /// The files are not a model this app can run.
     #[error("{0}")]
     BadModel(String),
+    /// Storage failed (or is full).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The user stopped it.
     #[error("stopped")]
     Cancelled,
 }
@@ -51,11 +59,13 @@ impl AcquireError {
 /// How far a download or copy is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Progress {
+    /// The file being stored.
     pub file: String,
     /// Bytes stored so far, all files.
     pub bytes: u64,
     /// Of the current file.
     pub file_bytes: u64,
+    /// The current file's size, once known.
     pub file_total: Option<u64>,
 }
 
@@ -64,10 +74,12 @@ pub fn part_prefix(id: &str, path: &str) -> String {
     format!("models/{id}/{}", path.replace('/', "__"))
 }
 
+/// Where a stored model's manifest lives.
 pub fn manifest_path(id: &str) -> String {
     format!("models/{id}/manifest.json")
 }
 
+/// A stored model's manifest; `None` when it is missing or unreadable.
 pub async fn read_manifest(store: &Store, id: &str) -> Result<Option<Manifest>, StoreError> {
     Ok(store
         .read_text(&manifest_path(id))
@@ -75,6 +87,7 @@ pub async fn read_manifest(store: &Store, id: &str) -> Result<Option<Manifest>, 
         .and_then(|t| serde_json::from_str(&t).ok()))
 }
 
+/// Writes a stored model's manifest.
 pub async fn write_manifest(store: &Store, m: &Manifest) -> Result<(), StoreError> {
     let text = serde_json::to_string_pretty(m).expect("plain data");
     store.write(&manifest_path(&m.id), text.as_bytes()).await

@@ -9,15 +9,18 @@ use crate::weights::Component;
 /// A model offered in the model panel's list. Add entries here to offer more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Preset {
+    /// The name shown.
     pub name: &'static str,
     /// What users type for it: a Hub repository or any address [`ModelSource::parse`] takes.
     pub address: &'static str,
     /// Download the `*.fp16.safetensors` variant (half the bytes; the GPU may still compute in
     /// f32).
     pub fp16: bool,
+    /// Size and download, shown beside the name.
     pub note: &'static str,
 }
 
+/// The models the model panel offers.
 pub const PRESETS: &[Preset] = &[
     Preset {
         name: "Stable Diffusion 1.5",
@@ -40,23 +43,32 @@ const HUB: &str = "https://huggingface.co";
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum ModelSource {
     /// A diffusers folder; `base` ends with `/` and file paths are appended to it.
-    Folder { base: String },
+    Folder {
+        /// The folder's address, ending with `/`.
+        base: String,
+    },
     /// One original-layout `.safetensors` checkpoint.
-    SingleFile { url: String },
+    SingleFile {
+        /// The file's address.
+        url: String,
+    },
 }
 
 /// Why an address cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
+    /// Nothing was typed.
     #[error("type a model address: a Hugging Face repository such as {example}, or the URL of a diffusers folder or of a .safetensors file", example = PRESETS[0].address)]
     Empty,
     #[error(
         "{0} is a PyTorch pickle file; SeFi Studio only opens .safetensors files, which cannot hide code. Most models publish one"
     )]
+    /// A `.ckpt`/`.bin`/`.pt` pickle: refused, it can run code.
     Pickle(String),
     #[error(
         "`{0}` is not a web address (it should start with https://) or a Hub repository (owner/name)"
     )]
+    /// Neither a URL nor an `owner/name` repository.
     NotAnAddress(String),
 }
 
@@ -258,14 +270,18 @@ impl StoredFile {
 /// A model in storage: `models/<id>/manifest.json`, beside its files' parts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
+    /// The folder under `models/`.
     pub id: String,
+    /// The name shown.
     pub name: String,
     /// The address it was loaded from, or `local:<name>` for the user's files.
     pub address: String,
+    /// One original-layout file rather than a diffusers folder.
     pub single_file: bool,
     /// Weights were asked for in their fp16 variant (a resumed download keeps to it).
     #[serde(default)]
     pub fp16: bool,
+    /// The files it needs, with what is stored of each.
     pub files: Vec<StoredFile>,
     /// Every needed file is stored.
     pub complete: bool,
@@ -275,10 +291,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The known size of all its files.
     pub fn bytes(&self) -> u64 {
         self.files.iter().filter_map(|f| f.size).sum()
     }
 
+    /// The file at `path` (relative to the model).
     pub fn file(&self, path: &str) -> Option<&StoredFile> {
         self.files.iter().find(|f| f.path == path)
     }

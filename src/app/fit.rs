@@ -40,11 +40,13 @@ pub fn largest_side(unet: &UNetConfig, batch: usize, limit: u64) -> usize {
 /// What a loaded model needs, for the GPU panel.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FitReport {
+    /// The weights on the GPU.
     pub weights_bytes: u64,
     /// Estimated peak while training at `resolution`.
     pub train_bytes: u64,
     /// Estimated peak while generating one image at `resolution` with guidance.
     pub generate_bytes: u64,
+    /// The size the estimates are for (the model's own).
     pub resolution: usize,
     /// The largest buffer one shader may bind, where known.
     pub binding_limit: Option<u64>,

@@ -1,5 +1,5 @@
 //! The browser app: a leptos UI on the main thread and all model work in a dedicated Web
-//! Worker, talking through the typed messages of [`protocol`]. [`catalog`] and [`fit`] are
+//! Worker, talking through the typed messages of `protocol`. [`catalog`] and [`fit`] are
 //! plain data and build (and are tested) everywhere.
 
 #[cfg(all(feature = "web", target_family = "wasm"))]

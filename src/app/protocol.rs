@@ -20,6 +20,7 @@ pub enum Request {
     GpuCheck,
     /// Load the stored model `models/<id>` onto the GPU (replacing any other).
     LoadModel {
+        /// The stored model's id.
         id: String,
     },
     /// Train an identity on the loaded model (or continue from a checkpoint).
@@ -27,14 +28,19 @@ pub enum Request {
     /// Stop training after the current step: `cancel` discards it, otherwise the answer
     /// carries a checkpoint to continue from.
     StopTraining {
+        /// Discard the run instead of pausing it.
         cancel: bool,
     },
+    /// Generate images with the loaded model.
     Generate(GenerateJob),
+    /// Stop the generation after the current step.
     CancelGenerate,
 }
 
+/// A training run to start or continue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainJob {
+    /// The run's settings.
     pub config: TrainConfig,
     /// The photos, cropped to their squares, as PNG files.
     pub photos: Vec<ByteBuf>,
@@ -46,8 +52,10 @@ pub struct TrainJob {
     pub maps_every: usize,
 }
 
+/// A generation to run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerateJob {
+    /// Prompts, sampler, size, seed.
     pub request: GenerateRequest,
     /// Identity files the prompt may refer to.
     pub identities: Vec<ByteBuf>,
@@ -58,47 +66,69 @@ pub struct GenerateJob {
 /// Worker → page.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
+    /// The device and its check, or why there is none.
     GpuCheck(Result<GpuReport, WorkerError>),
     /// Tensors moved to the GPU so far.
     ModelProgress {
+        /// Tensors loaded.
         done: usize,
+        /// Tensors in the model.
         total: usize,
     },
+    /// The model is on the GPU.
     ModelReady(ModelInfo),
+    /// The model could not be loaded.
     ModelFailed(WorkerError),
+    /// A training step's report.
     TrainStep(StepReport),
     /// Heat-maps over the training square: the identity token's and the class word's
     /// attention, as PNGs with transparency.
     TrainMaps {
+        /// Steps done when they were made (0: before training).
         step: usize,
+        /// The identity token's map.
         identity: ByteBuf,
+        /// The class word's map (the target).
         class: ByteBuf,
     },
     /// A checkpoint to store (an identity file with the optimizer's state).
     TrainCheckpoint {
+        /// Steps in the checkpoint.
         step: usize,
+        /// The checkpoint file.
         bytes: ByteBuf,
     },
     /// Stopped on request; `checkpoint` continues it (absent when cancelled).
     TrainStopped {
+        /// Steps done.
         step: usize,
+        /// The checkpoint file (a pause).
         checkpoint: Option<ByteBuf>,
     },
     /// Finished: the identity file.
     TrainDone {
+        /// The identity file's bytes.
         identity: ByteBuf,
     },
+    /// Training stopped on an error.
     TrainFailed(WorkerError),
+    /// A denoising step done.
     GenStep {
+        /// Steps done.
         step: usize,
+        /// Steps in all.
         total: usize,
         /// A cheap look at the latents (PNG, 1/8 size).
         preview: Option<ByteBuf>,
     },
+    /// The images.
     GenDone {
+        /// One per image asked for.
         images: Vec<GenImage>,
+        /// What the pipeline warned about.
         warnings: Vec<String>,
     },
+    /// The generation stopped on an error (or was cancelled).
     GenFailed(WorkerError),
     /// The worker hit an error it cannot recover from; the page starts a new one.
     Crashed(WorkerError),
@@ -107,32 +137,45 @@ pub enum Response {
 /// The "Your GPU" panel's content.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GpuReport {
+    /// The adapter and what it can do.
     pub device: DeviceInfo,
+    /// The autodiff check's result on it.
     pub check: CheckReport,
 }
 
 /// A model on the GPU.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
+    /// The stored model's id.
     pub id: String,
+    /// Its name, as the catalog or the user gave it.
     pub name: String,
+    /// SD 1.x, 2.x (epsilon or v-prediction).
     pub family: Family,
     /// Precision of the weights on the GPU.
     pub dtype: String,
+    /// Parameters of the three networks.
     pub params: u64,
     /// Native resolution (training default).
     pub resolution: usize,
+    /// What fits this GPU: sizes for generation and training.
     pub fit: FitReport,
+    /// How long loading took.
     pub millis: f64,
 }
 
+/// One generated image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenImage {
     /// PNG with the parameters embedded.
     pub png: ByteBuf,
+    /// The seed that makes this image again.
     pub seed: u64,
+    /// Pixels.
     pub width: usize,
+    /// Pixels.
     pub height: usize,
+    /// The parameters text (as in the PNG's `parameters` chunk).
     pub parameters: String,
 }
 

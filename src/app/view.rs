@@ -11,25 +11,38 @@ use crate::identity::settings::{StepReport, TrainConfig};
 /// box's `data-kind`, which the end-to-end tests read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
+    /// The page's Content-Security-Policy does not let it reach the model's host.
     BlockedHost,
+    /// A download failed or was refused.
     Network,
+    /// The files are not a model this app can run.
     BadModel,
+    /// The browser's storage quota is used up.
     StorageFull,
+    /// The browser's storage failed otherwise.
     Storage,
+    /// The GPU ran out of memory or refused a buffer.
     OutOfMemory,
+    /// The GPU device was lost (driver reset, reclaimed by the browser).
     DeviceLost,
+    /// The browser offers no WebGPU adapter.
     NoWebGpu,
+    /// A photo could not be decoded.
     BadPhoto,
+    /// An identity file is damaged or made for another model.
     BadIdentity,
+    /// The work needs a loaded model.
     NoModel,
     /// A name that is taken.
     Exists,
+    /// The user stopped the work.
     Cancelled,
     /// Anything else (a bug, most likely).
     Other,
 }
 
 impl ErrorKind {
+    /// Every kind.
     pub const ALL: [ErrorKind; 14] = [
         ErrorKind::BlockedHost,
         ErrorKind::Network,
@@ -91,11 +104,14 @@ impl ErrorKind {
 /// An error as the page shows it: a kind (title, `data-kind`) and what to do about it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct UiError {
+    /// Decides the title.
     pub kind: ErrorKind,
+    /// What happened and what to do, in full sentences.
     pub message: String,
 }
 
 impl UiError {
+    /// An error of `kind` saying `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -107,22 +123,31 @@ impl UiError {
 /// Where a training run is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Phase {
+    /// Nothing runs.
     #[default]
     Idle,
+    /// The worker is training.
     Running,
     /// Pause asked; the worker finishes its step first.
     Stopping,
+    /// Stopped with a checkpoint in storage, to resume.
     Paused,
+    /// Every step ran; the identity is stored.
     Done,
+    /// The worker reported an error or died.
     Failed,
 }
 
 /// A run in storage: `runs/current/run.json`, beside its photos and checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
+    /// The run's settings.
     pub config: TrainConfig,
+    /// The stored model it trains on (runs continue only on the same model).
     pub model_id: String,
+    /// That model's name, to tell the user which to load.
     pub model_name: String,
+    /// How many `photo-<i>.png` files the run has.
     pub photos: usize,
     /// Steps in the stored checkpoint.
     pub step: usize,
@@ -131,12 +156,17 @@ pub struct RunRecord {
 /// What the training part of the identity panel shows.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainView {
+    /// Where the run is.
     pub phase: Phase,
+    /// The name being learned.
     pub token: String,
+    /// Steps done.
     pub step: usize,
+    /// Steps in the run.
     pub total: usize,
     /// (step, loss, attention term)
     pub points: Vec<(usize, f64, f64)>,
+    /// Smoothed training speed.
     pub steps_per_second: f64,
     /// The step of the last checkpoint in storage.
     pub checkpoint_step: Option<usize>,
@@ -144,6 +174,7 @@ pub struct TrainView {
     pub maps: Option<(String, String, usize)>,
     /// The first training square, under the heat-maps.
     pub underlay: Option<String>,
+    /// The last error, shown until the next run starts.
     pub error: Option<UiError>,
     /// An unfinished run found in storage.
     pub offer: Option<RunRecord>,
@@ -172,6 +203,7 @@ impl TrainView {
         old
     }
 
+    /// Whether the worker is busy with the run.
     pub fn is_running(&self) -> bool {
         matches!(self.phase, Phase::Running | Phase::Stopping)
     }
@@ -257,12 +289,17 @@ impl TrainView {
 /// What the generate panel shows of the generation in progress.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GenView {
+    /// Whether the worker is generating.
     pub running: bool,
+    /// Denoising steps done.
     pub step: usize,
+    /// Denoising steps in all.
     pub total: usize,
     /// The latest preview's blob URL.
     pub preview: Option<String>,
+    /// The last error, shown until the next generation starts.
     pub error: Option<UiError>,
+    /// What the pipeline warned about (a prompt cut at its length limit, say).
     pub warnings: Vec<String>,
 }
 

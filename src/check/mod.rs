@@ -3,7 +3,7 @@
 //! The quick one, here, is a short autodiff computation: it runs the operations identity
 //! training leans on (matmul, softmax, tanh, reductions and their backward pass) on small fixed
 //! inputs, reads the loss and the gradient back asynchronously, and compares them with the same
-//! maths done in f64 on the host. [`reference`] runs a whole tiny model against diffusers.
+//! maths done in f64 on the host. The `reference` module runs a whole tiny model against diffusers.
 
 #[cfg(feature = "compute")]
 use burn::tensor::{Device, Tensor, TensorData, activation::softmax};
@@ -36,12 +36,15 @@ pub fn inputs() -> (Vec<f64>, Vec<f64>, Vec<f64>) {
 pub struct CheckReport {
     /// loss = mean(softmax(XW) * C) + mean(tanh(XW)^2), as computed on the device.
     pub loss: f64,
+    /// The same loss computed in f64 on the host ([`reference()`]).
     pub expected_loss: f64,
     /// dloss/dW, row-major [K, N], as computed on the device.
     pub grad: Vec<f64>,
+    /// The same gradient computed in f64 on the host, row-major [K, N].
     pub expected_grad: Vec<f64>,
     /// Largest relative error over the loss and every gradient entry.
     pub max_rel_error: f64,
+    /// True when the gradient has [K, N] entries and `max_rel_error` is within [`TOLERANCE`].
     pub passed: bool,
     /// Wall time of the computation including the read-back (first use includes shader
     /// compilation).

@@ -29,8 +29,11 @@ pub struct Compared {
 /// Every output compared, and whether all are within [`TOLERANCE`].
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ReferenceReport {
+    /// Each output compared, in the order the models ran.
     pub outputs: Vec<Compared>,
+    /// The largest absolute error allowed ([`TOLERANCE`]).
     pub tolerance: f64,
+    /// True when every output's `max_abs_error` is within `tolerance`.
     pub passed: bool,
     /// Wall time of the model runs and read-backs (first use includes kernel compilation).
     pub millis: f64,
@@ -39,16 +42,24 @@ pub struct ReferenceReport {
 /// Why the comparison could not be made (wrong values are a report with `passed: false`).
 #[derive(Debug, thiserror::Error)]
 pub enum ReferenceError {
+    /// The goldens file could not be read (see [`WeightsError`]).
     #[error("reference outputs: {0}")]
     Goldens(#[from] WeightsError),
+    /// The goldens file lacks the named input or output; it was written for another version of
+    /// the fixtures.
     #[error("reference outputs: `{0}` is missing from the file")]
     Missing(String),
+    /// A model output's shape differs from its reference's.
     #[error("reference output `{name}`: the model gave shape {got:?}, the reference has {want:?}")]
     Shape {
+        /// The golden's name.
         name: String,
+        /// The shape the model produced.
         got: Vec<usize>,
+        /// The shape of the reference.
         want: Vec<usize>,
     },
+    /// A result could not be read back from the device.
     #[error("reading results back from the device failed: {0}")]
     ReadBack(String),
 }

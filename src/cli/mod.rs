@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::device::DeviceChoice;
 
+/// The command line: `sefi <command> [options]`.
 #[derive(Debug, Parser)]
 #[command(
     name = "sefi",
@@ -17,10 +18,12 @@ use crate::device::DeviceChoice;
     about = "Private, on-device identity personalisation of Stable Diffusion"
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Find the compute device, show what it is and prove it computes correctly.

@@ -155,6 +155,10 @@ impl ClipTextModel {
     }
 
     /// Encodes token ids; the pooled output is taken at the first end token (the largest id).
+    ///
+    /// - `ids`: `[batch, seq]`, `seq` at most `max_position_embeddings` (77)
+    /// - output: `last_hidden_state` and `penultimate` `[batch, seq, hidden]`, `pooled`
+    ///   `[batch, hidden]`, all F32
     pub fn forward(&self, ids: Tensor<2, Int>) -> TextOutput {
         let [b, _] = ids.dims();
         let eos = ids.clone().argmax(1).reshape([b]);
@@ -163,6 +167,11 @@ impl ClipTextModel {
 
     /// Encodes token embeddings `[batch, seq, hidden]`; `eos` `[batch]` gives each sequence's
     /// end-token position for the pooled output.
+    ///
+    /// - `embeds`: `[batch, seq, hidden]`, `seq` at most `max_position_embeddings` (77)
+    /// - `eos`: `[batch]`, each below `seq`
+    /// - output: `last_hidden_state` and `penultimate` `[batch, seq, hidden]`, `pooled`
+    ///   `[batch, hidden]`, all F32
     pub fn forward_embeds(&self, embeds: Tensor<3>, eos: Tensor<1, Int>) -> TextOutput {
         let [b, s, d] = embeds.dims();
         let mut x = embeds.cast(self.dtype())

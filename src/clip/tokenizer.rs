@@ -14,7 +14,9 @@ use unicode_normalization::UnicodeNormalization;
 
 /// Positions the text encoder sees: start token, 75 prompt tokens, end token.
 pub const CONTEXT_LENGTH: usize = 77;
+/// The start token, first of every encoded prompt.
 pub const START_OF_TEXT: &str = "<|startoftext|>";
+/// The end token, after the prompt; SD 1.x also pads with it.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 /// OpenAI CLIP's BPE merges (MIT), as shipped in the `openai-clip` package. Used when a model
@@ -24,12 +26,21 @@ const OPENAI_MERGES_GZ: &[u8] = include_bytes!("bpe_simple_vocab_16e6.txt.gz");
 /// = 49,408 tokens.
 const OPENAI_MERGE_COUNT: usize = 49_408 - 512 - 2;
 
+/// Why a model's tokenizer files cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenizerError {
+    /// `vocab.json` is not valid JSON mapping tokens to ids; the message is the parser's.
     #[error("tokenizer vocab.json is not a JSON object of token -> id: {0}")]
     BadVocab(String),
+    /// A line of `merges.txt` is not a pair of tokens.
     #[error("tokenizer merges.txt line {line} is not two tokens separated by a space: `{text}`")]
-    BadMerge { line: usize, text: String },
+    BadMerge {
+        /// The line number, counting from 1.
+        line: usize,
+        /// The line as it is in the file.
+        text: String,
+    },
+    /// The vocabulary lacks the start, end or pad token it must have.
     #[error("the tokenizer vocabulary has no `{0}` token")]
     MissingToken(String),
 }
@@ -37,6 +48,7 @@ pub enum TokenizerError {
 /// One unit of an encoded prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Piece {
+    /// A vocabulary token's id.
     Id(u32),
     /// `<name>` in the prompt; the name without angle brackets.
     Placeholder(String),
@@ -56,6 +68,7 @@ pub struct Tokens {
     pub truncated: usize,
 }
 
+/// CLIP's tokenizer: vocabulary, BPE merges and special tokens of one model.
 pub struct ClipTokenizer {
     encoder: HashMap<String, u32>,
     decoder: HashMap<u32, String>,
@@ -185,18 +198,22 @@ impl ClipTokenizer {
         })
     }
 
+    /// The id of [`START_OF_TEXT`].
     pub fn start_id(&self) -> u32 {
         self.start
     }
 
+    /// The id of [`END_OF_TEXT`].
     pub fn end_id(&self) -> u32 {
         self.end
     }
 
+    /// The id that fills the positions after the end token.
     pub fn pad_id(&self) -> u32 {
         self.pad
     }
 
+    /// Number of tokens in the vocabulary (49,408 for CLIP).
     pub fn vocab_size(&self) -> usize {
         self.encoder.len()
     }

@@ -59,8 +59,11 @@ pub enum DeviceChoice {
     /// CUDA if present, else a hardware wgpu adapter, else the CPU.
     #[default]
     Auto,
+    /// The CPU backend.
     Cpu,
+    /// The wgpu backend (WebGPU, Vulkan, Metal or DX12).
     Wgpu,
+    /// The CUDA backend (the first NVIDIA GPU).
     Cuda,
 }
 
@@ -87,8 +90,11 @@ pub enum Precision {
     /// CPUs and software adapters compute half floats no faster.
     #[default]
     Auto,
+    /// 32-bit floats.
     F32,
+    /// IEEE half precision.
     F16,
+    /// bfloat16 (F32's range with half the bits).
     Bf16,
 }
 
@@ -143,6 +149,7 @@ pub struct GpuLimits {
     pub max_buffer_size: u64,
     /// Largest storage buffer one shader can bind, bytes.
     pub max_storage_buffer_binding_size: u64,
+    /// Most shader invocations in one workgroup.
     pub max_compute_invocations_per_workgroup: u32,
     /// Shared (workgroup) memory per workgroup, bytes.
     pub max_compute_workgroup_storage_size: u32,
@@ -151,6 +158,7 @@ pub struct GpuLimits {
 /// What was found: enough for a user to tell which GPU runs their work and whether it fits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeviceInfo {
+    /// The backend that drives the device.
     pub backend: Backend,
     /// The adapter as it names itself ("NVIDIA GeForce RTX 4090", "llvmpipe ...", "CPU").
     pub adapter: String,
@@ -158,41 +166,69 @@ pub struct DeviceInfo {
     pub api: String,
     /// "DiscreteGpu", "IntegratedGpu", "Cpu", ... as the driver reports it.
     pub device_type: String,
+    /// Driver name and version where the API reports them; empty otherwise.
     pub driver: String,
     /// A software adapter (lavapipe, SwiftShader): correct but slow.
     pub software: bool,
     /// Total device memory in bytes where the API tells it (CUDA); WebGPU does not.
     pub memory_bytes: Option<u64>,
+    /// Adapter limits (wgpu only).
     pub limits: Option<GpuLimits>,
     /// Half-precision floats are supported for computation.
     pub f16: bool,
+    /// bfloat16 is supported for computation.
     pub bf16: bool,
 }
 
 /// Why a device could not be opened, phrased so the user knows what to do next.
 #[derive(Clone, Debug, PartialEq, thiserror::Error, Serialize, Deserialize)]
 pub enum DeviceError {
+    /// The device name given (e.g. to `--device`) is none of those known.
     #[error("unknown device `{0}`: use auto, cpu, wgpu or cuda")]
     UnknownChoice(String),
+    /// The precision name given is none of those known.
     #[error("unknown precision `{0}`: use auto, f32, f16 or bf16")]
     UnknownPrecision(String),
+    /// F16 or BF16 was asked for on a device that cannot compute in it.
     #[error("{adapter} cannot compute in {precision}; choose f32 or auto")]
     UnsupportedPrecision {
+        /// The precision asked for.
         precision: Precision,
+        /// The adapter's name.
         adapter: String,
     },
+    /// The backend asked for was left out of this build by its features.
     #[error(
         "this build has no {backend} backend; rebuild with `cargo build --release --features {backend}` or pick another --device"
     )]
-    NotCompiled { backend: Backend },
+    NotCompiled {
+        /// The backend asked for.
+        backend: Backend,
+    },
+    /// In the browser: WebGPU is missing or gave no adapter.
     #[error("this browser offers no WebGPU adapter. {hint} (browser said: {detail})")]
-    NoWebGpu { detail: String, hint: String },
+    NoWebGpu {
+        /// The error the browser reported.
+        detail: String,
+        /// What the user can do (see [`WEBGPU_HINT`]).
+        hint: String,
+    },
+    /// Natively: wgpu found no GPU adapter (no Vulkan, Metal or DX12 driver).
     #[error("no GPU adapter was found ({detail}). {hint}")]
-    NoWgpuAdapter { detail: String, hint: String },
+    NoWgpuAdapter {
+        /// The error wgpu reported.
+        detail: String,
+        /// What the user can do (install a Vulkan driver, or use the CPU).
+        hint: String,
+    },
+    /// The CUDA driver is absent, fails to load, or reports no device.
     #[error(
         "no usable CUDA device ({detail}). Install the NVIDIA driver (it provides libcuda), or use --device wgpu or --device cpu"
     )]
-    NoCuda { detail: String },
+    NoCuda {
+        /// What the driver said, or what is missing.
+        detail: String,
+    },
 }
 
 /// What a browser user can do when WebGPU is missing.

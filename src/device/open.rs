@@ -20,7 +20,9 @@ impl super::Precision {
 /// A ready device and what it is.
 #[derive(Clone, Debug)]
 pub struct ComputeDevice {
+    /// The burn device that tensors are placed on.
     pub device: Device,
+    /// What the device is, for reports and for choosing a precision.
     pub info: DeviceInfo,
 }
 

@@ -22,8 +22,11 @@ pub struct TrainPrompt {
 /// The loss of one step and its parts (scalars, `[1]`).
 #[derive(Clone, Debug)]
 pub struct Loss {
+    /// What is minimised: `noise + attn_weight * attention`.
     pub total: Tensor<1>,
+    /// Mean squared error between the UNet's prediction and its target (the noise, or v).
     pub noise: Tensor<1>,
+    /// The face-wise attention loss `L_attn`, unweighted: the mean of `layers`.
     pub attention: Tensor<1>,
     /// The attention loss of every cross-attention layer.
     pub layers: Vec<Tensor<1>>,

@@ -22,6 +22,8 @@ use crate::weights::{Family, MemorySource, SafetensorsFile, WeightsError};
 pub const STAGES: usize = 5;
 /// The identity file's `format` metadata.
 pub const FORMAT: &str = "sefi-identity";
+/// The identity file's `format_version` metadata: files of any other version are refused
+/// with [`IdentityError::Version`].
 pub const FORMAT_VERSION: u32 = 1;
 
 /// The stage of timestep `t` out of `train_steps`: `floor(t * stages / train_steps)`.
@@ -33,7 +35,9 @@ pub fn stage_of(t: f64, stages: usize, train_steps: usize) -> usize {
 /// ignoring storage precision (fp32 and fp16 files of one model match).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Fingerprint {
+    /// Rows of the token-embedding table (the tokenizer's vocabulary size).
     pub vocab: usize,
+    /// Width of the table: 768 for SD 1.x, 1024 for SD 2.x.
     pub dim: usize,
     /// The first values of a few rows (the start token, "a", "person").
     pub samples: Vec<f32>,
@@ -41,6 +45,7 @@ pub struct Fingerprint {
 
 /// Rows of the token-embedding table the fingerprint samples, and values per row.
 pub const FINGERPRINT_ROWS: [usize; 3] = [49406, 320, 2533];
+/// Values the fingerprint takes from the start of each of [`FINGERPRINT_ROWS`].
 pub const FINGERPRINT_VALUES: usize = 8;
 
 impl Fingerprint {
@@ -65,14 +70,18 @@ pub struct Identity {
     /// What the subject is ("person", "dog", ...): the vectors start from its embedding and
     /// its attention is the mask of the attention loss.
     pub class_word: String,
+    /// Number of timestep stages: the rows of `key` and `value`.
     pub stages: usize,
     /// The base family (identities of sd2 and sd2-v models are interchangeable).
     pub family: Family,
+    /// Width of each vector, the text encoder's token-embedding width (768 for SD 1.x, 1024
+    /// for SD 2.x).
     pub dim: usize,
     /// `[stages, dim]`, row-major: the key token of each stage.
     pub key: Vec<f32>,
     /// `[stages, dim]`: the value token of each stage.
     pub value: Vec<f32>,
+    /// The fingerprint of the model it was trained on, compared by [`Identity::check_model`].
     pub fingerprint: Fingerprint,
     /// Training settings, for the record.
     pub training: serde_json::Value,
@@ -81,26 +90,56 @@ pub struct Identity {
 /// Why an identity cannot be used.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum IdentityError {
+    /// The file has no `format: sefi-identity` metadata: it is some other safetensors file.
     #[error("{file} is not a SeFi identity file (no `format: {FORMAT}` metadata)")]
-    NotIdentity { file: String },
+    NotIdentity {
+        /// The file's name, as given to [`Identity::from_bytes`].
+        file: String,
+    },
+    /// The file states another format version than [`FORMAT_VERSION`] (or none).
     #[error(
         "{file} is an identity file of format version {found}; this version of SeFi Studio reads version {FORMAT_VERSION}"
     )]
-    Version { file: String, found: String },
+    Version {
+        /// The file's name.
+        file: String,
+        /// The version the file states (empty if it states none).
+        found: String,
+    },
+    /// The identity file is malformed (missing or unreadable metadata, `key` and `value` of
+    /// the wrong shapes), or an identity could not be written.
     #[error("{file}: {reason}")]
-    Invalid { file: String, reason: String },
+    Invalid {
+        /// The file's name (when writing, the identity's token).
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The identity was trained on a model of another family (or embedding width) and cannot
+    /// be used with this one; train it again on a model of this family.
     #[error(
         "<{token}> was learned on a {identity} model and cannot be used with this {model} model: identities only work with the model family they were trained on"
     )]
     WrongFamily {
+        /// The identity's placeholder name.
         token: String,
+        /// The family the identity was trained on.
         identity: Family,
+        /// The family of the model in use.
         model: Family,
     },
+    /// The identity was trained on another model of the same family (its token-embedding
+    /// fingerprint differs): it can be used, with a warning, but should be retrained.
     #[error(
         "<{token}> was learned on a different {family} model (its token embeddings differ); it may still work, but results will be off. Retrain it on this model"
     )]
-    OtherModel { token: String, family: Family },
+    OtherModel {
+        /// The identity's placeholder name.
+        token: String,
+        /// The family of the model in use.
+        family: Family,
+    },
+    /// The file's safetensors header or tensors could not be read.
     #[error(transparent)]
     Weights(#[from] WeightsError),
 }

@@ -16,6 +16,7 @@ pub const CHUNK: usize = 75;
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 #[error("the prompt refers to <{name}>, but no identity of that name is loaded (loaded: {loaded})")]
 pub struct UnknownPlaceholder {
+    /// The name written between `<` and `>` in the prompt.
     pub name: String,
     /// The loaded identities, as `<a>, <b>`.
     pub loaded: String,
@@ -24,15 +25,21 @@ pub struct UnknownPlaceholder {
 /// Where an identity's vectors go: a window, a position in it, and which identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slot {
+    /// Index of the window in [`PromptTokens::windows`].
     pub window: usize,
+    /// Position in that window's ids: 1 to [`CHUNK`] (0 holds the start token).
     pub position: usize,
+    /// Index of the identity in the slice given to `tokenize_prompt`.
     pub identity: usize,
 }
 
 /// A prompt's token ids in windows, and the identity slots among them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PromptTokens {
+    /// Windows of `CHUNK + 2` (77) ids: start token, up to [`CHUNK`] tokens, end token,
+    /// padding. Placeholder positions hold the identity's class word id.
     pub windows: Vec<Vec<u32>>,
+    /// One slot per `<name>` in the prompt, in prompt order.
     pub slots: Vec<Slot>,
 }
 

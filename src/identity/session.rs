@@ -39,7 +39,9 @@ impl Due {
 /// What a run reports, and when.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Schedule {
+    /// When to emit [`TrainEvent::Checkpoint`].
     pub checkpoint: Due,
+    /// When to emit [`TrainEvent::Maps`].
     pub maps: Due,
     /// Attention maps before the first step (or before the first step after resuming).
     pub maps_before_training: bool,
@@ -49,17 +51,25 @@ pub struct Schedule {
 /// due, then attention maps if they are due.
 #[derive(Debug)]
 pub enum TrainEvent {
+    /// A step finished: its numbers.
     Step(StepReport),
     /// A checkpoint file (the identity with the optimizer state) that resumes the run.
     Checkpoint {
+        /// Steps done when it was taken.
         step: usize,
+        /// The file: an identity file whose metadata also holds the optimizer state (read it
+        /// with [`Identity::from_bytes`], then resume with [`Trainer::resume_state`]).
         bytes: Vec<u8>,
     },
     /// The identity token's attention map beside the class word's, for the draw of the last
     /// step (`step` 0: before training, at the first draw).
     Maps {
+        /// Steps done when the maps were drawn.
         step: usize,
+        /// The draw's timestep, which decides the stage whose vectors are shown.
         timestep: usize,
+        /// A grey image twice as wide as high: the identity token's map on the left, the
+        /// class word's on the right (see [`Trainer::attention_maps`]).
         maps: RgbImage,
     },
 }
@@ -80,6 +90,7 @@ pub enum Finished {
     Done(Identity),
     /// The stop signal ended it after `step` steps.
     Stopped {
+        /// Steps done.
         step: usize,
         /// With [`Stop::Pause`]: the checkpoint to continue from.
         checkpoint: Option<Vec<u8>>,

@@ -17,23 +17,31 @@ pub const DEFAULT_CLASS_WORD: &str = "person";
 pub struct TrainConfig {
     /// The placeholder name (`<token>` in prompts).
     pub token: String,
+    /// What the subject is: a single CLIP token such as "person" or "dog". The vectors start
+    /// from its embedding, and the reference prompt holds it.
     pub class_word: String,
+    /// Optimisation steps in the run (default [`DEFAULT_STEPS`]).
     pub steps: usize,
+    /// AdamW learning rate (default [`DEFAULT_LR`]).
     pub lr: f64,
     /// Weight of the attention loss.
     pub attn_weight: f64,
+    /// Number of timestep stages, each with its own key and value vector (default 5).
     pub stages: usize,
     /// Side of the square training images, in pixels (a multiple of 8).
     pub resolution: usize,
+    /// Seeds each step's draws (photo, flip, timestep, noise) together with the step index.
     pub seed: u64,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
     /// Training prompt with `<id>` for the identity; the reference prompt has the class word
-    /// there. Default: "a photo of the face of <id>" for people, "a photo of a <id>" otherwise.
+    /// there. Default: `"a photo of the face of <id>"` for people, `"a photo of a <id>"` otherwise.
     pub template: Option<String>,
 }
 
 impl TrainConfig {
+    /// The default settings (docs/METHOD.md) for an identity `token` of `class_word`, trained
+    /// at `resolution` pixels (usually the model's native size).
     pub fn new(token: &str, class_word: &str, resolution: usize) -> Self {
         Self {
             token: token.into(),
@@ -49,6 +57,8 @@ impl TrainConfig {
         }
     }
 
+    /// The training prompt template: `template` if set, otherwise the default for the class
+    /// word (the face template for person, man, woman, boy, girl and child).
     pub fn template(&self) -> String {
         self.template
             .clone()
@@ -64,12 +74,19 @@ impl TrainConfig {
 /// One step's numbers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepReport {
+    /// Steps done, this one included (1 to `total`).
     pub step: usize,
+    /// Steps in the run ([`TrainConfig::steps`]).
     pub total: usize,
+    /// The total loss: `noise_loss + attn_weight * attn_loss`.
     pub loss: f64,
+    /// The noise-prediction term: mean squared error of the UNet's prediction.
     pub noise_loss: f64,
+    /// The attention term `L_attn`, before weighting.
     pub attn_loss: f64,
+    /// The timestep drawn for this step (0 to 999 for SD's 1000-step schedule).
     pub timestep: usize,
+    /// The stage of that timestep: the one whose vectors this step updated.
     pub stage: usize,
     /// Speed of this step.
     pub steps_per_second: f64,

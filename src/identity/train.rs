@@ -22,6 +22,7 @@ use crate::sd::StableDiffusion;
 /// A photo and the square to train on (`None`: the centred square).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Photo {
+    /// The photo, of any size (see [`decode_photo`]).
     pub image: RgbImage,
     /// `(x, y, size)` in pixels.
     pub crop: Option<(u32, u32, u32)>,
@@ -42,12 +43,17 @@ pub fn decode_photo(bytes: &[u8]) -> Result<RgbImage, String> {
 /// Why training cannot start or go on.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum TrainError {
+    /// The settings, photos, template, model or checkpoint cannot be used; the message says
+    /// what to change.
     #[error("{0}")]
     Setup(String),
+    /// Reading a tensor back from the device failed, or no gradient reached the vectors.
     #[error("reading from the device failed: {0}")]
     Read(String),
+    /// Training was cancelled; the number is the step it stopped at.
     #[error("cancelled at step {0}")]
     Cancelled(usize),
+    /// The gradients were not finite even without loss scaling: the loss diverged.
     #[error(
         "the gradients are not finite (the loss diverged); lower the learning rate, or train with f32 weights"
     )]
@@ -61,11 +67,15 @@ pub struct TrainState {
     pub step: usize,
     /// `[stages, dim]` each.
     pub key: Vec<f32>,
+    /// The value vectors, `[stages, dim]` flattened like `key`.
     pub value: Vec<f32>,
     /// AdamW moments, same layout.
     pub m_key: Vec<f32>,
+    /// AdamW's second moment (squared gradients) of the key vectors.
     pub v_key: Vec<f32>,
+    /// AdamW's first moment of the value vectors.
     pub m_value: Vec<f32>,
+    /// AdamW's second moment of the value vectors.
     pub v_value: Vec<f32>,
     /// Updates applied to each stage (its AdamW step count; a stage is updated only when
     /// its timesteps are drawn).
@@ -75,35 +85,47 @@ pub struct TrainState {
 /// One step's randomness: which photo, mirrored or not, the timestep and the noise.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Draw {
+    /// Index of the photo among the run's photos.
     pub photo: usize,
     /// 1: the mirror image.
     pub flip: usize,
+    /// The training timestep, uniform over the schedule (0 to 999 for SD).
     pub timestep: usize,
+    /// Standard normal noise, flattened in the latents' shape
+    /// `[1, 4, resolution / 8, resolution / 8]`.
     pub noise: Vec<f32>,
 }
 
 /// Which part of the objective to differentiate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Term {
+    /// The whole objective: noise term plus weighted attention term.
     Total,
+    /// The attention term alone, unweighted.
     Attention,
 }
 
 /// A loss and its gradients with respect to one stage's vectors.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gradients {
+    /// The stage of the draw's timestep: whose vectors the gradients are for.
     pub stage: usize,
+    /// The total loss, as in [`StepReport::loss`].
     pub loss: f64,
+    /// The noise-prediction term.
     pub noise_loss: f64,
+    /// The attention term, unweighted.
     pub attn_loss: f64,
     /// `[dim]` each.
     pub key: Vec<f32>,
+    /// The gradient of the stage's value vector.
     pub value: Vec<f32>,
 }
 
 /// A training run's fixed parts.
 pub struct Trainer<'a> {
     sd: &'a StableDiffusion,
+    /// The run's settings.
     pub config: TrainConfig,
     objective: Objective,
     prompt: TrainPrompt,
@@ -248,6 +270,8 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Width of the identity vectors: the text encoder's token-embedding width (768 for SD
+    /// 1.x, 1024 for SD 2.x).
     pub fn dim(&self) -> usize {
         self.class_embedding.len()
     }

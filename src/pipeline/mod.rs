@@ -19,23 +19,32 @@ pub use crate::rgb::RgbImage;
 /// Latents on the host, `[batch, channels, height, width]`, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostLatents {
+    /// `[batch, channels, height, width]`, the height and width 1/8 of the image's.
     pub shape: [usize; 4],
+    /// The values, as many as the product of `shape`.
     pub data: Vec<f32>,
 }
 
 /// What to generate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenerateRequest {
+    /// The prompt; `<name>` puts a loaded identity there.
     pub prompt: String,
+    /// What to steer away from (empty: the empty prompt); it cannot hold identities.
     pub negative_prompt: String,
+    /// Number of sampling steps, at least 1 (the scheduler sets the maximum).
     pub steps: usize,
     /// Classifier-free guidance scale; 1 or less turns guidance (and the negative prompt) off.
     pub guidance: f64,
+    /// The sampling method.
     pub sampler: Sampler,
     /// Image `i` uses seed `seed + i`.
     pub seed: u64,
+    /// Image width in pixels, a positive multiple of 8.
     pub width: usize,
+    /// Image height in pixels, a positive multiple of 8.
     pub height: usize,
+    /// Number of images generated together, at least 1.
     pub num_images: usize,
     /// Send a preview of the current latents with every n-th step event (0: never).
     pub preview_every: usize,
@@ -73,11 +82,18 @@ pub struct GivenNoise {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// Text encoded; `warnings` says what users should know (e.g. a long prompt).
-    Encoded { warnings: Vec<String> },
+    Encoded {
+        /// The warnings, also returned with the images.
+        warnings: Vec<String>,
+    },
     /// A step finished.
     Step {
+        /// Steps done (1 to `total`).
         step: usize,
+        /// Sampling steps in all.
         total: usize,
+        /// A cheap preview of the first image (1/8 size), on every `preview_every`-th step
+        /// and the last.
         preview: Option<RgbImage>,
     },
 }
@@ -85,21 +101,29 @@ pub enum Event {
 /// Whether to go on after an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
+    /// Go on.
     Continue,
+    /// Stop: the generation ends with [`PipelineError::Cancelled`].
     Cancel,
 }
 
 /// Why a generation did not produce images.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum PipelineError {
+    /// The request cannot be met (size, steps, number of images, guidance, given noise, or an
+    /// identity in the negative prompt); the message says what to change.
     #[error("{0}")]
     Request(String),
+    /// The sampler, its number of steps or the model's scheduler settings are not supported.
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    /// The prompt names an identity that is not loaded.
     #[error(transparent)]
     UnknownPlaceholder(#[from] UnknownPlaceholder),
+    /// The event handler returned [`Flow::Cancel`].
     #[error("cancelled")]
     Cancelled,
+    /// Reading a tensor back from the device failed.
     #[error("reading results back from the device failed: {0}")]
     Read(String),
 }

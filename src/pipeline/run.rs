@@ -20,8 +20,11 @@ use crate::unet::Context;
 /// The result: final latents (before the VAE) and the decoded images.
 #[derive(Debug)]
 pub struct Generated {
+    /// `[num_images, channels, height / 8, width / 8]`, as the sampler leaves them.
     pub latents: Tensor<4>,
+    /// The decoded images, `num_images` of them in batch order.
     pub images: Vec<RgbImage>,
+    /// What users should know, such as a prompt longer than one text-encoder window.
     pub warnings: Vec<String>,
 }
 

@@ -21,8 +21,12 @@ pub use step::Scheduler;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Spacing {
+    /// Evenly spaced over the training range, starting at its last timestep.
     Linspace,
+    /// Multiples of an integer stride counted up from 0 (`num_train_timesteps / steps` for
+    /// DDIM and Euler), plus `steps_offset`.
     Leading,
+    /// Evenly spaced, counted down from the last training timestep.
     Trailing,
 }
 
@@ -32,11 +36,18 @@ pub enum Spacing {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SchedulerConfig {
+    /// Timesteps of the training forward process (1000).
     pub num_train_timesteps: usize,
+    /// Noise variance (beta) added at the first training timestep.
     pub beta_start: f64,
+    /// Noise variance (beta) added at the last training timestep.
     pub beta_end: f64,
+    /// How the betas go from `beta_start` to `beta_end`: `linear`, or `scaled_linear`
+    /// (linear in their square roots: SD's).
     pub beta_schedule: String,
+    /// What the UNet predicts.
     pub prediction_type: Prediction,
+    /// Added to every `leading`-spaced inference timestep (1 for SD).
     pub steps_offset: usize,
     /// Default: `leading` for DDIM, `linspace` for the others.
     pub timestep_spacing: Option<Spacing>,
@@ -44,9 +55,13 @@ pub struct SchedulerConfig {
     pub set_alpha_to_one: Option<bool>,
     /// DDIM: clip the predicted clean latents to +-`clip_sample_range` (default true).
     pub clip_sample: Option<bool>,
+    /// DDIM: the bound `clip_sample` clips to (default 1).
     pub clip_sample_range: f64,
+    /// Explicit betas in place of a schedule; not supported, so refused when set.
     pub trained_betas: Option<Vec<f64>>,
+    /// Rescale the betas to zero terminal SNR; not supported, so refused when true.
     pub rescale_betas_zero_snr: bool,
+    /// Dynamic thresholding of the predicted clean latents; not supported, so refused when true.
     pub thresholding: bool,
 }
 
@@ -74,10 +89,18 @@ impl Default for SchedulerConfig {
 /// Why a schedule cannot be made.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
+    /// A sampler name that none of [`Sampler::ALL`] has.
     #[error("unknown sampler `{0}`: use ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras")]
     UnknownSampler(String),
+    /// A step count of 0, or more than the training timesteps.
     #[error("the number of steps must be at least 1 and at most {max}, got {steps}")]
-    Steps { steps: usize, max: usize },
+    Steps {
+        /// The step count asked for.
+        steps: usize,
+        /// The most steps possible: `num_train_timesteps`.
+        max: usize,
+    },
+    /// A `scheduler_config.json` setting that is not implemented, named.
     #[error("scheduler_config.json: {0} is not supported")]
     Unsupported(String),
 }
@@ -123,12 +146,15 @@ impl SchedulerConfig {
 /// The DDPM forward process the model was trained with.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainSchedule {
+    /// `beta_t`: the noise variance added at each training timestep.
     pub betas: Vec<f64>,
     /// `alpha_bar_t`: the fraction of signal variance left at timestep t.
     pub alphas_cumprod: Vec<f64>,
 }
 
 impl TrainSchedule {
+    /// The schedule of `c`: `scaled_linear` betas, or linear ones for any other
+    /// `beta_schedule` ([`Plan::new`] refuses the unsupported ones first).
     pub fn new(c: &SchedulerConfig) -> Self {
         let n = c.num_train_timesteps;
         let lin = |a: f64, b: f64, i: usize| {
@@ -198,19 +224,25 @@ impl TrainSchedule {
 /// A sampler, as users pick them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Sampler {
+    /// DDIM, deterministic (diffusers' `DDIMScheduler`).
     #[serde(rename = "ddim")]
     Ddim,
+    /// Euler on the sigma schedule (`EulerDiscreteScheduler`).
     #[serde(rename = "euler")]
     Euler,
+    /// Euler ancestral: fresh noise at every step (`EulerAncestralDiscreteScheduler`).
     #[serde(rename = "euler-a")]
     EulerAncestral,
+    /// DPM-Solver++ 2M (`DPMSolverMultistepScheduler`).
     #[serde(rename = "dpmpp-2m")]
     DpmPp2m,
+    /// DPM-Solver++ 2M with Karras et al.'s sigma spacing (`use_karras_sigmas`).
     #[serde(rename = "dpmpp-2m-karras")]
     DpmPp2mKarras,
 }
 
 impl Sampler {
+    /// Every sampler, in the order they are offered.
     pub const ALL: [Sampler; 5] = [
         Self::Ddim,
         Self::Euler,
@@ -273,7 +305,9 @@ impl FromStr for Sampler {
 /// The timesteps (and, for sigma samplers, the noise levels) of one generation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
+    /// The sampler the plan is for.
     pub sampler: Sampler,
+    /// What the UNet predicts (the config's `prediction_type`).
     pub prediction: Prediction,
     /// Timesteps handed to the UNet, one per step.
     pub timesteps: Vec<f64>,
@@ -415,10 +449,12 @@ impl Plan {
         })
     }
 
+    /// Number of sampling steps.
     pub fn len(&self) -> usize {
         self.timesteps.len()
     }
 
+    /// Whether the plan has no steps (never the case for a plan from [`Plan::new`]).
     pub fn is_empty(&self) -> bool {
         self.timesteps.is_empty()
     }

@@ -27,6 +27,7 @@ fn lambda(s: f64) -> f64 {
 }
 
 impl Scheduler {
+    /// Starts executing `plan` at its first step.
     pub fn new(plan: Plan) -> Self {
         Self {
             plan,
@@ -35,6 +36,7 @@ impl Scheduler {
         }
     }
 
+    /// The plan being executed.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

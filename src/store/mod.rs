@@ -20,18 +20,27 @@ use crate::weights::{ByteSource, WeightsError};
 /// Why storage failed.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum StoreError {
+    /// The browser offers no origin-private file system here.
     #[error(
         "this browser gives the page no private file storage ({0}). Private windows often have none: open SeFi Studio in a normal window"
     )]
     Unavailable(String),
+    /// The site's storage quota is used up.
     #[error(
         "the browser's storage for this site is full. Delete cached models or gallery images below, free disk space, or allow the site more storage"
     )]
     Full,
+    /// No file or folder at that path.
     #[error("{0} is not in storage")]
     NotFound(String),
+    /// Any other failure of the file system.
     #[error("storage failed on {path}: {reason}")]
-    Io { path: String, reason: String },
+    Io {
+        /// The file or folder.
+        path: String,
+        /// The browser's message.
+        reason: String,
+    },
 }
 
 fn error_name(e: &JsValue) -> String {
@@ -120,6 +129,7 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Appends bytes.
     pub async fn write_js(&mut self, bytes: &Uint8Array) -> Result<(), StoreError> {
         let p = self
             .stream
@@ -128,6 +138,7 @@ impl Writer {
         wait(&self.path, p).await.map(drop)
     }
 
+    /// Appends a blob's bytes (a user's file, without reading it into memory).
     pub async fn write_blob(&mut self, blob: &Blob) -> Result<(), StoreError> {
         let p = self
             .stream
@@ -136,6 +147,7 @@ impl Writer {
         wait(&self.path, p).await.map(drop)
     }
 
+    /// Commits what was written: only now does the file change.
     pub async fn close(self) -> Result<(), StoreError> {
         wait(&self.path, self.stream.close()).await.map(drop)
     }
@@ -153,6 +165,7 @@ fn split(path: &str) -> (Vec<&str>, &str) {
 }
 
 impl Store {
+    /// The origin-private file system's root.
     pub async fn open() -> Result<Self, StoreError> {
         let root = wait("/", storage()?.get_directory())
             .await
@@ -204,6 +217,7 @@ impl Store {
         }
     }
 
+    /// A whole file's bytes.
     pub async fn read(&self, path: &str) -> Result<Vec<u8>, StoreError> {
         let file = self.file(path).await?;
         read_blob(path, &file).await

@@ -18,7 +18,9 @@ use crate::weights::WeightsError;
 /// `[batch, tokens, dim]`. Ordinary prompts use the same states for both.
 #[derive(Clone, Debug)]
 pub struct Context {
+    /// Encoder states the keys are projected from, `[batch, tokens, dim]`.
     pub key: Tensor<3>,
+    /// Encoder states the values are projected from, `[batch, tokens, dim]`.
     pub value: Tensor<3>,
 }
 
@@ -51,6 +53,8 @@ pub struct AttentionCapture {
 }
 
 impl AttentionCapture {
+    /// Captures the attention to the context tokens at `positions` (token indices,
+    /// `[positions]`).
     pub fn new(positions: Tensor<1, Int>) -> Self {
         Self {
             positions,
@@ -100,6 +104,13 @@ impl Attention {
     }
 
     /// `x`: `[b, n, query_dim]`; `context`: keys/values for cross-attention (None: self).
+    ///
+    /// - `x`: `[batch, queries, query_dim]`
+    /// - `context.key`, `context.value`: `[batch, tokens, context_dim]`
+    /// - output: `[batch, queries, query_dim]`
+    ///
+    /// With `capture`, pushes `[batch, heads, queries, positions]` onto its `maps` (and, with
+    /// a reference, onto its `reference_maps`).
     pub fn forward(
         &self,
         x: Tensor<3>,
@@ -243,6 +254,10 @@ pub struct Transformer2DModel {
 }
 
 impl Transformer2DModel {
+    /// Reads the weights under `vars`: `layers` transformer blocks of `heads` heads over
+    /// `channels` channels, cross-attending to a context of width `context_dim`; the input
+    /// norm has `groups` groups, and the projections are linear if `linear_projection`, else
+    /// 1x1 convolutions.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         vars: Vars,
@@ -278,6 +293,13 @@ impl Transformer2DModel {
     }
 
     /// `[b, c, h, w]` -> same shape.
+    ///
+    /// - `x`: `[batch, channels, height, width]`
+    /// - `context.key`, `context.value`: `[batch, tokens, context_dim]`
+    /// - output: `[batch, channels, height, width]`
+    ///
+    /// With `capture`, each transformer block's cross-attention pushes
+    /// `[batch, heads, height * width, positions]` onto its `maps`.
     pub fn forward(
         &self,
         x: Tensor<4>,

@@ -71,6 +71,7 @@ struct MidBlock {
 /// The denoising UNet.
 #[derive(Clone, Debug)]
 pub struct UNet2DConditionModel {
+    /// The config the model was built from.
     pub config: UNetConfig,
     conv_in: Conv2d,
     linear_1: Linear,
@@ -83,6 +84,8 @@ pub struct UNet2DConditionModel {
 }
 
 impl UNet2DConditionModel {
+    /// Builds the UNet from the weights under `vars`, laid out as `c` describes; fails on a
+    /// block type other than the SD 1.x/2.x ones.
     pub fn new(vars: Vars, c: &UNetConfig) -> Result<Self, WeightsError> {
         let ch = &c.block_out_channels;
         let n = ch.len();
@@ -221,6 +224,11 @@ impl UNet2DConditionModel {
     /// Predicts noise (or v) for latents `sample` `[b, c, h, w]` at `timesteps` `[b]`, attending
     /// to `context`. With `capture`, every cross-attention layer adds its probabilities at the
     /// capture's token positions.
+    ///
+    /// - `sample`: `[batch, in_channels, height, width]`
+    /// - `timesteps`: `[batch]`
+    /// - `context.key`, `context.value`: `[batch, tokens, cross_attention_dim]`
+    /// - output: `[batch, out_channels, height, width]`, F32
     pub fn forward(
         &self,
         sample: Tensor<4>,

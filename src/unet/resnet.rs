@@ -70,6 +70,7 @@ pub struct Upsample2D {
 }
 
 impl Upsample2D {
+    /// Reads the 3x3 convolution `conv` under `vars`, `channels` in and out.
     pub fn new(vars: Vars, channels: usize) -> Result<Self, WeightsError> {
         Ok(Self {
             conv: Conv2d::new(vars.pp("conv"), channels, channels, 3, 1, 1)?,
@@ -78,6 +79,10 @@ impl Upsample2D {
 
     /// Doubles the size, or resizes to `size` (the UNet passes its skip connection's size so
     /// that odd sizes line up, as diffusers' `upsample_size` does).
+    ///
+    /// - `x`: `[batch, channels, height, width]`
+    /// - output: `[batch, channels, 2 * height, 2 * width]`, or
+    ///   `[batch, channels, size[0], size[1]]` with `size`
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);

@@ -208,6 +208,7 @@ pub struct Posterior {
 /// The VAE of Stable Diffusion.
 #[derive(Clone, Debug)]
 pub struct AutoencoderKL {
+    /// The config the model was built from (its `scaling_factor` scales latents for the UNet).
     pub config: VaeConfig,
     encoder: Encoder,
     decoder: Decoder,
@@ -216,6 +217,8 @@ pub struct AutoencoderKL {
 }
 
 impl AutoencoderKL {
+    /// Builds the encoder, decoder and (post-)quantisation convolutions from the weights
+    /// under `vars`, shaped by `c`.
     pub fn new(vars: Vars, c: &VaeConfig) -> Result<Self, WeightsError> {
         let l = c.latent_channels;
         Ok(Self {
@@ -229,6 +232,11 @@ impl AutoencoderKL {
 
     /// Images in [-1, 1], `[b, 3, h, w]` (F32) -> the latent posterior (F32). Multiply a latent by
     /// `config.scaling_factor` before handing it to the UNet.
+    ///
+    /// - `image`: `[batch, in_channels, height, width]`, height and width multiples of 8
+    /// - output: `mean` and `logvar`, each `[batch, latent_channels, height / 8, width / 8]`
+    ///
+    /// The factor 8 is `2^(block_out_channels.len() - 1)`: SD's VAE has four levels.
     pub fn encode(&self, image: Tensor<4>) -> Posterior {
         let image = image.cast(self.dtype());
         let moments = self
@@ -243,6 +251,9 @@ impl AutoencoderKL {
     }
 
     /// Latents (already divided by the scaling factor) -> images in about [-1, 1].
+    ///
+    /// - `latents`: `[batch, latent_channels, height, width]`
+    /// - output: `[batch, out_channels, 8 * height, 8 * width]`, F32
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let latents = latents.cast(self.dtype());
         self.decoder

@@ -71,12 +71,17 @@ impl fmt::Display for Format {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Component {
+    /// The denoising UNet (`unet/`, `model.diffusion_model.*` in a single file).
     Unet,
+    /// The CLIP text encoder (`text_encoder/`, `cond_stage_model.*` in a single file).
     TextEncoder,
+    /// The autoencoder between images and latents (`vae/`, `first_stage_model.*` in a single
+    /// file).
     Vae,
 }
 
 impl Component {
+    /// The three models, in the order their files are opened.
     pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::Vae];
 
     /// The diffusers folder, and the prefix of mapped single-file names.
@@ -128,18 +133,27 @@ impl fmt::Display for Component {
 pub enum TokenizerSource {
     /// `tokenizer/vocab.json` and `tokenizer/merges.txt` of the model.
     Files {
+        /// Path of `vocab.json`.
         vocab: String,
+        /// Path of `merges.txt`.
         merges: String,
+        /// The padding token (see [`pad_token_of`]).
         pad_token: String,
     },
     /// The same files' contents, read beforehand (the browser, where files are not paths).
     Texts {
+        /// Contents of `vocab.json`.
         vocab: String,
+        /// Contents of `merges.txt`.
         merges: String,
+        /// The padding token (see [`pad_token_of`]).
         pad_token: String,
     },
     /// The CLIP vocabulary bundled with SeFi Studio (single-file checkpoints carry none).
-    Bundled { pad_token: String },
+    Bundled {
+        /// The padding token: `<|endoftext|>` for SD 1.x, `!` for SD 2.x.
+        pad_token: String,
+    },
 }
 
 /// The padding token a tokenizer folder names in `special_tokens_map.json` or
@@ -164,6 +178,7 @@ pub struct Entry {
     file: usize,
     key: String,
     transform: Transform,
+    /// The dtype the tensor is stored in.
     pub dtype: Dtype,
     /// Shape after the transform.
     pub shape: Vec<usize>,
@@ -171,22 +186,35 @@ pub struct Entry {
 
 /// Files that make up a diffusers folder, as byte sources with their config texts.
 pub struct DiffusersParts {
+    /// The UNet weights (`unet/diffusion_pytorch_model[.fp16].safetensors`).
     pub unet: Box<dyn ByteSource>,
+    /// The text encoder weights (`text_encoder/model[.fp16].safetensors`).
     pub text_encoder: Box<dyn ByteSource>,
+    /// The VAE weights (`vae/diffusion_pytorch_model[.fp16].safetensors`).
     pub vae: Box<dyn ByteSource>,
+    /// Text of `unet/config.json`; `None` if absent (the sizes then come from the shapes).
     pub unet_config: Option<String>,
+    /// Text of `text_encoder/config.json`, if present.
     pub text_encoder_config: Option<String>,
+    /// Text of `vae/config.json`, if present.
     pub vae_config: Option<String>,
+    /// Text of `scheduler/scheduler_config.json`, if present.
     pub scheduler_config: Option<String>,
+    /// The folder's tokenizer; `None` to use the bundled vocabulary.
     pub tokenizer: Option<TokenizerSource>,
 }
 
 /// An opened checkpoint: family, config, and the index of every tensor.
 pub struct Checkpoint {
+    /// The folder path, or the single file's name, as used in messages.
     pub path: String,
+    /// Whether it is a diffusers folder or a single file.
     pub format: Format,
+    /// The model family, detected from the configs or the tensors.
     pub family: Family,
+    /// The sizes of the three models and the prediction type.
     pub config: SdConfig,
+    /// Where the tokenizer vocabulary comes from.
     pub tokenizer: TokenizerSource,
     /// The noise schedule (`scheduler/scheduler_config.json`, or the family's).
     pub scheduler: SchedulerConfig,

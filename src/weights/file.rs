@@ -13,19 +13,25 @@ const MAX_HEADER: u64 = 100 << 20;
 /// Element data of a tensor on the host, in the file's precision.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostData {
+    /// 32-bit floats.
     F32(Vec<f32>),
+    /// IEEE half-precision floats.
     F16(Vec<half::f16>),
+    /// bfloat16 values.
     BF16(Vec<half::bf16>),
 }
 
 /// A tensor read from a file, not yet on a device.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {
+    /// Dimensions, outermost first.
     pub shape: Vec<usize>,
+    /// The elements in row-major order.
     pub data: HostData,
 }
 
 impl HostTensor {
+    /// The elements converted to `f32` (a copy, whatever the stored precision).
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.data {
             HostData::F32(v) => v.clone(),
@@ -114,6 +120,7 @@ impl SafetensorsFile {
         })
     }
 
+    /// What to call the file in messages (its source's name).
     pub fn name(&self) -> &str {
         self.source.name()
     }
@@ -123,6 +130,7 @@ impl SafetensorsFile {
         self.source.len()
     }
 
+    /// True for a file of zero bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -142,6 +150,8 @@ impl SafetensorsFile {
             .collect()
     }
 
+    /// The header entry of tensor `name` (dtype, shape, byte offsets in the data section);
+    /// `None` if the file has no such tensor.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.metadata.info(name)
     }

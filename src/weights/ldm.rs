@@ -27,7 +27,12 @@ pub enum Transform {
     Copy,
     /// Chunk `index` of `count` equal chunks along the first dimension (OpenCLIP's fused q/k/v
     /// `in_proj_weight`/`in_proj_bias`).
-    Chunk { index: usize, count: usize },
+    Chunk {
+        /// Which chunk, counting from 0 (q, k, v).
+        index: usize,
+        /// How many equal chunks the tensor is split into.
+        count: usize,
+    },
     /// Trailing size-1 dimensions dropped: [C, C, 1, 1] -> [C, C] (VAE attention stored as 1x1
     /// convolutions).
     Squeeze,
@@ -84,6 +89,7 @@ pub struct Mapping {
     pub source: String,
     /// The diffusers name with its component prefix (`unet.`, `vae.`, `text_encoder.`).
     pub target: String,
+    /// How the diffusers tensor is made from the single-file one.
     pub transform: Transform,
 }
 

@@ -15,7 +15,12 @@ pub enum Adapted {
     /// Today's name, used as it is.
     Current,
     /// An older name (or shape) of a tensor the model uses: load it as `name`.
-    Renamed { name: String, transform: Transform },
+    Renamed {
+        /// Today's diffusers name.
+        name: String,
+        /// How the stored tensor becomes today's (e.g. squeezing a 1x1 convolution kernel).
+        transform: Transform,
+    },
     /// A buffer older files carry that the model recomputes; skipped, never read.
     Buffer,
 }
@@ -23,6 +28,7 @@ pub enum Adapted {
 /// One adaptation made while opening a folder (`sefi inspect` lists them).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Adaptation {
+    /// The model whose weight file holds the tensor.
     pub component: Component,
     /// The name in the file.
     pub stored: String,

@@ -14,6 +14,7 @@ pub trait ByteSource {
     fn name(&self) -> &str;
     /// Size in bytes.
     fn len(&self) -> u64;
+    /// True for a source of zero bytes.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -30,6 +31,7 @@ pub struct MemorySource {
 }
 
 impl MemorySource {
+    /// Wraps `bytes`, to be called `name` in messages.
     pub fn new(name: impl Into<String>, bytes: impl Into<Arc<[u8]>>) -> Self {
         Self {
             name: name.into(),
@@ -75,6 +77,7 @@ pub struct FileSource {
 
 #[cfg(not(target_family = "wasm"))]
 impl FileSource {
+    /// Opens the file at `path` for reading; fails with [`WeightsError::Io`].
     pub fn open(path: &std::path::Path) -> Result<Self, WeightsError> {
         let name = path.display().to_string();
         let io = |e: std::io::Error| WeightsError::Io {

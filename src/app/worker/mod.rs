@@ -13,6 +13,7 @@ pub const LOADER: &str = "./sefi-worker_loader.js";
 #[cfg(feature = "compute")]
 pub use compute::gpu_check;
 
+/// The worker: one per page, holding the GPU device and the loaded model.
 pub struct GpuWorker {
     #[cfg(feature = "compute")]
     state: std::rc::Rc<compute::State>,
