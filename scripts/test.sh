@@ -25,7 +25,7 @@ cargo test --features cuda --test device
 
 step "the GPU script, packed and run on the CPU: pack, unpack, checks, parity, benchmark"
 bench/gpu/pack.sh --dev
-PYTHON="$HOME/.cache/sefi/venv/bin/python" \
+PYTHON="${SEFI_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sefi/venv}/bin/python" \
   bench/gpu/run.sh --devices cpu,wgpu --config tiny --dtype f32 --reps 1 --out "$work/gpu"
 
 step "in-browser tests (wasm, WebGPU in headless Chromium)"

@@ -180,14 +180,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             last_step: args.save_every > 0,
             ..Due::default()
         },
-        maps: Due {
-            every: if args.save_every > 0 {
-                args.save_every
-            } else {
-                50
+        // Maps cost a forward pass each: only when asked for.
+        maps: match &args.attention_maps {
+            Some(_) => Due {
+                every: if args.save_every > 0 {
+                    args.save_every
+                } else {
+                    50
+                },
+                last_step: true,
+                ..Due::default()
             },
-            last_step: true,
-            ..Due::default()
+            None => Due::default(),
         },
         maps_before_training: false,
     };
