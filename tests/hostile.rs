@@ -1,0 +1,189 @@
+//! Hostile input: every parser of bytes a user or a website supplies, fed random and mutated
+//! data (property-based, on stable Rust). The property is always the same: a typed error or a
+//! valid result, never a panic, and no allocation a file's claims alone would cause. Each
+//! property runs a fixed number of cases (`PROPTEST_CASES`, 256 by default; more for a longer
+//! search); proptest keeps failing inputs in a regressions file beside this one, which is
+//! committed and replayed first.
+#![cfg(not(target_family = "wasm"))]
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use proptest::prelude::*;
+use sefi::app::catalog::Manifest;
+use sefi::block_on;
+use sefi::clip::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use sefi::config::{TextConfig, UNetConfig, VaeConfig, from_json};
+use sefi::identity::Identity;
+use sefi::identity::train::decode_photo;
+use sefi::weights::{MemorySource, SafetensorsFile};
+
+/// Built once: the vocabulary takes a while to read.
+static TOKENIZER: LazyLock<ClipTokenizer> =
+    LazyLock::new(|| ClipTokenizer::openai("<|endoftext|>"));
+
+fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap()
+}
+
+/// `bytes` with some positions overwritten, some cut off, or some inserted: the damage real
+/// files suffer (a truncated download, a flipped byte, a tool that appended something).
+fn mutated(original: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+    let len = original.len();
+    (
+        prop::collection::vec((0..len.max(1), any::<u8>()), 0..16),
+        prop::option::of(0..len + 1),
+        prop::collection::vec(any::<u8>(), 0..8),
+    )
+        .prop_map(move |(writes, cut, tail)| {
+            let mut b = original.clone();
+            for (at, v) in writes {
+                if at < b.len() {
+                    b[at] = v;
+                }
+            }
+            if let Some(cut) = cut {
+                b.truncate(cut);
+            }
+            b.extend(tail);
+            b
+        })
+}
+
+/// A safetensors file: every tensor of it, read in full.
+fn read_safetensors(bytes: Vec<u8>) {
+    let Ok(file) = block_on(SafetensorsFile::open(Box::new(MemorySource::new(
+        "hostile.safetensors",
+        bytes,
+    )))) else {
+        return;
+    };
+    for (name, _, _) in file.tensors() {
+        let _ = block_on(file.read(&name));
+    }
+}
+
+/// A safetensors header of `n` bytes claimed, then `body`.
+fn with_header(n: u64, body: &[u8]) -> Vec<u8> {
+    let mut b = n.to_le_bytes().to_vec();
+    b.extend_from_slice(body);
+    b
+}
+
+proptest! {
+    #[test]
+    fn safetensors_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        read_safetensors(bytes);
+    }
+
+    /// Headers that claim any size, up to gigabytes, over a short body: refused before
+    /// anything that size is allocated.
+    #[test]
+    fn safetensors_header_claims(n in any::<u64>(), body in prop::collection::vec(any::<u8>(), 0..64)) {
+        read_safetensors(with_header(n, &body));
+    }
+
+    /// JSON headers with hostile offsets, shapes and dtypes.
+    #[test]
+    fn safetensors_hostile_tensor_entries(
+        dtype in prop::sample::select(vec!["F32", "F16", "BF16", "I64", "U8", "F64", "X"]),
+        shape in prop::collection::vec(any::<u32>(), 0..5),
+        start in any::<u32>(),
+        end in any::<u32>(),
+        data in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let header = format!(
+            r#"{{"t":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{start},{end}]}}}}"#
+        );
+        let mut bytes = with_header(header.len() as u64, header.as_bytes());
+        bytes.extend(data);
+        read_safetensors(bytes);
+    }
+
+    #[test]
+    fn safetensors_damaged_identity_file(bytes in mutated(fixture("sefi/tiny-sd1.safetensors"))) {
+        read_safetensors(bytes);
+    }
+
+    /// Identity files and their metadata: damaged copies of a real one.
+    #[test]
+    fn identity_files(bytes in mutated(fixture("sefi/tiny-sd1.safetensors"))) {
+        if let Ok(id) = block_on(Identity::from_bytes("hostile.safetensors", bytes)) {
+            // What loads is consistent: the vectors have the shape the metadata states.
+            prop_assert_eq!(id.key.len(), id.stages * id.dim);
+            prop_assert_eq!(id.value.len(), id.stages * id.dim);
+        }
+    }
+
+    /// diffusers config.json readers: damaged copies of real configs and arbitrary text.
+    #[test]
+    fn config_files(
+        unet in mutated(fixture("sd/tiny-sd1/unet/config.json")),
+        vae in mutated(fixture("sd/tiny-sd1/vae/config.json")),
+        text in mutated(fixture("sd/tiny-sd1/text_encoder/config.json")),
+        any_text in ".*",
+    ) {
+        let s = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+        let _ = from_json::<UNetConfig>("unet/config.json", &s(unet));
+        let _ = from_json::<VaeConfig>("vae/config.json", &s(vae));
+        let _ = from_json::<TextConfig>("text_encoder/config.json", &s(text));
+        let _ = from_json::<UNetConfig>("unet/config.json", &any_text);
+    }
+
+    /// Stored model manifests (the page reads them back from the browser's storage).
+    #[test]
+    fn stored_manifests(text in ".*") {
+        let _ = serde_json::from_str::<Manifest>(&text);
+    }
+
+    /// Photos: damaged copies of a real PNG, and random bytes.
+    #[test]
+    fn photos(
+        png in mutated(fixture("photos/astronaut.png")),
+        random in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        for bytes in [png, random] {
+            if let Ok(image) = decode_photo(&bytes) {
+                prop_assert_eq!(image.data.len(), image.width * image.height * 3);
+            }
+        }
+    }
+
+    /// The tokenizer on arbitrary Unicode: always 77 ids from the vocabulary, ending where
+    /// it says.
+    #[test]
+    fn tokenizer_on_any_text(text in ".*") {
+        let tok = &*TOKENIZER;
+        let t = tok.tokenize(&text);
+        prop_assert_eq!(t.ids.len(), CONTEXT_LENGTH);
+        prop_assert!(t.ids.iter().all(|&id| (id as usize) < tok.vocab_size()));
+    }
+}
+
+/// A PNG whose header claims 100000 x 100000 pixels (30 GB of RGB) over a few bytes: refused
+/// without allocating it.
+#[test]
+fn a_photo_claiming_huge_dimensions_is_refused() {
+    let mut png = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png, 1, 1);
+        enc.set_color(png::ColorType::Rgb);
+        enc.write_header()
+            .unwrap()
+            .write_image_data(&[1, 2, 3])
+            .unwrap();
+    }
+    // IHDR's width and height follow the 8-byte signature and the chunk's length and type.
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let mut crc = flate2::Crc::new();
+    crc.update(&png[12..29]);
+    png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
+    let err = decode_photo(&png).expect_err("a 30 GB photo");
+    assert!(!err.is_empty());
+}
