@@ -42,13 +42,14 @@ python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:
   --platform manylinux_2_17_x86_64 --platform any -d .gpu/wheels "${WHEELS[@]}"
 
 say "Debian's Vulkan loader: ${GL[*]}"
-lists=$(mktemp -d)
-apt=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$lists"
-  -oAPT::Sandbox::User=root)
-mkdir -p "$lists/partial"
+apt_tmp=$(mktemp -d)
+# Lists and caches in a temporary folder: nothing of the system's apt changes, and no root needed.
+apt=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 "-oDir::State::Lists=$apt_tmp/lists"
+  "-oDir::Cache=$apt_tmp/cache" -oAPT::Sandbox::User=root)
+mkdir -p "$apt_tmp/lists/partial" "$apt_tmp/cache/archives/partial"
 apt-get "${apt[@]}" update -qq
 (cd .gpu/gl && apt-get "${apt[@]}" download -qq "${GL[@]}")
-rm -rf "$lists"
+rm -rf "$apt_tmp"
 
 # What the device tool sends: tracked and untracked-but-not-ignored files (links as links).
 tree=$(git ls-files -z --cached --others --exclude-standard |
