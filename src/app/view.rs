@@ -269,13 +269,11 @@ impl TrainView {
         self.error = Some(error);
     }
 
-    /// The worker died. Only a run in progress fails; returns whether one did.
-    pub fn crashed(&mut self, error: UiError) -> bool {
-        let was_running = self.is_running();
-        if was_running {
+    /// The worker died: a run in progress fails.
+    pub fn crashed(&mut self, error: UiError) {
+        if self.is_running() {
             self.failed(error);
         }
-        was_running
     }
 
     /// An unfinished run found in storage, offered when nothing runs.
@@ -469,7 +467,7 @@ mod tests {
             step: 2,
         };
         let mut t = TrainView::default();
-        assert!(!t.crashed(UiError::new(ErrorKind::DeviceLost, "lost")));
+        t.crashed(UiError::new(ErrorKind::DeviceLost, "lost"));
         assert_eq!((t.phase, t.error.is_none()), (Phase::Idle, true));
         t.offer_unfinished(record.clone());
         assert!(t.offer.is_some());
@@ -478,8 +476,9 @@ mod tests {
         t.start(&config, 0, None);
         t.offer_unfinished(record);
         assert!(t.offer.is_none(), "no offer while running");
-        assert!(t.crashed(UiError::new(ErrorKind::DeviceLost, "lost")));
+        t.crashed(UiError::new(ErrorKind::DeviceLost, "lost"));
         assert_eq!(t.phase, Phase::Failed);
+        assert_eq!(t.error.unwrap().kind, ErrorKind::DeviceLost);
     }
 
     #[test]

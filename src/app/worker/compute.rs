@@ -150,14 +150,6 @@ fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {
     state.model.borrow().clone().ok_or(WorkerError::NoModel)
 }
 
-fn train_error(e: TrainError) -> WorkerError {
-    WorkerError::Other(e.to_string())
-}
-
-fn identity_error(e: IdentityError) -> WorkerError {
-    WorkerError::BadIdentity(e.to_string())
-}
-
 /// Grey level -> a warm heat colour whose opacity grows with the attention.
 fn heat(v: u8) -> [u8; 4] {
     let t = f32::from(v) / 255.0;
@@ -198,13 +190,13 @@ fn heat_maps(maps: &RgbImage) -> Result<[ByteBuf; 2], WorkerError> {
 
 impl From<TrainError> for WorkerError {
     fn from(e: TrainError) -> Self {
-        train_error(e)
+        WorkerError::Other(e.to_string())
     }
 }
 
 impl From<IdentityError> for WorkerError {
     fn from(e: IdentityError) -> Self {
-        identity_error(e)
+        WorkerError::BadIdentity(e.to_string())
     }
 }
 
@@ -306,16 +298,14 @@ async fn generate(
     let mut warnings = Vec::new();
     let mut identities = Vec::new();
     for bytes in job.identities {
-        let id = Identity::from_bytes("identity", bytes.into_vec())
-            .await
-            .map_err(identity_error)?;
+        let id = Identity::from_bytes("identity", bytes.into_vec()).await?;
         match id.check_model(loaded.sd.family, &loaded.fingerprint) {
             Ok(()) => {}
             Err(e @ IdentityError::OtherModel { .. }) => warnings.push(e.to_string()),
             Err(e) => {
                 // Only an identity the prompt uses must fit the model.
                 if req.prompt.contains(&format!("<{}>", id.token)) {
-                    return Err(identity_error(e));
+                    return Err(e.into());
                 }
                 continue;
             }

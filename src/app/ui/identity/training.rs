@@ -40,9 +40,7 @@ async fn write_record(s: &Store, r: &RunRecord) -> Result<(), UiError> {
 }
 
 pub fn on_crash(ctx: Ctx, error: UiError) {
-    ctx.train.update(|t| {
-        t.crashed(error);
-    });
+    ctx.train.update(|t| t.crashed(error));
     spawn_local(look_for_unfinished_run(ctx));
 }
 
