@@ -24,7 +24,7 @@ impl PerBlock {
     }
 }
 
-/// `UNet2DConditionModel`'s config (the fields SD 1.x and 2.x use; SDXL adds more).
+/// `UNet2DConditionModel`'s config (the fields SD 1.x, 2.x and XL use).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UNetConfig {
@@ -70,9 +70,15 @@ pub struct UNetConfig {
     /// Subtracted from half the feature width in the timestep frequencies' denominator
     /// (diffusers' `downscale_freq_shift`; 0 for SD).
     pub freq_shift: usize,
-    /// Extra conditioning added to the timestep embedding (SDXL's `text_time`); models that
-    /// set it are refused.
+    /// Extra conditioning added to the timestep embedding: `None`, or SDXL's `text_time`
+    /// (the pooled text embedding and the micro-conditioning time ids, see
+    /// [`crate::unet::AddedCond`]).
     pub addition_embed_type: Option<String>,
+    /// Width of the sinusoidal features of each of the six SDXL time ids (256).
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding`: the pooled text embedding plus six time-id features
+    /// (2816 = 1280 + 6 x 256 for SDXL base).
+    pub projection_class_embeddings_input_dim: Option<usize>,
 }
 
 impl Default for UNetConfig {
@@ -117,7 +123,41 @@ impl UNetConfig {
             flip_sin_to_cos: true,
             freq_shift: 0,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
         }
+    }
+
+    /// SDXL base 1.0 (1024 px): three levels, the first without attention, 1, 2 and 10
+    /// transformer layers per level, 2048-wide context, added text/time conditioning.
+    pub fn sdxl_base() -> Self {
+        Self {
+            sample_size: 128,
+            down_block_types: [
+                "DownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            block_out_channels: vec![320, 640, 1280],
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            cross_attention_dim: 2048,
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2, 10]),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Self::v1_5()
+        }
+    }
+
+    /// Whether the model takes SDXL's added text/time conditioning.
+    pub fn text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// SD 2.1 (768 px, v-prediction).
@@ -221,6 +261,19 @@ impl TextConfig {
             ..Self::v1_5()
         }
     }
+
+    /// OpenCLIP ViT-bigG/14's text model with its projection (SDXL's `text_encoder_2`).
+    pub fn sdxl_g() -> Self {
+        Self {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: "gelu".into(),
+            projection_dim: 1280,
+            ..Self::v1_5()
+        }
+    }
 }
 
 /// `AutoencoderKL`'s config.
@@ -243,8 +296,11 @@ pub struct VaeConfig {
     /// Image height and width, in pixels, the VAE was trained at.
     pub sample_size: usize,
     /// Factor that brings the VAE's latents to about unit variance for the UNet (0.18215
-    /// for SD 1.x and 2.x).
+    /// for SD 1.x and 2.x, 0.13025 for SDXL).
     pub scaling_factor: f64,
+    /// The VAE overflows in f16 and must run in f32 (SDXL's stock VAE; diffusers' default).
+    /// The SDXL pipeline honours it, as diffusers' does; the SD 1.x/2.x pipelines never needed to.
+    pub force_upcast: bool,
 }
 
 impl Default for VaeConfig {
@@ -265,6 +321,16 @@ impl VaeConfig {
             norm_num_groups: 32,
             sample_size: 512,
             scaling_factor: 0.18215,
+            force_upcast: true,
+        }
+    }
+
+    /// The VAE of SDXL: SD's architecture with another latent scale.
+    pub fn sdxl() -> Self {
+        Self {
+            sample_size: 1024,
+            scaling_factor: 0.13025,
+            ..Self::v1_5()
         }
     }
 
@@ -287,17 +353,24 @@ pub enum Prediction {
     VPrediction,
 }
 
-/// The three models of a Stable Diffusion checkpoint.
+/// The models of a Stable Diffusion checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SdConfig {
     /// The denoising UNet's config.
     pub unet: UNetConfig,
     /// The CLIP text encoder's config.
     pub text_encoder: TextConfig,
+    /// SDXL's second text encoder (OpenCLIP bigG with its projection); `None` for SD 1.x/2.x.
+    #[serde(default)]
+    pub text_encoder_2: Option<TextConfig>,
     /// The autoencoder's config.
     pub vae: VaeConfig,
     /// What the UNet predicts.
     pub prediction: Prediction,
+    /// SDXL: an empty negative prompt conditions on zeros rather than on the encoded empty
+    /// text (`model_index.json`'s `force_zeros_for_empty_prompt`, true for SDXL base).
+    #[serde(default)]
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl SdConfig {
@@ -308,6 +381,8 @@ impl SdConfig {
             text_encoder: TextConfig::v1_5(),
             vae: VaeConfig::v1_5(),
             prediction: Prediction::Epsilon,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
         }
     }
 
@@ -318,6 +393,8 @@ impl SdConfig {
             text_encoder: TextConfig::v2_1(),
             vae: VaeConfig::v2_1(),
             prediction: Prediction::VPrediction,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
         }
     }
 
@@ -328,6 +405,20 @@ impl SdConfig {
             text_encoder: TextConfig::v2_1(),
             vae: VaeConfig::v1_5(),
             prediction: Prediction::Epsilon,
+            text_encoder_2: None,
+            force_zeros_for_empty_prompt: false,
+        }
+    }
+
+    /// SDXL base 1.0 (1024 px, epsilon prediction).
+    pub fn sdxl_base() -> Self {
+        Self {
+            unet: UNetConfig::sdxl_base(),
+            text_encoder: TextConfig::v1_5(),
+            text_encoder_2: Some(TextConfig::sdxl_g()),
+            vae: VaeConfig::sdxl(),
+            prediction: Prediction::Epsilon,
+            force_zeros_for_empty_prompt: true,
         }
     }
 
@@ -356,7 +447,9 @@ impl SdConfig {
                 sample_size: 32,
                 ..VaeConfig::v1_5()
             },
+            text_encoder_2: None,
             prediction: Prediction::Epsilon,
+            force_zeros_for_empty_prompt: false,
         }
     }
 
@@ -375,8 +468,44 @@ impl SdConfig {
                 hidden_act: "gelu".into(),
                 ..sd1.text_encoder
             },
+            text_encoder_2: None,
             vae: sd1.vae,
             prediction: Prediction::VPrediction,
+            force_zeros_for_empty_prompt: false,
+        }
+    }
+
+    /// Tiny SDXL-shaped models for tests (the model of `tests/fixtures/sd/tiny-sdxl/`).
+    pub fn tiny_sdxl() -> Self {
+        let sd1 = Self::tiny_sd1();
+        Self {
+            unet: UNetConfig {
+                sample_size: 8,
+                block_out_channels: vec![32, 64, 64],
+                attention_head_dim: PerBlock::Each(vec![1, 2, 4]),
+                transformer_layers_per_block: PerBlock::Each(vec![1, 2, 3]),
+                cross_attention_dim: 48,
+                norm_num_groups: 16,
+                addition_time_embed_dim: Some(8),
+                projection_class_embeddings_input_dim: Some(80),
+                ..UNetConfig::sdxl_base()
+            },
+            text_encoder: sd1.text_encoder,
+            text_encoder_2: Some(TextConfig {
+                hidden_size: 32,
+                intermediate_size: 64,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                hidden_act: "gelu".into(),
+                projection_dim: 32,
+                ..TextConfig::v1_5()
+            }),
+            vae: VaeConfig {
+                scaling_factor: 0.13025,
+                ..sd1.vae
+            },
+            prediction: Prediction::Epsilon,
+            force_zeros_for_empty_prompt: true,
         }
     }
 }

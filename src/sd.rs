@@ -1,4 +1,5 @@
-//! A whole Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE.
+//! A whole Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE (and for
+//! SDXL a second tokenizer and text encoder).
 
 use burn::tensor::{DType, Device};
 
@@ -20,14 +21,19 @@ pub struct StableDiffusion {
     pub tokenizer: ClipTokenizer,
     /// The CLIP text encoder the UNet is conditioned on.
     pub text_encoder: ClipTextModel,
+    /// SDXL's second tokenizer: the same vocabulary, padded with `!`.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// SDXL's second text encoder (OpenCLIP bigG with its projection).
+    pub text_encoder_2: Option<ClipTextModel>,
     /// The denoising UNet, working on latents.
     pub unet: UNet2DConditionModel,
     /// The autoencoder between images and latents.
     pub vae: AutoencoderKL,
 }
 
-/// Parameter counts of the three models of a config, computed without allocating weights.
-pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 3], WeightsError> {
+/// Parameter counts of the UNet, the text encoder and the VAE of a config, and of SDXL's second
+/// text encoder (0 without one), computed without allocating weights.
+pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 4], WeightsError> {
     let count = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
         let store = VarStore::shapes(device, component);
         build(store.root()).map(|()| store.param_count())
@@ -42,6 +48,12 @@ pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 3], Weig
         count(Component::Vae, &|v| {
             AutoencoderKL::new(v, &config.vae).map(drop)
         })?,
+        match &config.text_encoder_2 {
+            Some(c) => count(Component::TextEncoder2, &|v| {
+                ClipTextModel::with_projection(v, c).map(drop)
+            })?,
+            None => 0,
+        },
     ])
 }
 
@@ -61,7 +73,21 @@ pub fn validate(checkpoint: &Checkpoint, device: &Device) -> Result<(), WeightsE
     check(Component::TextEncoder, &|v| {
         ClipTextModel::new(v, &c.text_encoder).map(drop)
     })?;
-    check(Component::Vae, &|v| AutoencoderKL::new(v, &c.vae).map(drop))
+    check(Component::Vae, &|v| AutoencoderKL::new(v, &c.vae).map(drop))?;
+    check(Component::TextEncoder2, &|v| match &c.text_encoder_2 {
+        Some(t) => ClipTextModel::with_projection(v, t).map(drop),
+        None => Ok(()),
+    })
+}
+
+/// SDXL's second tokenizer (the bundled vocabulary padded with `!` when the checkpoint names
+/// none); `None` for SD 1.x/2.x.
+fn tokenizer_2(checkpoint: &Checkpoint) -> Result<Option<ClipTokenizer>, WeightsError> {
+    match (&checkpoint.config.text_encoder_2, &checkpoint.tokenizer_2) {
+        (None, _) => Ok(None),
+        (Some(_), Some(source)) => tokenizer(source).map(Some),
+        (Some(_), None) => Ok(Some(ClipTokenizer::openai("!"))),
+    }
 }
 
 /// The tokenizer a checkpoint names: its own files, or the bundled vocabulary.
@@ -108,27 +134,38 @@ impl StableDiffusion {
         dtype: DType,
     ) -> Result<Self, WeightsError> {
         let store = |c| VarStore::random(device, c, dtype);
-        let (u, t, v) = (
+        let (u, t, v, t2) = (
             store(Component::Unet),
             store(Component::TextEncoder),
             store(Component::Vae),
+            store(Component::TextEncoder2),
         );
         Ok(Self {
             family,
             config: config.clone(),
-            tokenizer: ClipTokenizer::openai(if family == Family::Sd1 {
+            tokenizer: ClipTokenizer::openai(if matches!(family, Family::Sd1 | Family::Sdxl) {
                 "<|endoftext|>"
             } else {
                 "!"
             }),
             text_encoder: ClipTextModel::new(t.root(), &config.text_encoder)?,
+            tokenizer_2: config
+                .text_encoder_2
+                .as_ref()
+                .map(|_| ClipTokenizer::openai("!")),
+            text_encoder_2: config
+                .text_encoder_2
+                .as_ref()
+                .map(|c| ClipTextModel::with_projection(t2.root(), c))
+                .transpose()?,
             unet: UNet2DConditionModel::new(u.root(), &config.unet)?,
             vae: AutoencoderKL::new(v.root(), &config.vae)?,
         })
     }
 
-    /// Streams the three models onto `device`, weights in `dtype` (F32, or F16/BF16 where the
-    /// device supports them).
+    /// Streams the models onto `device`, weights in `dtype` (F32, or F16/BF16 where the device
+    /// supports them). A VAE whose config asks for `force_upcast` (SDXL's, which overflows in
+    /// f16) is loaded in F32 for SDXL, as diffusers' SDXL pipeline decodes it.
     pub async fn load(
         checkpoint: &Checkpoint,
         device: &Device,
@@ -154,11 +191,30 @@ impl StableDiffusion {
             progress,
         )
         .await?;
+        let text_encoder_2 = match &c.text_encoder_2 {
+            Some(t) => Some(
+                nn::load(
+                    checkpoint,
+                    Component::TextEncoder2,
+                    device,
+                    dtype,
+                    |v| ClipTextModel::with_projection(v, t),
+                    progress,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let vae_dtype = if checkpoint.family == Family::Sdxl && c.vae.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
         let vae = nn::load(
             checkpoint,
             Component::Vae,
             device,
-            dtype,
+            vae_dtype,
             |v| AutoencoderKL::new(v, &c.vae),
             progress,
         )
@@ -168,6 +224,8 @@ impl StableDiffusion {
             config: c.clone(),
             tokenizer: tokenizer(&checkpoint.tokenizer)?,
             text_encoder,
+            tokenizer_2: tokenizer_2(checkpoint)?,
+            text_encoder_2,
             unet,
             vae,
         })

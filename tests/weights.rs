@@ -36,10 +36,11 @@ fn full_size_configs_have_the_real_parameter_counts() {
         ("sd21", SdConfig::v2_1()),
         ("sd21-base", SdConfig::v2_1_base()),
     ] {
-        let expected: Vec<u64> = ["unet", "text_encoder", "vae"]
+        let mut expected: Vec<u64> = ["unet", "text_encoder", "vae"]
             .iter()
             .map(|c| counts[key][c].as_u64().unwrap())
             .collect();
+        expected.push(0); // no second text encoder
         assert_eq!(
             param_counts(&config, &device).unwrap().to_vec(),
             expected,
@@ -49,7 +50,7 @@ fn full_size_configs_have_the_real_parameter_counts() {
     // The numbers diffusers reports for SD 1.5.
     assert_eq!(
         param_counts(&SdConfig::v1_5(), &device).unwrap(),
-        [859_520_964, 123_060_480, 83_653_863]
+        [859_520_964, 123_060_480, 83_653_863, 0]
     );
 }
 
@@ -183,17 +184,21 @@ fn tiny_sd1_with_vae(vae: Vec<u8>) -> Result<Checkpoint, WeightsError> {
         |p: &str| -> Box<dyn ByteSource> { Box::new(FileSource::open(&dir.join(p)).unwrap()) };
     let text = |p: &str| Some(std::fs::read_to_string(dir.join(p)).unwrap());
     let parts = DiffusersParts {
-        unet: file("unet/diffusion_pytorch_model.safetensors"),
-        text_encoder: file("text_encoder/model.safetensors"),
-        vae: Box::new(MemorySource::new(
+        unet: vec![file("unet/diffusion_pytorch_model.safetensors")],
+        text_encoder: vec![file("text_encoder/model.safetensors")],
+        vae: vec![Box::new(MemorySource::new(
             "vae/diffusion_pytorch_model.safetensors",
             vae,
-        )),
+        ))],
+        text_encoder_2: Vec::new(),
         unet_config: text("unet/config.json"),
         text_encoder_config: text("text_encoder/config.json"),
+        text_encoder_2_config: None,
+        model_index: text("model_index.json"),
         vae_config: text("vae/config.json"),
         scheduler_config: text("scheduler/scheduler_config.json"),
         tokenizer: None,
+        tokenizer_2: None,
     };
     block_on(Checkpoint::diffusers("tiny-sd1", parts))
 }
@@ -490,7 +495,8 @@ fn inspect_tells_each_fixture() {
         assert_eq!(r["tokenizer"]["kind"], tokenizer, "{args:?}");
         assert_eq!(r["layout"], "ok", "{args:?}");
         let got = ["unet", "text_encoder", "vae"].map(|c| r["params"][c].as_u64().unwrap());
-        assert_eq!(got, params, "{args:?}");
+        assert_eq!(got[..], params[..3], "{args:?}");
+        assert!(r["params"].get("text_encoder_2").is_none(), "{args:?}");
     }
     // The published layouts say what was adapted.
     let (r, _) = inspect(&[&dir("tiny-sd1-2022")]);

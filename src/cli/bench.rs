@@ -18,7 +18,7 @@ use crate::nn::read_f32;
 use crate::pipeline::{self, Flow, GenerateRequest, GivenNoise, RgbImage};
 use crate::schedule::{Sampler, SchedulerConfig};
 use crate::sd::StableDiffusion;
-use crate::unet::Context;
+use crate::unet::{AddedCond, Context};
 use crate::weights::Family;
 
 /// The pieces of work, in the order they run.
@@ -84,6 +84,8 @@ fn config_dir(name: &str) -> PathBuf {
     match name {
         "tiny" => "tests/fixtures/sd/tiny-sd1".into(),
         "sd15" => "tests/fixtures/sd/configs/sd15".into(),
+        "tiny-sdxl" => "tests/fixtures/sd/tiny-sdxl".into(),
+        "sdxl" => "tests/fixtures/sd/configs/sdxl".into(),
         "mid" => "bench/configs/mid".into(),
         dir => dir.into(),
     }
@@ -99,11 +101,20 @@ fn read_config(dir: &Path) -> Result<SdConfig, Box<dyn std::error::Error>> {
             )
         })
     };
+    let text_encoder_2 = dir
+        .join("text_encoder_2")
+        .is_dir()
+        .then(|| read("text_encoder_2"))
+        .transpose()?
+        .map(|t| from_json::<TextConfig>("text_encoder_2/config.json", &t))
+        .transpose()?;
     Ok(SdConfig {
         unet: from_json::<UNetConfig>("unet/config.json", &read("unet")?)?,
         text_encoder: from_json::<TextConfig>("text_encoder/config.json", &read("text_encoder")?)?,
+        force_zeros_for_empty_prompt: text_encoder_2.is_some(),
+        text_encoder_2,
         vae: from_json::<VaeConfig>("vae/config.json", &read("vae")?)?,
-        // The measured work is the same for both; the SD 1.x configurations predict noise.
+        // The measured work is the same for both; the configurations benchmarked predict noise.
         prediction: Prediction::Epsilon,
     })
 }
@@ -241,15 +252,21 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let latent = res / 8;
     let scheduler = SchedulerConfig::for_prediction(config.prediction);
 
+    let family = if config.text_encoder_2.is_some() {
+        Family::Sdxl
+    } else {
+        Family::Sd1
+    };
     if ["text", "unet", "vae", "generate"].iter().any(|w| wants(w)) {
         let device: &Device = &dev.device;
-        let sd = StableDiffusion::random(&config, Family::Sd1, device, precision.dtype())?;
+        let sd = StableDiffusion::random(&config, family, device, precision.dtype())?;
         if wants("text") {
-            let mut ids = sd.tokenizer.tokenize("a photo of the face of person").ids;
-            ids.extend(sd.tokenizer.tokenize("").ids);
-            let ids = crate::clip::ids_tensor(&ids, 2, device);
+            let windows = [
+                sd.tokenizer.tokenize("a photo of the face of person").ids,
+                sd.tokenizer.tokenize("").ids,
+            ];
             let t = time(warmup, reps, || {
-                sync(sd.text_encoder.forward(ids.clone()).last_hidden_state)
+                sync(pipeline::encode_windows(&sd, &windows, device).states)
             })?;
             record("text_encoder_forward", 2, t);
         }
@@ -264,7 +281,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 [2, 77, c.cross_attention_dim],
                 Distribution::Normal(0.0, 1.0),
                 device,
-            ));
+            ))
+            .with_added(config.text_encoder_2.as_ref().map(|t2| AddedCond {
+                text_embeds: Tensor::<2>::random(
+                    [2, t2.projection_dim],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ),
+                time_ids: Tensor::<2>::from_floats(
+                    [[res as f32, res as f32, 0.0, 0.0, res as f32, res as f32]; 2],
+                    device,
+                ),
+            }));
             let t500 = Tensor::<1>::from_floats([500.0, 500.0], device);
             let t = time(warmup, reps, || {
                 sync(
@@ -320,7 +348,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         } else {
             device
         };
-        let sd = StableDiffusion::random(&config, Family::Sd1, &device, precision.dtype())?;
+        let sd = StableDiffusion::random(&config, family, &device, precision.dtype())?;
         let mut tc = TrainConfig::new("alice", "person", res);
         tc.steps = warmup + reps;
         let trainer = crate::block_on(Trainer::new(

@@ -32,6 +32,9 @@ struct Params {
     unet: u64,
     text_encoder: u64,
     vae: u64,
+    /// SDXL's second text encoder; absent for SD 1.x/2.x.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text_encoder_2: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +46,9 @@ struct Report<'a> {
     params: Params,
     prediction: crate::config::Prediction,
     tokenizer: &'a TokenizerSource,
+    /// SDXL's second tokenizer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokenizer_2: Option<&'a TokenizerSource>,
     /// "ok", or why the tensors do not fit the models of the config.
     layout: String,
     /// Tensors stored under older names, and skipped buffers, of files written by older
@@ -67,9 +73,15 @@ pub fn run(args: InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             unet: ckpt.params(Component::Unet),
             text_encoder: ckpt.params(Component::TextEncoder),
             vae: ckpt.params(Component::Vae),
+            text_encoder_2: ckpt
+                .config
+                .text_encoder_2
+                .is_some()
+                .then(|| ckpt.params(Component::TextEncoder2)),
         },
         prediction: ckpt.config.prediction,
         tokenizer: &ckpt.tokenizer,
+        tokenizer_2: ckpt.tokenizer_2.as_ref(),
         layout: match &layout {
             Ok(()) => "ok".into(),
             Err(e) => e.to_string(),
@@ -101,6 +113,7 @@ fn print_text(r: &Report) {
         Family::Sd1 => "Stable Diffusion 1.x",
         Family::Sd2 => "Stable Diffusion 2.x, epsilon prediction",
         Family::Sd2V => "Stable Diffusion 2.x, v-prediction",
+        Family::Sdxl => "Stable Diffusion XL",
     };
     let format = match r.format {
         Format::Diffusers => "diffusers folder",
@@ -115,16 +128,25 @@ fn print_text(r: &Report) {
         "text encoder  {:>15} parameters",
         thousands(r.params.text_encoder)
     );
+    if let Some(n) = r.params.text_encoder_2 {
+        println!("text encoder 2{:>15} parameters", thousands(n));
+    }
     println!("vae           {:>15} parameters", thousands(r.params.vae));
-    match r.tokenizer {
-        TokenizerSource::Files {
-            vocab, pad_token, ..
-        } => println!("tokenizer     {vocab} (pad {pad_token:?})"),
-        TokenizerSource::Texts { pad_token, .. } => {
-            println!("tokenizer     the model's own (pad {pad_token:?})")
-        }
-        TokenizerSource::Bundled { pad_token } => {
-            println!("tokenizer     bundled CLIP vocabulary (pad {pad_token:?})")
+    for (label, t) in [
+        ("tokenizer   ", Some(r.tokenizer)),
+        ("tokenizer 2 ", r.tokenizer_2),
+    ] {
+        match t {
+            Some(TokenizerSource::Files {
+                vocab, pad_token, ..
+            }) => println!("{label}  {vocab} (pad {pad_token:?})"),
+            Some(TokenizerSource::Texts { pad_token, .. }) => {
+                println!("{label}  the model's own (pad {pad_token:?})")
+            }
+            Some(TokenizerSource::Bundled { pad_token }) => {
+                println!("{label}  bundled CLIP vocabulary (pad {pad_token:?})")
+            }
+            None => {}
         }
     }
     let renamed: Vec<_> = r.adapted.iter().filter(|a| a.loaded_as.is_some()).collect();

@@ -1,6 +1,7 @@
 //! CLIP's text transformer (transformers' `CLIPTextModel`): OpenAI CLIP ViT-L/14 for SD 1.x
-//! (quick-gelu) and OpenCLIP ViT-H/14 for SD 2.x (gelu). It takes token ids, or token
-//! embeddings so that learned identity vectors can be spliced in at placeholder positions.
+//! (quick-gelu), OpenCLIP ViT-H/14 for SD 2.x (gelu), and for SDXL both ViT-L/14 and OpenCLIP
+//! ViT-bigG/14 with its text projection (`CLIPTextModelWithProjection`). It takes token ids, or
+//! token embeddings so that learned identity vectors can be spliced in at placeholder positions.
 
 use burn::tensor::{
     DType, Device, Int, Tensor, TensorData, module::attention, ops::AttentionModuleOptions,
@@ -30,6 +31,9 @@ pub struct TextOutput {
     pub penultimate: Tensor<3>,
     /// `last_hidden_state` at each sequence's end token, `[batch, hidden]`.
     pub pooled: Tensor<2>,
+    /// `pooled` through the text projection, `[batch, projection_dim]`: SDXL's pooled
+    /// conditioning (`text_embeds`). `None` for models without a projection.
+    pub text_embeds: Option<Tensor<2>>,
 }
 
 #[derive(Clone, Debug)]
@@ -107,13 +111,15 @@ impl EncoderLayer {
     }
 }
 
-/// `CLIPTextModel` (its `text_model.` part).
+/// `CLIPTextModel` (its `text_model.` part), or `CLIPTextModelWithProjection` (that and
+/// `text_projection`).
 #[derive(Clone, Debug)]
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Tensor<2>,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
@@ -135,6 +141,22 @@ impl ClipTextModel {
                 .map(|i| EncoderLayer::new(vars.pp("encoder").pp("layers").pp(i), c, act))
                 .collect::<Result<_, _>>()?,
             final_layer_norm: LayerNorm::new(vars.pp("final_layer_norm"), d, c.layer_norm_eps)?,
+            text_projection: None,
+        })
+    }
+
+    /// `CLIPTextModelWithProjection`: the weights under `text_model.` and the bias-free
+    /// `text_projection` (SDXL's second text encoder).
+    pub fn with_projection(vars: Vars, c: &TextConfig) -> Result<Self, WeightsError> {
+        let projection = Linear::new(
+            vars.pp("text_projection"),
+            c.hidden_size,
+            c.projection_dim,
+            false,
+        )?;
+        Ok(Self {
+            text_projection: Some(projection),
+            ..Self::new(vars, c)?
         })
     }
 
@@ -171,7 +193,7 @@ impl ClipTextModel {
     /// - `embeds`: `[batch, seq, hidden]`, `seq` at most `max_position_embeddings` (77)
     /// - `eos`: `[batch]`, each below `seq`
     /// - output: `last_hidden_state` and `penultimate` `[batch, seq, hidden]`, `pooled`
-    ///   `[batch, hidden]`, all F32
+    ///   `[batch, hidden]`, `text_embeds` `[batch, projection_dim]`, all F32
     pub fn forward_embeds(&self, embeds: Tensor<3>, eos: Tensor<1, Int>) -> TextOutput {
         let [b, s, d] = embeds.dims();
         let mut x = embeds.cast(self.dtype())
@@ -192,10 +214,15 @@ impl ClipTextModel {
         let penultimate = penultimate.cast(DType::F32);
         let index = eos.reshape([b, 1, 1]).expand([b, 1, d]);
         let pooled = last_hidden_state.clone().gather(1, index).reshape([b, d]);
+        let text_embeds = self.text_projection.as_ref().map(|p| {
+            p.forward(pooled.clone().cast(self.dtype()))
+                .cast(DType::F32)
+        });
         TextOutput {
             last_hidden_state,
             penultimate,
             pooled,
+            text_embeds,
         }
     }
 }

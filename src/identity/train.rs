@@ -207,6 +207,12 @@ impl<'a> Trainer<'a> {
                 crate::clip::tokenizer::PLACEHOLDER_NAME_RULE
             )));
         }
+        if sd.text_encoder_2.is_some() {
+            return Err(setup(
+                "learning identities on SDXL is not supported yet: train on an SD 1.x or 2.x model"
+                    .into(),
+            ));
+        }
         let class_id = sd.tokenizer.single_token(&config.class_word).ok_or_else(|| {
             setup(format!("the class word `{}` is not a single token of CLIP's vocabulary; pick a common word such as person, dog, cat or car", config.class_word))
         })?;

@@ -15,7 +15,7 @@ pub use crate::identity::prompt::{CHUNK, PromptTokens, Slot, tokenize_prompt};
 use crate::identity::{Identity, stage_of};
 use crate::schedule::{Plan, Scheduler, SchedulerConfig};
 use crate::sd::StableDiffusion;
-use crate::unet::Context;
+use crate::unet::{AddedCond, Context};
 
 /// The result: final latents (before the VAE) and the decoded images.
 #[derive(Debug)]
@@ -33,14 +33,54 @@ pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>,
     Ok(tokenize_prompt(sd, text, &[])?.windows)
 }
 
-/// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`.
-fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -> Tensor<3> {
+/// A prompt as the UNet is conditioned on it.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// The context, `[1, 77 k, cross_attention_dim]` for `k` windows.
+    pub states: Tensor<3>,
+    /// SDXL's pooled embedding (bigG's projected output of the first window), `[1, 1280]`.
+    pub pooled: Option<Tensor<2>>,
+}
+
+/// The ids the second SDXL tokenizer gives for the same text: the vocabularies are the same,
+/// only the padding after the end token differs (`!` rather than `<|endoftext|>`).
+fn repad(windows: &[Vec<u32>], end: u32, pad: u32) -> Vec<u32> {
+    windows
+        .iter()
+        .flat_map(|w| {
+            let stop = w.iter().position(|&i| i == end).map_or(w.len(), |p| p + 1);
+            w.iter()
+                .enumerate()
+                .map(move |(i, &id)| if i < stop { id } else { pad })
+        })
+        .collect()
+}
+
+/// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`. SD 1.x/2.x: the text encoder's
+/// last states. SDXL (as diffusers' `encode_prompt`): both encoders' penultimate states side by
+/// side, and bigG's projected pooled output.
+pub fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -> Encoded {
     let k = windows.len();
     let flat: Vec<u32> = windows.iter().flatten().copied().collect();
     let ids = ids_tensor(&flat, k, device);
-    let states = sd.text_encoder.forward(ids).last_hidden_state;
+    let (states, pooled) = match (&sd.text_encoder_2, &sd.tokenizer_2) {
+        (Some(encoder_2), Some(tokenizer_2)) => {
+            let l = sd.text_encoder.forward(ids).penultimate;
+            let ids_2 = repad(windows, sd.tokenizer.end_id(), tokenizer_2.pad_id());
+            let g = encoder_2.forward(ids_tensor(&ids_2, k, device));
+            let pooled = g
+                .text_embeds
+                .expect("SDXL's second text encoder has a projection")
+                .narrow(0, 0, 1);
+            (Tensor::cat(vec![l, g.penultimate], 2), Some(pooled))
+        }
+        _ => (sd.text_encoder.forward(ids).last_hidden_state, None),
+    };
     let d = states.dims()[2];
-    states.reshape([1, k * (CHUNK + 2), d])
+    Encoded {
+        states: states.reshape([1, k * (CHUNK + 2), d]),
+        pooled,
+    }
 }
 
 /// Encodes a prompt with `vector(slot)` spliced in at every slot -> `[1, 77 k, dim]`.
@@ -49,7 +89,7 @@ fn encode_tokens(
     tokens: &PromptTokens,
     vector: &dyn Fn(&Slot) -> Vec<f32>,
     device: &Device,
-) -> Tensor<3> {
+) -> Encoded {
     if tokens.slots.is_empty() {
         return encode_windows(sd, &tokens.windows, device);
     }
@@ -60,7 +100,7 @@ fn encode_tokens(
         .map(|(w, ids)| {
             let slots: Vec<&Slot> = tokens.slots.iter().filter(|s| s.window == w).collect();
             if slots.is_empty() {
-                return encode_windows(sd, std::slice::from_ref(ids), device);
+                return encode_windows(sd, std::slice::from_ref(ids), device).states;
             }
             let rows: Vec<f32> = slots.iter().flat_map(|s| vector(s)).collect();
             let dim = rows.len() / slots.len();
@@ -69,7 +109,10 @@ fn encode_tokens(
             encode_spliced(sd, ids, &positions, vectors, device)
         })
         .collect();
-    Tensor::cat(parts, 1)
+    Encoded {
+        states: Tensor::cat(parts, 1),
+        pooled: None,
+    }
 }
 
 fn long_prompt_warnings(sd: &StableDiffusion, prompts: [(&str, &[Vec<u32>]); 2]) -> Vec<String> {
@@ -131,8 +174,8 @@ pub fn encode_prompts(
 ) -> Result<(Tensor<3>, Tensor<3>, Vec<String>), PipelineError> {
     let (pos, neg, warnings) = tokenize_pair(sd, prompt, negative, &[])?;
     Ok((
-        encode_windows(sd, &pos.windows, device),
-        encode_windows(sd, &neg, device),
+        encode_windows(sd, &pos.windows, device).states,
+        encode_windows(sd, &neg, device).states,
         warnings,
     ))
 }
@@ -174,20 +217,34 @@ pub async fn generate(
 
     let (prompt, negative, warnings) =
         tokenize_pair(sd, &req.prompt, &req.negative_prompt, identities)?;
+    if sd.text_encoder_2.is_some() && !prompt.slots.is_empty() {
+        return Err(PipelineError::Request(
+            "identities in SDXL prompts are not supported yet: generate with an SD 1.x or 2.x model, or leave the <name> out".into(),
+        ));
+    }
     if on_event(Event::Encoded {
         warnings: warnings.clone(),
     }) == Flow::Cancel
     {
         return Err(PipelineError::Cancelled);
     }
+    // SDXL, as diffusers: an empty negative prompt is zeros where the model asks for it.
+    let negative = if req.guidance <= 1.0 {
+        Negative::None
+    } else if sd.config.force_zeros_for_empty_prompt && req.negative_prompt.trim().is_empty() {
+        Negative::Zeros
+    } else {
+        Negative::Windows(&negative[..])
+    };
     let mut conditioning = Conditioning::new(
         sd,
         device,
         prompt,
-        (req.guidance > 1.0).then_some(&negative[..]),
+        negative,
         identities,
         req.num_images,
         scheduler.num_train_timesteps,
+        [req.height, req.width],
     );
 
     let latents = sample(
@@ -275,6 +332,16 @@ fn next_noise(streams: &mut [StdRng], shape: [usize; 4]) -> HostLatents {
     }
 }
 
+/// The negative side of classifier-free guidance.
+enum Negative<'a> {
+    /// No guidance.
+    None,
+    /// Zeros in place of an encoded empty negative prompt (SDXL).
+    Zeros,
+    /// The negative prompt's token windows.
+    Windows(&'a [Vec<u32>]),
+}
+
 /// The UNet's text conditioning: the negative prompt's encoding (with guidance) and the
 /// prompt's key and value contexts. Identity vectors differ per timestep stage, so the contexts
 /// of each combination of the identities' stages are encoded once, when the loop first needs
@@ -285,40 +352,61 @@ struct Conditioning<'a> {
     prompt: PromptTokens,
     identities: &'a [Identity],
     /// The negative prompt's encoding, `[batch, 77 k, dim]`; `None` without guidance.
-    negative: Option<Tensor<3>>,
+    negative: Option<Encoded>,
+    /// Zeros take the negative's place once the prompt's shapes are known.
+    zero_negative: bool,
     batch: usize,
     train_steps: usize,
+    /// SDXL's micro-conditioning: original size, crop top-left, target size (pixels).
+    time_ids: [f32; 6],
     by_stages: HashMap<Vec<usize>, Context>,
 }
 
 impl<'a> Conditioning<'a> {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         sd: &'a StableDiffusion,
         device: &'a Device,
         prompt: PromptTokens,
-        negative: Option<&[Vec<u32>]>,
+        negative: Negative,
         identities: &'a [Identity],
         batch: usize,
         train_steps: usize,
+        [height, width]: [usize; 2],
     ) -> Self {
-        let mut this = Self {
+        let (h, w) = (height as f32, width as f32);
+        Self {
             sd,
             device,
             prompt,
             identities,
-            negative: None,
+            negative: match negative {
+                Negative::Windows(windows) => Some(encode_windows(sd, windows, device)),
+                _ => None,
+            },
+            zero_negative: matches!(negative, Negative::Zeros),
             batch,
             train_steps,
+            time_ids: [h, w, 0.0, 0.0, h, w],
             by_stages: HashMap::new(),
-        };
-        this.negative = negative.map(|windows| this.per_image(encode_windows(sd, windows, device)));
-        this
+        }
+    }
+
+    /// Whether the UNet sees a negative half.
+    fn guided(&self) -> bool {
+        self.negative.is_some() || self.zero_negative
     }
 
     /// `[1, s, d]` -> `[batch, s, d]`.
     fn per_image(&self, t: Tensor<3>) -> Tensor<3> {
         let [_, s, d] = t.dims();
         t.expand([self.batch, s, d])
+    }
+
+    /// `[1, d]` -> `[batch, d]`.
+    fn per_image_2(&self, t: Tensor<2>) -> Tensor<2> {
+        let [_, d] = t.dims();
+        t.expand([self.batch, d])
     }
 
     /// The UNet's context at timestep `t`: `[2 batch, ..]` (negative first) with guidance,
@@ -350,8 +438,7 @@ impl<'a> Conditioning<'a> {
             }
         };
         let encode = |pick: fn(&Identity) -> &Vec<f32>| {
-            let tokens = encode_tokens(self.sd, &self.prompt, &stage_vector(pick), self.device);
-            self.per_image(tokens)
+            encode_tokens(self.sd, &self.prompt, &stage_vector(pick), self.device)
         };
         let key = encode(|id| &id.key);
         let value = if self.prompt.slots.is_empty() {
@@ -359,12 +446,41 @@ impl<'a> Conditioning<'a> {
         } else {
             encode(|id| &id.value)
         };
-        match &self.negative {
-            Some(negative) => Context::split(
-                Tensor::cat(vec![negative.clone(), key], 0),
-                Tensor::cat(vec![negative.clone(), value], 0),
-            ),
-            None => Context::split(key, value),
+        let negative = match (&self.negative, self.zero_negative) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => Some(Encoded {
+                states: key.states.zeros_like(),
+                pooled: key.pooled.as_ref().map(|p| p.zeros_like()),
+            }),
+            (None, false) => None,
+        };
+        let added = |pooled: &Option<Tensor<2>>| {
+            let pooled = pooled.clone()?;
+            let time_ids = Tensor::<2>::from_data(
+                TensorData::new(self.time_ids.to_vec(), [1, 6]),
+                self.device,
+            );
+            Some(AddedCond {
+                text_embeds: self.per_image_2(pooled),
+                time_ids: self.per_image_2(time_ids),
+            })
+        };
+        let (key_states, value_states) = (self.per_image(key.states), self.per_image(value.states));
+        let cond = added(&value.pooled);
+        match negative {
+            Some(negative) => {
+                let states = self.per_image(negative.states);
+                let added = match (added(&negative.pooled), cond) {
+                    (Some(n), Some(c)) => Some(AddedCond::cat(&n, &c)),
+                    _ => None,
+                };
+                Context::split(
+                    Tensor::cat(vec![states.clone(), key_states], 0),
+                    Tensor::cat(vec![states, value_states], 0),
+                )
+                .with_added(added)
+            }
+            None => Context::split(key_states, value_states).with_added(cond),
         }
     }
 }
@@ -380,7 +496,7 @@ async fn sample(
     device: &Device,
     on_event: &mut dyn FnMut(Event) -> Flow,
 ) -> Result<Tensor<4>, PipelineError> {
-    let guided = conditioning.negative.is_some();
+    let guided = conditioning.guided();
     let total = scheduler.plan().len();
     let mut latents =
         to_device(&noise.initial, device).mul_scalar(scheduler.plan().init_noise_sigma);

@@ -15,13 +15,37 @@ use crate::nn::{Conv2d, GroupNorm, LayerNorm, Linear, Vars};
 use crate::weights::WeightsError;
 
 /// What cross-attention attends to: keys computed from `key`, values from `value`, both
-/// `[batch, tokens, dim]`. Ordinary prompts use the same states for both.
+/// `[batch, tokens, dim]`. Ordinary prompts use the same states for both. SDXL UNets also take
+/// the `added` conditioning.
 #[derive(Clone, Debug)]
 pub struct Context {
     /// Encoder states the keys are projected from, `[batch, tokens, dim]`.
     pub key: Tensor<3>,
     /// Encoder states the values are projected from, `[batch, tokens, dim]`.
     pub value: Tensor<3>,
+    /// SDXL's pooled text embedding and time ids; `None` for SD 1.x/2.x.
+    pub added: Option<AddedCond>,
+}
+
+/// SDXL's added conditioning (`added_cond_kwargs` in diffusers), summed into the timestep
+/// embedding through `add_embedding`.
+#[derive(Clone, Debug)]
+pub struct AddedCond {
+    /// The second text encoder's projected pooled output, `[batch, projection_dim]`.
+    pub text_embeds: Tensor<2>,
+    /// Micro-conditioning: original height and width, crop top and left, target height and
+    /// width, in pixels, `[batch, 6]`.
+    pub time_ids: Tensor<2>,
+}
+
+impl AddedCond {
+    /// Both halves of a guided batch in one: `[a; b]` along the batch.
+    pub fn cat(a: &AddedCond, b: &AddedCond) -> Self {
+        Self {
+            text_embeds: Tensor::cat(vec![a.text_embeds.clone(), b.text_embeds.clone()], 0),
+            time_ids: Tensor::cat(vec![a.time_ids.clone(), b.time_ids.clone()], 0),
+        }
+    }
 }
 
 impl Context {
@@ -30,12 +54,23 @@ impl Context {
         Self {
             key: states.clone(),
             value: states,
+            added: None,
         }
     }
 
     /// Keys and values from separate encoder states (same shape).
     pub fn split(key: Tensor<3>, value: Tensor<3>) -> Self {
-        Self { key, value }
+        Self {
+            key,
+            value,
+            added: None,
+        }
+    }
+
+    /// The same context with SDXL's added conditioning.
+    pub fn with_added(mut self, added: Option<AddedCond>) -> Self {
+        self.added = added;
+        self
     }
 }
 

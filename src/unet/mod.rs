@@ -1,15 +1,16 @@
-//! `UNet2DConditionModel` for SD 1.x and 2.x (diffusers' `models/unets/unet_2d_condition.py`
+//! `UNet2DConditionModel` for SD 1.x, 2.x and XL (diffusers' `models/unets/unet_2d_condition.py`
 //! and `unet_2d_blocks.py`). Field names follow the checkpoint keys.
 //!
-//! SDXL's additions (added time/text embeddings, several transformer layers per block) slot
-//! in beside the existing blocks: `transformer_layers_per_block` is already honoured.
+//! SDXL adds several transformer layers per block (`transformer_layers_per_block`) and the
+//! `text_time` embedding: the pooled text embedding and sinusoidal features of six
+//! micro-conditioning ids go through `add_embedding` into the timestep embedding.
 
 pub mod attention;
 pub mod resnet;
 
 use burn::tensor::{DType, Tensor, TensorData, activation::silu};
 
-pub use attention::{AttentionCapture, Context, Transformer2DModel};
+pub use attention::{AddedCond, AttentionCapture, Context, Transformer2DModel};
 pub use resnet::{ResnetBlock2D, Upsample2D};
 
 use crate::config::UNetConfig;
@@ -76,6 +77,9 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     linear_1: Linear,
     linear_2: Linear,
+    /// SDXL's `add_embedding` (`linear_1`, SiLU, `linear_2`), with the width of each time
+    /// id's features.
+    add_embedding: Option<(Linear, Linear, usize)>,
     down_blocks: Vec<DownBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UpBlock>,
@@ -85,7 +89,7 @@ pub struct UNet2DConditionModel {
 
 impl UNet2DConditionModel {
     /// Builds the UNet from the weights under `vars`, laid out as `c` describes; fails on a
-    /// block type other than the SD 1.x/2.x ones.
+    /// block type other than the SD ones.
     pub fn new(vars: Vars, c: &UNetConfig) -> Result<Self, WeightsError> {
         let ch = &c.block_out_channels;
         let n = ch.len();
@@ -187,8 +191,39 @@ impl UNet2DConditionModel {
             up_blocks.push(block);
         }
 
+        let add_embedding = match c.addition_embed_type.as_deref() {
+            None => None,
+            Some("text_time") => {
+                let missing = |field: &str| WeightsError::Config {
+                    file: "unet/config.json".into(),
+                    reason: format!("`addition_embed_type: text_time` needs `{field}`"),
+                };
+                let time_dim = c
+                    .addition_time_embed_dim
+                    .ok_or_else(|| missing("addition_time_embed_dim"))?;
+                let input = c
+                    .projection_class_embeddings_input_dim
+                    .ok_or_else(|| missing("projection_class_embeddings_input_dim"))?;
+                let v = vars.pp("add_embedding");
+                Some((
+                    Linear::new(v.pp("linear_1"), input, temb, true)?,
+                    Linear::new(v.pp("linear_2"), temb, temb, true)?,
+                    time_dim,
+                ))
+            }
+            Some(other) => {
+                return Err(WeightsError::Config {
+                    file: "unet/config.json".into(),
+                    reason: format!(
+                        "`addition_embed_type: {other}` is a UNet variant SeFi Studio does not support (only SDXL's `text_time`)"
+                    ),
+                });
+            }
+        };
+
         Ok(Self {
             config: c.clone(),
+            add_embedding,
             conv_in: Conv2d::new(vars.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1)?,
             linear_1: Linear::new(vars.pp("time_embedding").pp("linear_1"), ch[0], temb, true)?,
             linear_2: Linear::new(vars.pp("time_embedding").pp("linear_2"), temb, temb, true)?,
@@ -200,19 +235,18 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Sinusoidal timestep features (`get_timestep_embedding`), `[b]` -> `[b, ch0]`.
-    fn time_proj(&self, timesteps: Tensor<1>) -> Tensor<2> {
-        let dim = self.config.block_out_channels[0];
+    /// Sinusoidal features (`get_timestep_embedding`) of `values`, `[n]` -> `[n, dim]`.
+    fn sinusoids(&self, values: Tensor<1>, dim: usize) -> Tensor<2> {
         let half = dim / 2;
         let shift = self.config.freq_shift as f64;
         let freqs: Vec<f32> = (0..half)
             .map(|i| (-(10000f64.ln()) * i as f64 / (half as f64 - shift)).exp() as f32)
             .collect();
         // In F32 whatever the weights: timesteps up to 999 lose their units digit in F16.
-        let timesteps = timesteps.cast(DType::F32);
-        let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &timesteps.device());
-        let [b] = timesteps.dims();
-        let args = timesteps.reshape([b, 1]) * freqs.reshape([1, half]);
+        let values = values.cast(DType::F32);
+        let freqs = Tensor::<1>::from_data(TensorData::new(freqs, [half]), &values.device());
+        let [n] = values.dims();
+        let args = values.reshape([n, 1]) * freqs.reshape([1, half]);
         let (sin, cos) = (args.clone().sin(), args.cos());
         if self.config.flip_sin_to_cos {
             Tensor::cat(vec![cos, sin], 1)
@@ -221,13 +255,33 @@ impl UNet2DConditionModel {
         }
     }
 
+    /// The timestep embedding, plus SDXL's added text/time embedding, `[b, 4 ch0]`.
+    fn embedding(&self, timesteps: Tensor<1>, added: Option<&AddedCond>) -> Tensor<2> {
+        let dtype = self.dtype();
+        let features = self.sinusoids(timesteps, self.config.block_out_channels[0]);
+        let temb = self
+            .linear_2
+            .forward(silu(self.linear_1.forward(features.cast(dtype))));
+        let Some((linear_1, linear_2, time_dim)) = &self.add_embedding else {
+            return temb;
+        };
+        let added = added.expect("an SDXL UNet is called with its added conditioning");
+        let [b, ids] = added.time_ids.dims();
+        let times = self
+            .sinusoids(added.time_ids.clone().reshape([b * ids]), *time_dim)
+            .reshape([b, ids * time_dim]);
+        let input = Tensor::cat(vec![added.text_embeds.clone().cast(DType::F32), times], 1);
+        temb + linear_2.forward(silu(linear_1.forward(input.cast(dtype))))
+    }
+
     /// Predicts noise (or v) for latents `sample` `[b, c, h, w]` at `timesteps` `[b]`, attending
     /// to `context`. With `capture`, every cross-attention layer adds its probabilities at the
-    /// capture's token positions.
+    /// capture's token positions. An SDXL UNet needs `context.added`.
     ///
     /// - `sample`: `[batch, in_channels, height, width]`
     /// - `timesteps`: `[batch]`
     /// - `context.key`, `context.value`: `[batch, tokens, cross_attention_dim]`
+    /// - `context.added`: `text_embeds` `[batch, projection_dim]`, `time_ids` `[batch, 6]`
     /// - output: `[batch, out_channels, height, width]`, F32
     pub fn forward(
         &self,
@@ -237,9 +291,7 @@ impl UNet2DConditionModel {
         mut capture: Option<&mut AttentionCapture>,
     ) -> Tensor<4> {
         let dtype = self.dtype();
-        let temb = self.linear_2.forward(silu(
-            self.linear_1.forward(self.time_proj(timesteps).cast(dtype)),
-        ));
+        let temb = self.embedding(timesteps, context.added.as_ref());
         let temb = Some(&temb);
 
         let mut x = self.conv_in.forward(sample.cast(dtype));

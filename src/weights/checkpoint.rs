@@ -26,6 +26,10 @@ pub enum Family {
     /// SD 2.x with v-prediction (2.0-v, 2.1 at 768 px).
     #[serde(rename = "sd2-v")]
     Sd2V,
+    /// SDXL base: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text encoders, added text/time
+    /// conditioning, epsilon prediction.
+    #[serde(rename = "sdxl")]
+    Sdxl,
 }
 
 impl fmt::Display for Family {
@@ -34,6 +38,7 @@ impl fmt::Display for Family {
             Family::Sd1 => "sd1",
             Family::Sd2 => "sd2",
             Family::Sd2V => "sd2-v",
+            Family::Sdxl => "sdxl",
         })
     }
 }
@@ -67,22 +72,31 @@ impl fmt::Display for Format {
     }
 }
 
-/// One of the three models.
+/// One of the models of a checkpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Component {
     /// The denoising UNet (`unet/`, `model.diffusion_model.*` in a single file).
     Unet,
-    /// The CLIP text encoder (`text_encoder/`, `cond_stage_model.*` in a single file).
+    /// The CLIP text encoder (`text_encoder/`, `cond_stage_model.*` or SDXL's
+    /// `conditioner.embedders.0.*` in a single file).
     TextEncoder,
     /// The autoencoder between images and latents (`vae/`, `first_stage_model.*` in a single
     /// file).
     Vae,
+    /// SDXL's second text encoder, OpenCLIP bigG with its projection (`text_encoder_2/`,
+    /// `conditioner.embedders.1.model.*` in a single file). SD 1.x/2.x have none.
+    TextEncoder2,
 }
 
 impl Component {
-    /// The three models, in the order their files are opened.
-    pub const ALL: [Component; 3] = [Component::Unet, Component::TextEncoder, Component::Vae];
+    /// The models, in the order their files are opened.
+    pub const ALL: [Component; 4] = [
+        Component::Unet,
+        Component::TextEncoder,
+        Component::Vae,
+        Component::TextEncoder2,
+    ];
 
     /// The diffusers folder, and the prefix of mapped single-file names.
     pub fn folder(self) -> &'static str {
@@ -90,15 +104,23 @@ impl Component {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
             Component::Vae => "vae",
+            Component::TextEncoder2 => "text_encoder_2",
         }
+    }
+
+    /// Whether it is a transformers model (weights `model.safetensors`, configs of
+    /// transformers) rather than a diffusers one.
+    pub fn is_text_encoder(self) -> bool {
+        matches!(self, Component::TextEncoder | Component::TextEncoder2)
     }
 
     /// The file name of the weights in its diffusers folder, without `.safetensors` (and
     /// without the `.fp16` of the half-precision variant).
     pub fn weights_stem(self) -> &'static str {
-        match self {
-            Component::TextEncoder => "model",
-            _ => "diffusion_pytorch_model",
+        if self.is_text_encoder() {
+            "model"
+        } else {
+            "diffusion_pytorch_model"
         }
     }
 
@@ -106,9 +128,10 @@ impl Component {
     /// wrote these before safetensors; many folders still hold them beside the safetensors
     /// files). Never opened: only named when they are all a folder has.
     pub fn pickle_files(self) -> [String; 2] {
-        let stem = match self {
-            Component::TextEncoder => "pytorch_model",
-            _ => "diffusion_pytorch_model",
+        let stem = if self.is_text_encoder() {
+            "pytorch_model"
+        } else {
+            "diffusion_pytorch_model"
         };
         [
             format!("{}/{stem}.bin", self.folder()),
@@ -123,6 +146,7 @@ impl fmt::Display for Component {
             Component::Unet => "UNet",
             Component::TextEncoder => "text encoder",
             Component::Vae => "VAE",
+            Component::TextEncoder2 => "second text encoder",
         })
     }
 }
@@ -151,7 +175,8 @@ pub enum TokenizerSource {
     },
     /// The CLIP vocabulary bundled with SeFi Studio (single-file checkpoints carry none).
     Bundled {
-        /// The padding token: `<|endoftext|>` for SD 1.x, `!` for SD 2.x.
+        /// The padding token: `<|endoftext|>` for SD 1.x (and SDXL's first tokenizer), `!`
+        /// for SD 2.x (and SDXL's second).
         pad_token: String,
     },
 }
@@ -184,24 +209,70 @@ pub struct Entry {
     pub shape: Vec<usize>,
 }
 
+/// The weight files of one model: one file, or the shards an `*.safetensors.index.json`
+/// lists (large models, such as SDXL's UNet saved in f32, are split).
+pub type Shards = Vec<Box<dyn ByteSource>>;
+
+/// The shard file names an `*.safetensors.index.json` maps tensors to, sorted, each once.
+/// Names with a path in them are refused: shards lie beside their index.
+pub fn shard_names(index_file: &str, text: &str) -> Result<Vec<String>, WeightsError> {
+    let bad = |reason: String| WeightsError::Config {
+        file: index_file.into(),
+        reason,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| bad(format!("not a valid index: {e}")))?;
+    let map = v["weight_map"]
+        .as_object()
+        .ok_or_else(|| bad("it has no `weight_map`".into()))?;
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`{tensor}` maps to a non-string")))?;
+        if file.is_empty() || file.contains(['/', '\\']) || file.starts_with('.') {
+            return Err(bad(format!(
+                "`{tensor}` maps to `{file}`, which is not a file name beside the index"
+            )));
+        }
+        if !names.iter().any(|n| n == file) {
+            names.push(file.to_string());
+        }
+    }
+    if names.is_empty() {
+        return Err(bad("its `weight_map` is empty".into()));
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// Files that make up a diffusers folder, as byte sources with their config texts.
 pub struct DiffusersParts {
-    /// The UNet weights (`unet/diffusion_pytorch_model[.fp16].safetensors`).
-    pub unet: Box<dyn ByteSource>,
-    /// The text encoder weights (`text_encoder/model[.fp16].safetensors`).
-    pub text_encoder: Box<dyn ByteSource>,
+    /// The UNet weights (`unet/diffusion_pytorch_model[.fp16].safetensors`, or its shards).
+    pub unet: Shards,
+    /// The text encoder weights (`text_encoder/model[.fp16].safetensors`, or its shards).
+    pub text_encoder: Shards,
     /// The VAE weights (`vae/diffusion_pytorch_model[.fp16].safetensors`).
-    pub vae: Box<dyn ByteSource>,
+    pub vae: Shards,
+    /// SDXL's second text encoder (`text_encoder_2/model[.fp16].safetensors`, or its shards);
+    /// empty for SD 1.x/2.x.
+    pub text_encoder_2: Shards,
     /// Text of `unet/config.json`; `None` if absent (the sizes then come from the shapes).
     pub unet_config: Option<String>,
     /// Text of `text_encoder/config.json`, if present.
     pub text_encoder_config: Option<String>,
+    /// Text of `text_encoder_2/config.json`, if present.
+    pub text_encoder_2_config: Option<String>,
+    /// Text of `model_index.json`, if present (SDXL's `force_zeros_for_empty_prompt`).
+    pub model_index: Option<String>,
     /// Text of `vae/config.json`, if present.
     pub vae_config: Option<String>,
     /// Text of `scheduler/scheduler_config.json`, if present.
     pub scheduler_config: Option<String>,
     /// The folder's tokenizer; `None` to use the bundled vocabulary.
     pub tokenizer: Option<TokenizerSource>,
+    /// SDXL's second tokenizer (`tokenizer_2/`); `None` to use the bundled vocabulary.
+    pub tokenizer_2: Option<TokenizerSource>,
 }
 
 /// An opened checkpoint: family, config, and the index of every tensor.
@@ -216,6 +287,8 @@ pub struct Checkpoint {
     pub config: SdConfig,
     /// Where the tokenizer vocabulary comes from.
     pub tokenizer: TokenizerSource,
+    /// SDXL's second tokenizer (the same vocabulary, padded with `!`); `None` otherwise.
+    pub tokenizer_2: Option<TokenizerSource>,
     /// The noise schedule (`scheduler/scheduler_config.json`, or the family's).
     pub scheduler: SchedulerConfig,
     /// Older names and buffers of the files, mapped onto today's layout ([`legacy`]).
@@ -236,8 +309,17 @@ impl fmt::Debug for Checkpoint {
 
 fn pad_token(family: Family) -> String {
     match family {
-        Family::Sd1 => "<|endoftext|>".into(),
+        Family::Sd1 | Family::Sdxl => "<|endoftext|>".into(),
         _ => "!".into(),
+    }
+}
+
+/// SDXL's refiner conditions on bigG alone (no `text_encoder/`, 1280-wide cross-attention) and
+/// starts from the base model's latents: it is refused by name.
+fn refiner(path: &str) -> WeightsError {
+    WeightsError::Unsupported {
+        path: path.into(),
+        what: "an SDXL refiner (it refines the latents of the SDXL base model and cannot generate on its own; open stable-diffusion-xl-base-1.0 or a model fine-tuned from it)".into(),
     }
 }
 
@@ -248,60 +330,77 @@ impl Checkpoint {
         let mut files = Vec::new();
         let mut entries = BTreeMap::new();
         let mut adaptations = Vec::new();
-        for (component, source) in
-            Component::ALL
-                .into_iter()
-                .zip([parts.unet, parts.text_encoder, parts.vae])
-        {
-            let file = SafetensorsFile::open(source).await?;
+        for (component, sources) in Component::ALL.into_iter().zip([
+            parts.unet,
+            parts.text_encoder,
+            parts.vae,
+            parts.text_encoder_2,
+        ]) {
             let mut map = BTreeMap::new();
-            for (key, dtype, shape) in file.tensors() {
-                // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
-                let stored =
-                    if component == Component::TextEncoder && !key.starts_with("text_model.") {
+            for source in sources {
+                let file = SafetensorsFile::open(source).await?;
+                let file_name = file.name().to_string();
+                for (key, dtype, shape) in file.tensors() {
+                    // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
+                    let stored = if component.is_text_encoder()
+                        && !key.starts_with("text_model.")
+                        && key != "text_projection.weight"
+                    {
                         format!("text_model.{key}")
                     } else {
                         key.clone()
                     };
-                let (name, transform) = match legacy::adapt(component, &stored, &shape) {
-                    Adapted::Current => (stored, Transform::Copy),
-                    Adapted::Buffer => {
-                        adaptations.push(Adaptation {
-                            component,
-                            stored: key,
-                            loaded_as: None,
+                    let (name, transform) = match legacy::adapt(component, &stored, &shape) {
+                        Adapted::Current => (stored, Transform::Copy),
+                        Adapted::Buffer => {
+                            adaptations.push(Adaptation {
+                                component,
+                                stored: key,
+                                loaded_as: None,
+                            });
+                            continue;
+                        }
+                        Adapted::Renamed { name, transform } => {
+                            adaptations.push(Adaptation {
+                                component,
+                                stored: key.clone(),
+                                loaded_as: Some(name.clone()),
+                            });
+                            (name, transform)
+                        }
+                    };
+                    let entry = Entry {
+                        file: files.len(),
+                        shape: transform.apply_shape(&shape),
+                        key,
+                        transform,
+                        dtype,
+                    };
+                    let this_key = entry.key.clone();
+                    let this_file = entry.file;
+                    if let Some(other) = map.insert(name.clone(), entry) {
+                        let reason = if other.file != this_file {
+                            format!(
+                                "its {component} weights hold `{name}` in two shards ({} and {file_name}); the shards do not belong together",
+                                files
+                                    .get(other.file)
+                                    .map_or("", |f: &SafetensorsFile| f.name())
+                            )
+                        } else {
+                            format!(
+                                "its {component} weights hold `{name}` twice, as `{}` and as `{this_key}` (today's name and an older one); keep one of them",
+                                other.key
+                            )
+                        };
+                        return Err(WeightsError::UnknownModel {
+                            path: path.into(),
+                            reason,
                         });
-                        continue;
                     }
-                    Adapted::Renamed { name, transform } => {
-                        adaptations.push(Adaptation {
-                            component,
-                            stored: key.clone(),
-                            loaded_as: Some(name.clone()),
-                        });
-                        (name, transform)
-                    }
-                };
-                let entry = Entry {
-                    file: files.len(),
-                    shape: transform.apply_shape(&shape),
-                    key,
-                    transform,
-                    dtype,
-                };
-                let this_key = entry.key.clone();
-                if let Some(other) = map.insert(name.clone(), entry) {
-                    return Err(WeightsError::UnknownModel {
-                        path: path.into(),
-                        reason: format!(
-                            "its {component} weights hold `{name}` twice, as `{}` and as `{this_key}` (today's name and an older one); keep one of them",
-                            other.key
-                        ),
-                    });
                 }
+                files.push(file);
             }
             entries.insert(component, map);
-            files.push(file);
         }
         let cfg_file = |c: &str| format!("{path}/{c}/config.json");
         let shapes = Shapes(&entries);
@@ -313,16 +412,68 @@ impl Checkpoint {
             }
             None => family_from_shapes.full_size().unet,
         };
-        if unet.addition_embed_type.is_some() || unet.cross_attention_dim == 2048 {
-            return Err(WeightsError::Unsupported {
+        let xl = unet.addition_embed_type.is_some();
+        if xl && !unet.text_time() {
+            return Err(WeightsError::Config {
+                file: cfg_file("unet"),
+                reason: format!(
+                    "`addition_embed_type: {}` is a UNet variant SeFi Studio does not support (only SDXL's `text_time`)",
+                    unet.addition_embed_type.as_deref().unwrap_or_default()
+                ),
+            });
+        }
+        let has = |c: Component| !entries[&c].is_empty();
+        if xl && !has(Component::TextEncoder) {
+            return Err(refiner(path));
+        }
+        if xl != has(Component::TextEncoder2) {
+            return Err(WeightsError::UnknownModel {
                 path: path.into(),
-                what: "an SDXL model".into(),
+                reason: if xl {
+                    "its UNet is an SDXL UNet, but the folder has no text_encoder_2/ weights".into()
+                } else {
+                    "it has text_encoder_2/ weights, but its UNet takes no SDXL conditioning (unet/config.json has no `addition_embed_type`)".into()
+                },
             });
         }
         let text_encoder: TextConfig = match &parts.text_encoder_config {
             Some(t) => config::from_json(&cfg_file("text_encoder"), t)?,
             None => family_from_shapes.full_size().text_encoder,
         };
+        let text_encoder_2: Option<TextConfig> = if xl {
+            Some(match &parts.text_encoder_2_config {
+                Some(t) => config::from_json(&cfg_file("text_encoder_2"), t)?,
+                None => TextConfig::sdxl_g(),
+            })
+        } else {
+            None
+        };
+        if let Some(t2) = &text_encoder_2
+            && unet.cross_attention_dim != text_encoder.hidden_size + t2.hidden_size
+        {
+            if unet.cross_attention_dim == t2.hidden_size {
+                return Err(refiner(path));
+            }
+            return Err(WeightsError::Config {
+                file: cfg_file("unet"),
+                reason: format!(
+                    "`cross_attention_dim` is {}, but the two text encoders give {} + {}",
+                    unet.cross_attention_dim, text_encoder.hidden_size, t2.hidden_size
+                ),
+            });
+        }
+        let force_zeros_for_empty_prompt = xl
+            && match &parts.model_index {
+                Some(t) => {
+                    let v: serde_json::Value =
+                        serde_json::from_str(t).map_err(|e| WeightsError::Config {
+                            file: format!("{path}/model_index.json"),
+                            reason: e.to_string(),
+                        })?;
+                    v["force_zeros_for_empty_prompt"].as_bool().unwrap_or(true)
+                }
+                None => true,
+            };
         let vae: VaeConfig = match &parts.vae_config {
             Some(t) => config::from_json(&cfg_file("vae"), t)?,
             None => family_from_shapes.full_size().vae,
@@ -333,13 +484,25 @@ impl Checkpoint {
         };
         let prediction = scheduler.prediction_type;
         let sd2 = unet.use_linear_projection || text_encoder.hidden_act == "gelu";
-        let family = match (sd2, prediction) {
-            (false, _) => Family::Sd1,
-            (true, Prediction::Epsilon) => Family::Sd2,
-            (true, Prediction::VPrediction) => Family::Sd2V,
+        let family = match (xl, sd2, prediction) {
+            (true, _, Prediction::Epsilon) => Family::Sdxl,
+            (true, _, Prediction::VPrediction) => {
+                return Err(WeightsError::Unsupported {
+                    path: path.into(),
+                    what: "an SDXL model with v-prediction".into(),
+                });
+            }
+            (false, false, _) => Family::Sd1,
+            (false, true, Prediction::Epsilon) => Family::Sd2,
+            (false, true, Prediction::VPrediction) => Family::Sd2V,
         };
         let tokenizer = parts.tokenizer.unwrap_or(TokenizerSource::Bundled {
             pad_token: pad_token(family),
+        });
+        let tokenizer_2 = xl.then(|| {
+            parts.tokenizer_2.unwrap_or(TokenizerSource::Bundled {
+                pad_token: "!".into(),
+            })
         });
         Ok(Self {
             path: path.into(),
@@ -348,10 +511,13 @@ impl Checkpoint {
             config: SdConfig {
                 unet,
                 text_encoder,
+                text_encoder_2,
                 vae,
                 prediction,
+                force_zeros_for_empty_prompt,
             },
             tokenizer,
+            tokenizer_2,
             scheduler,
             adaptations,
             files,
@@ -447,6 +613,7 @@ impl Checkpoint {
             tokenizer: TokenizerSource::Bundled {
                 pad_token: pad_token(family),
             },
+            tokenizer_2: None,
             scheduler,
             adaptations: Vec::new(),
             files: vec![file],
@@ -597,11 +764,8 @@ impl Shapes<'_> {
                 reason: "its UNet has no cross-attention layers (attn2.to_k.weight)".into(),
             });
         };
-        if cross == 2048 || unet.keys().any(|k| k.starts_with("add_embedding.")) {
-            return Err(WeightsError::Unsupported {
-                path: path.into(),
-                what: "an SDXL model".into(),
-            });
+        if unet.keys().any(|k| k.starts_with("add_embedding.")) {
+            return Ok(Family::Sdxl);
         }
         let linear_proj = unet
             .iter()
@@ -621,6 +785,7 @@ impl Family {
             Family::Sd1 => SdConfig::v1_5(),
             Family::Sd2 => SdConfig::v2_1_base(),
             Family::Sd2V => SdConfig::v2_1(),
+            Family::Sdxl => SdConfig::sdxl_base(),
         }
     }
 }

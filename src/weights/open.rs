@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::checkpoint::{DiffusersParts, TokenizerSource, pad_token_of};
+use super::checkpoint::{DiffusersParts, Shards, TokenizerSource, pad_token_of, shard_names};
 use super::{ByteSource, Checkpoint, Component, FileSource, WeightsError};
 use crate::config::SdConfig;
 
@@ -27,24 +27,53 @@ fn read_text(path: &Path) -> Result<Option<String>, WeightsError> {
     }
 }
 
-/// The weight file of one model of a diffusers folder.
+/// The shards an index lists, opened from the index's folder.
+fn shards(index: &Path) -> Result<Shards, WeightsError> {
+    let text = read_text(index)?.unwrap_or_default();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    shard_names(&index.display().to_string(), &text)?
+        .iter()
+        .map(|name| {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(WeightsError::Io {
+                    file: path.display().to_string(),
+                    reason: format!(
+                        "{} lists this shard, but it is not there; the download is incomplete",
+                        index.display()
+                    ),
+                });
+            }
+            Ok(Box::new(FileSource::open(&path)?) as Box<dyn ByteSource>)
+        })
+        .collect()
+}
+
+/// The weight file of one model of a diffusers folder, or its shards (as diffusers and
+/// transformers name them: `{stem}.safetensors.index.json` and, for the fp16 variant,
+/// `{stem}.safetensors.index.fp16.json`).
 fn weight_file(
     folder: &Path,
     component: Component,
     variant: Variant,
-) -> Result<Box<dyn ByteSource>, WeightsError> {
+) -> Result<Shards, WeightsError> {
     let dir = folder.join(component.folder());
     let stem = component.weights_stem();
     let full = dir.join(format!("{stem}.safetensors"));
     let half = dir.join(format!("{stem}.fp16.safetensors"));
+    let full_index = dir.join(format!("{stem}.safetensors.index.json"));
+    let half_index = dir.join(format!("{stem}.safetensors.index.fp16.json"));
     let pick = match variant {
         Variant::Fp16 if half.exists() => Some(half),
+        Variant::Fp16 if half_index.exists() => return shards(&half_index),
         _ if full.exists() => Some(full),
+        _ if full_index.exists() => return shards(&full_index),
         _ if half.exists() => Some(half),
+        _ if half_index.exists() => return shards(&half_index),
         _ => None,
     };
     if let Some(p) = pick {
-        return Ok(Box::new(FileSource::open(&p)?));
+        return Ok(vec![Box::new(FileSource::open(&p)?)]);
     }
     if let Some(pickle) = component
         .pickle_files()
@@ -103,15 +132,43 @@ impl Checkpoint {
                     reason: "the folder has no unet/ subfolder (a diffusers model folder has unet/, text_encoder/, vae/, tokenizer/)".into(),
                 });
             }
+            let unet_config = read_text(&path.join("unet/config.json"))?;
+            let xl = path.join("text_encoder_2").is_dir();
+            if xl && !path.join("text_encoder").is_dir() {
+                // The refiner: the checkpoint layer names it.
+                let parts = DiffusersParts {
+                    unet: weight_file(path, Component::Unet, variant)?,
+                    text_encoder: Vec::new(),
+                    vae: Vec::new(),
+                    text_encoder_2: Vec::new(),
+                    unet_config,
+                    text_encoder_config: None,
+                    text_encoder_2_config: None,
+                    model_index: None,
+                    vae_config: None,
+                    scheduler_config: None,
+                    tokenizer: None,
+                    tokenizer_2: None,
+                };
+                return Checkpoint::diffusers(&name, parts).await;
+            }
             let parts = DiffusersParts {
                 unet: weight_file(path, Component::Unet, variant)?,
                 text_encoder: weight_file(path, Component::TextEncoder, variant)?,
                 vae: weight_file(path, Component::Vae, variant)?,
-                unet_config: read_text(&path.join("unet/config.json"))?,
+                text_encoder_2: if xl {
+                    weight_file(path, Component::TextEncoder2, variant)?
+                } else {
+                    Vec::new()
+                },
+                unet_config,
                 text_encoder_config: read_text(&path.join("text_encoder/config.json"))?,
+                text_encoder_2_config: read_text(&path.join("text_encoder_2/config.json"))?,
+                model_index: read_text(&path.join("model_index.json"))?,
                 vae_config: read_text(&path.join("vae/config.json"))?,
                 scheduler_config: read_text(&path.join("scheduler/scheduler_config.json"))?,
                 tokenizer: tokenizer(&path.join("tokenizer"))?,
+                tokenizer_2: tokenizer(&path.join("tokenizer_2"))?,
             };
             Checkpoint::diffusers(&name, parts).await
         } else if path.exists() {

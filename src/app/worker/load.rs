@@ -14,7 +14,7 @@ use crate::device::Precision;
 use crate::identity::condition::fingerprint;
 use crate::sd::{self, StableDiffusion};
 use crate::store::{PartsSource, Store, StoreError};
-use crate::weights::checkpoint::pad_token_of;
+use crate::weights::checkpoint::{Shards, pad_token_of, shard_names};
 use crate::weights::{
     ByteSource, Checkpoint, Component, DiffusersParts, TokenizerSource, WeightsError,
 };
@@ -65,45 +65,83 @@ async fn open_checkpoint(store: &Store, m: &Manifest) -> Result<Checkpoint, Work
             .await
             .map_err(bad_model);
     }
-    let weights = |dir: &str, stem: &str| {
-        let full = format!("{dir}/{stem}.safetensors");
-        let half = format!("{dir}/{stem}.fp16.safetensors");
-        if m.file(&full).is_some() { full } else { half }
-    };
-    let boxed = |s: PartsSource| -> Box<dyn ByteSource> { Box::new(s) };
-    let tokenizer = match (
-        text(store, m, "tokenizer/vocab.json").await?,
-        text(store, m, "tokenizer/merges.txt").await?,
-    ) {
-        (Some(vocab), Some(merges)) => {
-            let mut configs = Vec::new();
-            for f in [
-                "tokenizer/special_tokens_map.json",
-                "tokenizer/tokenizer_config.json",
-            ] {
-                configs.extend(text(store, m, f).await?);
-            }
-            Some(TokenizerSource::Texts {
-                vocab,
-                merges,
-                pad_token: pad_token_of(&configs.iter().map(String::as_str).collect::<Vec<_>>()),
-            })
-        }
-        _ => None,
-    };
+    let xl = m
+        .files
+        .iter()
+        .any(|f| f.path.starts_with("text_encoder_2/"));
     let parts = DiffusersParts {
-        unet: boxed(source(store, m, &weights("unet", "diffusion_pytorch_model")).await?),
-        text_encoder: boxed(source(store, m, &weights("text_encoder", "model")).await?),
-        vae: boxed(source(store, m, &weights("vae", "diffusion_pytorch_model")).await?),
+        unet: weights(store, m, Component::Unet).await?,
+        text_encoder: weights(store, m, Component::TextEncoder).await?,
+        vae: weights(store, m, Component::Vae).await?,
+        text_encoder_2: if xl {
+            weights(store, m, Component::TextEncoder2).await?
+        } else {
+            Vec::new()
+        },
         unet_config: text(store, m, "unet/config.json").await?,
         text_encoder_config: text(store, m, "text_encoder/config.json").await?,
+        text_encoder_2_config: text(store, m, "text_encoder_2/config.json").await?,
+        model_index: text(store, m, "model_index.json").await?,
         vae_config: text(store, m, "vae/config.json").await?,
         scheduler_config: text(store, m, "scheduler/scheduler_config.json").await?,
-        tokenizer,
+        tokenizer: tokenizer(store, m, "tokenizer").await?,
+        tokenizer_2: tokenizer(store, m, "tokenizer_2").await?,
     };
     Checkpoint::diffusers(&m.name, parts)
         .await
         .map_err(bad_model)
+}
+
+/// One model's stored weights: its file (full precision first), or the shards its index lists.
+async fn weights(store: &Store, m: &Manifest, c: Component) -> Result<Shards, WorkerError> {
+    let (dir, stem) = (c.folder(), c.weights_stem());
+    let boxed = |s: PartsSource| -> Box<dyn ByteSource> { Box::new(s) };
+    for single in [
+        format!("{dir}/{stem}.safetensors"),
+        format!("{dir}/{stem}.fp16.safetensors"),
+    ] {
+        if m.file(&single).is_some() {
+            return Ok(vec![boxed(source(store, m, &single).await?)]);
+        }
+    }
+    for index in [
+        format!("{dir}/{stem}.safetensors.index.json"),
+        format!("{dir}/{stem}.safetensors.index.fp16.json"),
+    ] {
+        if let Some(text) = text(store, m, &index).await? {
+            let mut shards = Vec::new();
+            for name in shard_names(&index, &text).map_err(bad_model)? {
+                shards.push(boxed(source(store, m, &format!("{dir}/{name}")).await?));
+            }
+            return Ok(shards);
+        }
+    }
+    Err(bad_model(format!(
+        "{dir}/{stem}.safetensors is missing from the stored model"
+    )))
+}
+
+/// A stored tokenizer folder's files, with its pad token; `None` if it has none.
+async fn tokenizer(
+    store: &Store,
+    m: &Manifest,
+    dir: &str,
+) -> Result<Option<TokenizerSource>, WorkerError> {
+    let (Some(vocab), Some(merges)) = (
+        text(store, m, &format!("{dir}/vocab.json")).await?,
+        text(store, m, &format!("{dir}/merges.txt")).await?,
+    ) else {
+        return Ok(None);
+    };
+    let mut configs = Vec::new();
+    for f in ["special_tokens_map.json", "tokenizer_config.json"] {
+        configs.extend(text(store, m, &format!("{dir}/{f}")).await?);
+    }
+    Ok(Some(TokenizerSource::Texts {
+        vocab,
+        merges,
+        pad_token: pad_token_of(&configs.iter().map(String::as_str).collect::<Vec<_>>()),
+    }))
 }
 
 fn weights_error(e: WeightsError) -> WorkerError {
