@@ -68,15 +68,18 @@ install_python() {
 }
 
 # The test models' fp16 variants, single files and 2022 layouts are derived from the committed
-# folders, not committed (a few seconds; byte for byte the same files every time).
+# folders, and the tiny SDXL weights from their seeds (checked against weights.sha256), not
+# committed (seconds; byte for byte the same files every time).
 derive_fixtures() {
-  say "test fixtures derived from the tiny models (tests/fixtures/sd/generate.py --derived)"
-  local log
+  say "test fixtures derived from the tiny models (tests/fixtures/sd/{generate,sdxl}.py --derived)"
+  local log script
   log=$(mktemp)
-  if ! HF_HUB_OFFLINE=1 "$VENV/bin/python" "$ROOT/tests/fixtures/sd/generate.py" --derived >"$log" 2>&1; then
-    cat "$log" >&2
-    exit 1
-  fi
+  for script in generate.py sdxl.py; do
+    if ! HF_HUB_OFFLINE=1 "$VENV/bin/python" "$ROOT/tests/fixtures/sd/$script" --derived >"$log" 2>&1; then
+      cat "$log" >&2
+      exit 1
+    fi
+  done
   rm -f "$log"
 }
 

@@ -3,6 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A boolean that config.json may give as `null` (Python's `None`, false where diffusers tests
+/// it).
+fn null_is_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
 /// A number for every block, or one number for all (diffusers accepts both in config.json).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -60,10 +66,13 @@ pub struct UNetConfig {
     pub norm_num_groups: usize,
     /// Epsilon of the resnets' and the output's group norms.
     pub norm_eps: f64,
-    /// Whether the transformers project in and out with linear layers (SD 2.x) rather than
-    /// 1x1 convolutions (SD 1.x).
+    /// Whether the transformers project in and out with linear layers (SD 2.x, XL) rather
+    /// than 1x1 convolutions (SD 1.x).
+    #[serde(deserialize_with = "null_is_false")]
     pub use_linear_projection: bool,
-    /// Softmax in f32 for f16 models (SD 2.1 768-v); f32 models are unaffected.
+    /// Softmax in f32 for f16 models (SD 2.1 768-v); f32 models are unaffected. SDXL's
+    /// config.json has `null`, which diffusers reads as false.
+    #[serde(deserialize_with = "null_is_false")]
     pub upcast_attention: bool,
     /// Whether the sinusoidal timestep features put the cosines before the sines.
     pub flip_sin_to_cos: bool,

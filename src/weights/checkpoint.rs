@@ -537,15 +537,6 @@ impl Checkpoint {
         let file = SafetensorsFile::open(source).await?;
         let keys: Vec<(String, Vec<usize>)> =
             file.tensors().into_iter().map(|(k, _, s)| (k, s)).collect();
-        if keys
-            .iter()
-            .any(|(k, _)| k.starts_with("conditioner.embedders."))
-        {
-            return Err(WeightsError::Unsupported {
-                path,
-                what: "an SDXL checkpoint".into(),
-            });
-        }
         let Some(ldm_family) = ldm::detect_family(&keys) else {
             let reason = if keys
                 .iter()
@@ -557,6 +548,9 @@ impl Checkpoint {
             };
             return Err(WeightsError::UnknownModel { path, reason });
         };
+        if ldm_family == LdmFamily::SdxlRefiner {
+            return Err(refiner(&path));
+        }
         let map = ldm::map_keys(&keys, ldm_family);
         if let Some(first) = map.unknown.first() {
             return Err(WeightsError::UnknownModel {
@@ -579,6 +573,7 @@ impl Checkpoint {
             let component = match prefix {
                 "unet" => Component::Unet,
                 "text_encoder" => Component::TextEncoder,
+                "text_encoder_2" => Component::TextEncoder2,
                 _ => Component::Vae,
             };
             let info = file
@@ -602,8 +597,21 @@ impl Checkpoint {
                 Some(Prediction::Epsilon) => Family::Sd2,
                 _ => Family::Sd2V,
             },
+            LdmFamily::Sdxl | LdmFamily::SdxlRefiner => Family::Sdxl,
         };
         let config = config.unwrap_or_else(|| family.full_size());
+        if (family == Family::Sdxl) != config.text_encoder_2.is_some() {
+            return Err(WeightsError::WrongFamily {
+                path,
+                expected: family,
+                found: if family == Family::Sdxl {
+                    Family::Sd1
+                } else {
+                    Family::Sdxl
+                },
+                why: " by the config given for its sizes; pass the config of a model of the file's own family".into(),
+            });
+        }
         let scheduler = SchedulerConfig::for_prediction(config.prediction);
         Ok(Self {
             path,
@@ -613,7 +621,9 @@ impl Checkpoint {
             tokenizer: TokenizerSource::Bundled {
                 pad_token: pad_token(family),
             },
-            tokenizer_2: None,
+            tokenizer_2: (family == Family::Sdxl).then(|| TokenizerSource::Bundled {
+                pad_token: "!".into(),
+            }),
             scheduler,
             adaptations: Vec::new(),
             files: vec![file],
@@ -726,24 +736,17 @@ impl Checkpoint {
                 name: name.into(),
             })?;
         let t = self.files[e.file].read(&e.key).await?;
-        Ok(match &e.transform {
-            Transform::Copy | Transform::Squeeze => HostTensor {
-                shape: e.shape.clone(),
-                data: t.data,
+        let data = match &e.transform {
+            Transform::Copy | Transform::Squeeze => t.data,
+            transform => match t.data {
+                HostData::F32(v) => HostData::F32(transform.apply_data(&v, &t.shape)),
+                HostData::F16(v) => HostData::F16(transform.apply_data(&v, &t.shape)),
+                HostData::BF16(v) => HostData::BF16(transform.apply_data(&v, &t.shape)),
             },
-            Transform::Chunk { index, count } => {
-                let per = t.shape.iter().product::<usize>() / count;
-                let range = index * per..(index + 1) * per;
-                let data = match t.data {
-                    HostData::F32(v) => HostData::F32(v[range].to_vec()),
-                    HostData::F16(v) => HostData::F16(v[range].to_vec()),
-                    HostData::BF16(v) => HostData::BF16(v[range].to_vec()),
-                };
-                HostTensor {
-                    shape: e.shape.clone(),
-                    data,
-                }
-            }
+        };
+        Ok(HostTensor {
+            shape: e.shape.clone(),
+            data,
         })
     }
 }

@@ -1,5 +1,6 @@
-//! Tensor names of an original (CompVis/LDM) single-file Stable Diffusion 1.x / 2.x checkpoint
-//! mapped onto the diffusers names of its three models (UNet, VAE, text encoder).
+//! Tensor names of an original single-file Stable Diffusion checkpoint (CompVis/LDM for 1.x /
+//! 2.x, Stability's sgm for XL) mapped onto the diffusers names of its models (UNet, VAE, text
+//! encoder, and SDXL's second text encoder).
 //!
 //! The mapping works on names and shapes only; no tensor data is read. Every key goes through
 //! one pass over a rule table (`GROUPS`): the first rule whose pattern matches decides whether
@@ -8,11 +9,12 @@
 //! renumbers blocks with the layout inferred from the keys (`Layout`); the remainder of a
 //! block's name (`{rest}`) is renamed by the inner table of that block kind (UNet resnet,
 //! transformer, VAE resnet, VAE attention, CLIP / OpenCLIP layer), which also says whether the
-//! tensor is copied, squeezed (VAE attention stored as 1x1 convolutions) or split (OpenCLIP's
-//! fused q/k/v projection).
+//! tensor is copied, squeezed (VAE attention stored as 1x1 convolutions), split (OpenCLIP's
+//! fused q/k/v projection) or transposed (OpenCLIP's `text_projection`, a matrix applied as
+//! `x @ P` where transformers has a linear layer).
 //!
-//! Target names carry the component as a prefix: `unet.`, `vae.`, `text_encoder.` (text encoder
-//! names include transformers' `text_model.`).
+//! Target names carry the component as a prefix: `unet.`, `vae.`, `text_encoder.`,
+//! `text_encoder_2.` (text encoder names include transformers' `text_model.`).
 
 use std::collections::HashSet;
 use std::ops::Range;
@@ -36,6 +38,8 @@ pub enum Transform {
     /// Trailing size-1 dimensions dropped: [C, C, 1, 1] -> [C, C] (VAE attention stored as 1x1
     /// convolutions).
     Squeeze,
+    /// A matrix transposed: [a, b] -> [b, a] (OpenCLIP's `text_projection`).
+    Transpose,
 }
 
 impl Transform {
@@ -56,17 +60,18 @@ impl Transform {
                     out.pop();
                 }
             }
+            Transform::Transpose => out.reverse(),
         }
         out
     }
 
     /// The elements of the source tensor (row-major, shape `shape`) that make up the result, as
     /// a range of flat element indices. Squeezing does not change the element order, so only a
-    /// chunk is a proper sub-range.
+    /// chunk is a proper sub-range (a transposed matrix needs all of its elements, reordered).
     pub fn element_range(&self, shape: &[usize]) -> Range<usize> {
         let numel: usize = shape.iter().product();
         match *self {
-            Transform::Copy | Transform::Squeeze => 0..numel,
+            Transform::Copy | Transform::Squeeze | Transform::Transpose => 0..numel,
             Transform::Chunk { index, count } => {
                 let len = numel / count.max(1);
                 index * len..(index + 1) * len
@@ -74,11 +79,17 @@ impl Transform {
         }
     }
 
-    /// The data of the result, borrowed from the source tensor's data (row-major, shape `shape`).
+    /// The data of the result from the source tensor's data (row-major, shape `shape`).
     ///
     /// Panics if `data` holds fewer elements than `shape` says.
-    pub fn apply_data<'a, T>(&self, data: &'a [T], shape: &[usize]) -> &'a [T] {
-        &data[self.element_range(shape)]
+    pub fn apply_data<T: Copy>(&self, data: &[T], shape: &[usize]) -> Vec<T> {
+        let part = &data[self.element_range(shape)];
+        match (self, shape) {
+            (Transform::Transpose, &[rows, cols]) => (0..rows * cols)
+                .map(|i| part[(i % rows) * cols + i / rows])
+                .collect(),
+            _ => part.to_vec(),
+        }
     }
 }
 
@@ -100,6 +111,12 @@ pub enum LdmFamily {
     Sd1,
     /// SD 2.x: OpenCLIP ViT-H/14 text encoder (`cond_stage_model.model.`).
     Sd2,
+    /// SDXL base (sgm layout): CLIP ViT-L/14 (`conditioner.embedders.0.transformer.`) and
+    /// OpenCLIP ViT-bigG/14 (`conditioner.embedders.1.model.`).
+    Sdxl,
+    /// SDXL's refiner: OpenCLIP bigG alone, as `conditioner.embedders.0.model.`. Recognised
+    /// so that it can be refused by name.
+    SdxlRefiner,
 }
 
 /// The result of [`map_keys`].
@@ -139,11 +156,16 @@ pub fn map_keys(keys: &[(String, Vec<usize>)], family: LdmFamily) -> LdmMap {
     map
 }
 
-/// Sd2 when OpenCLIP text keys `cond_stage_model.model.` are present, Sd1 when
-/// `cond_stage_model.transformer.` are; None otherwise.
+/// Sdxl when bigG's keys `conditioner.embedders.1.model.` are present (the refiner when it is
+/// `embedders.0` and alone), Sd2 when OpenCLIP text keys `cond_stage_model.model.` are, Sd1
+/// when `cond_stage_model.transformer.` are; None otherwise.
 pub fn detect_family(keys: &[(String, Vec<usize>)]) -> Option<LdmFamily> {
     let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
-    if has(SD2_TEXT) {
+    if has(XL_TEXT_2) {
+        Some(LdmFamily::Sdxl)
+    } else if has("conditioner.embedders.0.model.") {
+        Some(LdmFamily::SdxlRefiner)
+    } else if has(SD2_TEXT) {
         Some(LdmFamily::Sd2)
     } else if has(SD1_TEXT) {
         Some(LdmFamily::Sd1)
@@ -156,6 +178,8 @@ const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const SD1_TEXT: &str = "cond_stage_model.transformer.";
 const SD2_TEXT: &str = "cond_stage_model.model.";
+const XL_TEXT: &str = "conditioner.embedders.0.transformer.";
+const XL_TEXT_2: &str = "conditioner.embedders.1.model.";
 
 // ---------------------------------------------------------------------------------------------
 // Layout
@@ -245,6 +269,8 @@ enum Action {
 enum Inner {
     /// The rule has no `rest`: the whole key is matched.
     None,
+    /// As `None`, the tensor transposed.
+    Transposed,
     UnetResnet,
     UnetTransformer,
     VaeResnet,
@@ -261,6 +287,8 @@ enum InnerOp {
     Squeeze,
     /// Fused q/k/v: three targets, `{qkv}` in the replacement taking `q`, `k`, `v`.
     SplitQkv,
+    /// A matrix transposed.
+    Transpose,
 }
 
 /// Inner table entry: pattern (anchored), replacement (`${n}` for capture n), operation.
@@ -296,6 +324,17 @@ static GROUPS: &[Group] = &[
             map(
                 r"time_embed\.2\.{P}",
                 "unet.time_embedding.linear_2.{p}",
+                Inner::None,
+            ),
+            // SDXL's added text/time embedding.
+            map(
+                r"label_emb\.0\.0\.{P}",
+                "unet.add_embedding.linear_1.{p}",
+                Inner::None,
+            ),
+            map(
+                r"label_emb\.0\.2\.{P}",
+                "unet.add_embedding.linear_2.{p}",
                 Inner::None,
             ),
             map(r"input_blocks\.0\.0\.{P}", "unet.conv_in.{p}", Inner::None),
@@ -448,9 +487,56 @@ static GROUPS: &[Group] = &[
         ],
     },
     Group {
+        prefix: XL_TEXT,
+        family: Some(LdmFamily::Sdxl),
+        rules: &[
+            ignore(r"text_model\.embeddings\.position_ids"),
+            map(
+                r"text_model\.(?P<rest>.+)",
+                "text_encoder.text_model.{rest}",
+                Inner::ClipText,
+            ),
+        ],
+    },
+    Group {
+        prefix: XL_TEXT_2,
+        family: Some(LdmFamily::Sdxl),
+        rules: &[
+            map(
+                r"token_embedding\.weight",
+                "text_encoder_2.text_model.embeddings.token_embedding.weight",
+                Inner::None,
+            ),
+            map(
+                r"positional_embedding",
+                "text_encoder_2.text_model.embeddings.position_embedding.weight",
+                Inner::None,
+            ),
+            map(
+                r"ln_final\.{P}",
+                "text_encoder_2.text_model.final_layer_norm.{p}",
+                Inner::None,
+            ),
+            // Every layer: SDXL takes the penultimate states from the full model itself.
+            map(
+                r"transformer\.resblocks\.(?P<n>\d+)\.(?P<rest>.+)",
+                "text_encoder_2.text_model.encoder.layers.{n}.{rest}",
+                Inner::OpenClipLayer,
+            ),
+            map(
+                r"text_projection",
+                "text_encoder_2.text_projection.weight",
+                Inner::Transposed,
+            ),
+            ignore(r"logit_scale|attn_mask"),
+        ],
+    },
+    Group {
         prefix: "",
         family: None,
         rules: &[
+            // sgm's denoiser buffers (SDXL).
+            ignore(r"denoiser\.(?:sigmas|log_sigmas)"),
             // EMA copy of the UNet (`model_ema.diffusion_modelinput_blocks00weight`, ...).
             ignore(r"model_ema\..+"),
             // LatentDiffusion's noise schedule buffers and loss weights.
@@ -570,7 +656,7 @@ static OPENCLIP_LAYER: &[InnerRule] = &[
 impl Inner {
     fn table(self) -> &'static [InnerRule] {
         match self {
-            Inner::None => &[],
+            Inner::None | Inner::Transposed => &[],
             Inner::UnetResnet => UNET_RESNET,
             Inner::UnetTransformer => UNET_TRANSFORMER,
             Inner::VaeResnet => VAE_RESNET,
@@ -585,8 +671,9 @@ impl Inner {
     }
 }
 
-const INNER_KINDS: [Inner; 7] = [
+const INNER_KINDS: [Inner; 8] = [
     Inner::None,
+    Inner::Transposed,
     Inner::UnetResnet,
     Inner::UnetTransformer,
     Inner::VaeResnet,
@@ -721,6 +808,7 @@ fn map_one(
 ) -> Outcome {
     // The renamed remainder and what is done to the tensor.
     let (rest, op) = match caps.name("rest") {
+        None if matches!(inner, Inner::Transposed) => (String::new(), InnerOp::Transpose),
         None => (String::new(), InnerOp::Copy),
         Some(rest) => {
             let found = rules.inner[inner.index()]
@@ -750,6 +838,10 @@ fn map_one(
     };
     match op {
         InnerOp::Copy => Outcome::Mapped(vec![mapping(target, Transform::Copy)]),
+        InnerOp::Transpose if shape.len() == 2 => {
+            Outcome::Mapped(vec![mapping(target, Transform::Transpose)])
+        }
+        InnerOp::Transpose => Outcome::Unknown,
         InnerOp::Squeeze => {
             // Only when there is something to squeeze: a linear weight stays a copy.
             let transform = if Transform::Squeeze.apply_shape(shape) == shape {
@@ -1354,6 +1446,9 @@ mod tests {
                 );
             }
             LdmFamily::Sd2 => openclip_text(&mut keys, s.text_layers, s.text_dim),
+            LdmFamily::Sdxl | LdmFamily::SdxlRefiner => {
+                panic!("SDXL single files are tested on tests/fixtures/sd/tiny-sdxl.safetensors")
+            }
         }
         keys
     }
@@ -1366,6 +1461,9 @@ mod tests {
         let layers = match s.family {
             LdmFamily::Sd1 => s.text_layers,
             LdmFamily::Sd2 => s.text_layers - 1,
+            LdmFamily::Sdxl | LdmFamily::SdxlRefiner => {
+                panic!("SDXL single files are tested on tests/fixtures/sd/tiny-sdxl.safetensors")
+            }
         };
         clip_text(&mut keys, "text_encoder.", layers, s.text_dim);
         let len = keys.len();

@@ -1,0 +1,481 @@
+//! SDXL against diffusers on the tiny SDXL model (`tests/fixtures/sd/sdxl.py`): both text
+//! encoders, the UNet with its added text/time conditioning, the VAE, whole generations, and
+//! every file layout (diffusers folder, sharded weights, the sgm single file).
+#![cfg(not(target_family = "wasm"))]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use sefi::block_on;
+use sefi::config::SdConfig;
+use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise, HostLatents};
+use sefi::schedule::Sampler;
+use sefi::sd::{StableDiffusion, param_counts, validate};
+use sefi::unet::{AddedCond, AttentionCapture, Context};
+use sefi::weights::open::Variant;
+use sefi::weights::{Checkpoint, Component, Family, Format, HostTensor, WeightsError};
+
+mod common;
+use common::{Goldens, fixture, sd_fixture};
+
+/// f32 on the CPU, as for SD 1.x/2.x.
+const TOL: f32 = 1e-4;
+
+fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
+    let shape = t.dims().to_vec();
+    let data = block_on(t.into_data_async()).unwrap();
+    (data.convert::<f32>().try_to_vec::<f32>().unwrap(), shape)
+}
+
+fn max_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+fn assert_close<const D: usize>(
+    actual: Tensor<D>,
+    expected: (Vec<f32>, Vec<usize>),
+    tol: f32,
+    what: &str,
+) -> f32 {
+    let (a, shape) = values(actual);
+    assert_eq!(shape, expected.1, "{what}: shape");
+    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
+    let err = max_err(&a, &expected.0);
+    let scale = expected.0.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(
+        err <= tol,
+        "{what}: max abs error {err:e} > {tol:e} (values up to {scale})"
+    );
+    eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
+    err
+}
+
+fn open(path: &Path, config: Option<SdConfig>) -> Result<Checkpoint, WeightsError> {
+    block_on(Checkpoint::open_path(path, Variant::Auto, config))
+}
+
+fn load(ckpt: &Checkpoint, device: &Device) -> StableDiffusion {
+    block_on(StableDiffusion::load(ckpt, device, DType::F32, &mut |_| {})).unwrap()
+}
+
+fn goldens() -> Goldens {
+    Goldens::open("sd/tiny-sdxl/goldens.safetensors")
+}
+
+#[test]
+fn the_tiny_folder_is_sdxl_with_its_config() {
+    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    assert_eq!(ckpt.family, Family::Sdxl);
+    assert_eq!(ckpt.format, Format::Diffusers);
+    let want = SdConfig::tiny_sdxl();
+    let c = &ckpt.config;
+    assert_eq!(c.unet.block_out_channels, want.unet.block_out_channels);
+    assert_eq!(
+        c.unet.transformer_layers_per_block,
+        want.unet.transformer_layers_per_block
+    );
+    assert_eq!(
+        (
+            c.unet.addition_time_embed_dim,
+            c.unet.projection_class_embeddings_input_dim
+        ),
+        (Some(8), Some(80))
+    );
+    assert_eq!(c.text_encoder_2, want.text_encoder_2);
+    assert_eq!(c.vae.scaling_factor, 0.13025);
+    assert!(c.vae.force_upcast && c.force_zeros_for_empty_prompt);
+    validate(&ckpt, &Device::flex()).unwrap();
+    let counts = param_counts(c, &Device::flex()).unwrap();
+    assert_eq!(
+        counts,
+        [
+            ckpt.params(Component::Unet),
+            ckpt.params(Component::TextEncoder),
+            ckpt.params(Component::Vae),
+            ckpt.params(Component::TextEncoder2),
+        ]
+    );
+}
+
+#[test]
+fn full_size_sdxl_has_the_real_parameter_counts() {
+    let counts: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("sd/param_counts_sdxl.json")).unwrap(),
+    )
+    .unwrap();
+    let expected = ["unet", "text_encoder", "vae", "text_encoder_2"]
+        .map(|c| counts["sdxl"][c].as_u64().unwrap());
+    let got = param_counts(&SdConfig::sdxl_base(), &Device::flex()).unwrap();
+    assert_eq!(got, expected);
+    // The numbers diffusers and transformers report for stable-diffusion-xl-base-1.0.
+    assert_eq!(got, [2_567_463_684, 123_060_480, 83_653_863, 694_659_840]);
+    // And the Hub's config files read as the constructor.
+    let ckpt_config = |part: &str| {
+        std::fs::read_to_string(fixture(&format!("sd/configs/sdxl/{part}/config.json"))).unwrap()
+    };
+    let unet: sefi::config::UNetConfig = serde_json::from_str(&ckpt_config("unet")).unwrap();
+    assert_eq!(unet, SdConfig::sdxl_base().unet);
+    let te2: sefi::config::TextConfig =
+        serde_json::from_str(&ckpt_config("text_encoder_2")).unwrap();
+    assert_eq!(Some(te2), SdConfig::sdxl_base().text_encoder_2);
+    let vae: sefi::config::VaeConfig = serde_json::from_str(&ckpt_config("vae")).unwrap();
+    assert_eq!(vae, SdConfig::sdxl_base().vae);
+}
+
+/// Every component of the tiny SDXL model against the goldens.
+#[test]
+fn components_match_diffusers() {
+    let device = Device::flex();
+    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let sd = load(&ckpt, &device);
+    let g = goldens();
+
+    // Text: CLIP-L's and bigG's penultimate states, bigG's pooled and projected outputs.
+    let ids = g.ids("text.input_ids", &device);
+    let ids_2 = g.ids("text.input_ids_2", &device);
+    let l = sd.text_encoder.forward(ids);
+    assert_close(
+        l.penultimate,
+        g.f32("text.l.penultimate"),
+        TOL,
+        "CLIP-L penultimate",
+    );
+    let big_g = sd.text_encoder_2.as_ref().unwrap().forward(ids_2);
+    assert_close(
+        big_g.penultimate,
+        g.f32("text.g.penultimate"),
+        TOL,
+        "bigG penultimate",
+    );
+    assert_close(big_g.pooled, g.f32("text.g.pooled"), TOL, "bigG pooled");
+    assert_close(
+        big_g.text_embeds.unwrap(),
+        g.f32("text.g.text_embeds"),
+        TOL,
+        "bigG text_embeds",
+    );
+
+    // The pipeline's encoding from the prompts' text, through both tokenizers.
+    let prompts: Vec<String> = serde_json::from_str::<serde_json::Value>(
+        &std::fs::read_to_string(sd_fixture("tiny-sdxl/goldens.json")).unwrap(),
+    )
+    .unwrap()["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let (context, pooled) = g.f32("text.context");
+    let (text_embeds, _) = g.f32("text.g.text_embeds");
+    for (i, prompt) in prompts.iter().enumerate() {
+        let windows = pipeline::prompt_windows(&sd, prompt).unwrap();
+        let encoded = pipeline::encode_windows(&sd, &windows[..1], &device);
+        let n = 77 * 48;
+        assert_close(
+            encoded.states,
+            (context[i * n..(i + 1) * n].to_vec(), vec![1, 77, 48]),
+            TOL,
+            &format!("prompt {i} context"),
+        );
+        assert_close(
+            encoded.pooled.unwrap(),
+            (text_embeds[i * 32..(i + 1) * 32].to_vec(), vec![1, 32]),
+            TOL,
+            &format!("prompt {i} pooled"),
+        );
+    }
+    drop(pooled);
+
+    // UNet with the added conditioning, with split key/value contexts, and its maps.
+    let sample: Tensor<4> = g.tensor("unet.sample", &device);
+    let t: Tensor<1> = g.tensor("unet.timesteps", &device);
+    let added = AddedCond {
+        text_embeds: g.tensor("unet.text_embeds", &device),
+        time_ids: g.tensor("unet.time_ids", &device),
+    };
+    let context = Context::new(g.tensor("unet.context", &device)).with_added(Some(added.clone()));
+    assert_close(
+        sd.unet.forward(sample.clone(), t.clone(), &context, None),
+        g.f32("unet.out"),
+        TOL,
+        "unet out",
+    );
+    let kv = Context::split(context.key.clone(), g.tensor("unet.value_context", &device))
+        .with_added(Some(added));
+    assert_close(
+        sd.unet.forward(sample.clone(), t.clone(), &kv, None),
+        g.f32("unet.out_kv"),
+        TOL,
+        "unet out, split K/V",
+    );
+    let positions = Tensor::<1, Int>::from_data(TensorData::new(vec![2i64, 5], [2]), &device);
+    let mut capture = AttentionCapture::new(positions);
+    sd.unet.forward(sample, t, &context, Some(&mut capture));
+    // Levels 1 and 2 hold 2 x 1 and 2 x 2 transformer layers, the mid block 3, the up blocks
+    // 3 x 2 and 3 x 1: 28 cross-attention layers.
+    assert_eq!(capture.maps.len(), 28);
+    for (i, map) in capture.maps.into_iter().enumerate() {
+        assert_close(
+            map,
+            g.f32(&format!("attn.{i}")),
+            TOL,
+            &format!("attention probabilities {i}"),
+        );
+    }
+
+    // VAE.
+    let posterior = sd.vae.encode(g.tensor("vae.image", &device));
+    assert_close(posterior.mean, g.f32("vae.posterior_mean"), TOL, "vae mean");
+    assert_close(
+        posterior.logvar,
+        g.f32("vae.posterior_logvar"),
+        TOL,
+        "vae logvar",
+    );
+    assert_close(
+        sd.vae.decode(g.tensor("vae.latents", &device)),
+        g.f32("vae.decoded"),
+        TOL,
+        "vae decode",
+    );
+}
+
+fn request(negative: &str, guidance: f64, sampler: Sampler) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photo of sks person, oil painting".into(),
+        negative_prompt: negative.into(),
+        steps: 10,
+        guidance,
+        sampler,
+        seed: 0,
+        width: 64,
+        height: 64,
+        num_images: 1,
+        preview_every: 0,
+    }
+}
+
+/// Whole generations from diffusers' starting latents, compared on the final latents.
+#[test]
+fn generations_match_stable_diffusion_xl_pipeline() {
+    let device = Device::flex();
+    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let sd = load(&ckpt, &device);
+    let g = goldens();
+    let (latents, shape) = g.f32("pipe.latents");
+    let given = GivenNoise {
+        initial: Some(HostLatents {
+            shape: shape.try_into().unwrap(),
+            data: latents,
+        }),
+        steps: None,
+    };
+    let cases = [
+        // An empty negative prompt is zeros (force_zeros_for_empty_prompt).
+        ("pipe.euler.no_negative", request("", 5.0, Sampler::Euler)),
+        (
+            "pipe.euler.negative",
+            request("blurry, low quality", 5.0, Sampler::Euler),
+        ),
+        ("pipe.euler.no_guidance", request("", 1.0, Sampler::Euler)),
+        (
+            "pipe.dpmpp_2m.no_negative",
+            request("", 5.0, Sampler::DpmPp2m),
+        ),
+    ];
+    for (name, req) in cases {
+        let out = block_on(pipeline::generate(
+            &sd,
+            &ckpt.scheduler,
+            &req,
+            &[],
+            &given,
+            &device,
+            &mut |_| Flow::Continue,
+        ))
+        .unwrap();
+        assert_close(out.latents.clone(), g.f32(name), 1e-3, name);
+        if name == "pipe.euler.no_negative" {
+            // The decoded image, before 8-bit rounding: latents / 0.13025 through the VAE.
+            let image = sd.vae.decode(out.latents.div_scalar(0.13025));
+            assert_close(image, g.f32("pipe.euler.no_negative.image"), 1e-3, "image");
+        }
+    }
+}
+
+/// Every tensor of a component, read through the checkpoint (transforms applied).
+fn tensors(ckpt: &Checkpoint, c: Component) -> BTreeMap<String, HostTensor> {
+    ckpt.entries(c)
+        .keys()
+        .map(|name| (name.clone(), block_on(ckpt.read(c, name)).unwrap()))
+        .collect()
+}
+
+fn assert_same_weights(a: &Checkpoint, b: &Checkpoint) {
+    for c in Component::ALL {
+        let (x, y) = (tensors(a, c), tensors(b, c));
+        assert_eq!(
+            x.keys().collect::<Vec<_>>(),
+            y.keys().collect::<Vec<_>>(),
+            "{c}: tensor names"
+        );
+        for (name, t) in &x {
+            let u = &y[name];
+            assert_eq!(t.shape, u.shape, "{c} {name}");
+            assert_eq!(t.to_f32(), u.to_f32(), "{c} {name}");
+        }
+    }
+}
+
+#[test]
+fn sharded_weights_load_as_the_single_files() {
+    let folder = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let sharded = open(&sd_fixture("tiny-sdxl-sharded"), None).unwrap();
+    assert_eq!(sharded.family, Family::Sdxl);
+    validate(&sharded, &Device::flex()).unwrap();
+    assert_same_weights(&folder, &sharded);
+
+    // A shard that goes missing is named.
+    let tmp = TempDir::new("sharded");
+    let copy = tmp.0.join("m");
+    copy_tree(&sd_fixture("tiny-sdxl-sharded"), &copy);
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(copy.join("unet/diffusion_pytorch_model.safetensors.index.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let shard = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::remove_file(copy.join("unet").join(&shard)).unwrap();
+    let err = open(&copy, None).unwrap_err().to_string();
+    assert!(err.contains(&shard) && err.contains("incomplete"), "{err}");
+}
+
+/// A folder removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sefi-sdxl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Copies a folder, following links.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let path = e.path();
+        if path.is_dir() {
+            copy_tree(&path, &to.join(e.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_sgm_single_file_loads_as_the_folder() {
+    let folder = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let config = folder.config.clone();
+    let single = open(&sd_fixture("tiny-sdxl.safetensors"), Some(config)).unwrap();
+    assert_eq!(
+        (single.family, single.format),
+        (Family::Sdxl, Format::SingleFile)
+    );
+    validate(&single, &Device::flex()).unwrap();
+    assert_same_weights(&folder, &single);
+
+    // Without a config it is read as the full-size model, whose shapes it does not have.
+    let full = open(&sd_fixture("tiny-sdxl.safetensors"), None).unwrap();
+    assert_eq!(full.config, SdConfig::sdxl_base());
+    assert!(validate(&full, &Device::flex()).is_err());
+
+    // An SD 1.x config for an SDXL file is refused.
+    let err = open(
+        &sd_fixture("tiny-sdxl.safetensors"),
+        Some(SdConfig::tiny_sd1()),
+    )
+    .unwrap_err();
+    assert!(matches!(err, WeightsError::WrongFamily { .. }), "{err}");
+}
+
+#[test]
+fn refiners_are_refused_by_name() {
+    // A folder without text_encoder/, as stable-diffusion-xl-refiner-1.0.
+    let tmp = TempDir::new("refiner");
+    let copy = tmp.0.join("refiner");
+    copy_tree(&sd_fixture("tiny-sdxl"), &copy);
+    std::fs::remove_dir_all(copy.join("text_encoder")).unwrap();
+    std::fs::remove_dir_all(copy.join("tokenizer")).unwrap();
+    let err = open(&copy, None).unwrap_err();
+    assert!(err.to_string().contains("SDXL refiner"), "{err}");
+
+    // A single file with bigG as the only embedder.
+    let mut tensors = BTreeMap::new();
+    let zeros = vec![0u8; 8];
+    for key in [
+        "conditioner.embedders.0.model.transformer.resblocks.0.ln_1.weight",
+        "model.diffusion_model.input_blocks.0.0.weight",
+    ] {
+        tensors.insert(key.to_string(), zeros.clone());
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], v).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let path = tmp.0.join("refiner.safetensors");
+    std::fs::write(&path, bytes).unwrap();
+    let err = open(&path, None).unwrap_err();
+    assert!(err.to_string().contains("SDXL refiner"), "{err}");
+}
+
+#[test]
+fn identities_on_sdxl_are_refused_with_a_message() {
+    let device = Device::flex();
+    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let sd = load(&ckpt, &device);
+    let config = sefi::identity::train::TrainConfig::new("alice", "person", 64);
+    let photo = sefi::identity::train::Photo {
+        image: sefi::pipeline::RgbImage {
+            width: 64,
+            height: 64,
+            data: vec![128; 64 * 64 * 3],
+        },
+        crop: None,
+    };
+    let err = block_on(sefi::identity::train::Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[photo],
+        config,
+        &device,
+    ))
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("SDXL"), "{err}");
+}
