@@ -1,9 +1,9 @@
 //! A whole Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE (and for
 //! SDXL a second tokenizer and text encoder).
 
-use burn::tensor::{DType, Device};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::clip::{ClipTextModel, ClipTokenizer};
+use crate::clip::{ClipTextModel, ClipTokenizer, ids_tensor};
 use crate::config::SdConfig;
 use crate::nn::{self, LoadProgress, VarStore};
 use crate::unet::UNet2DConditionModel;
@@ -29,6 +29,42 @@ pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     /// The autoencoder between images and latents.
     pub vae: AutoencoderKL,
+}
+
+/// A prompt as the UNet is conditioned on it.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// The context, `[windows, 77, cross_attention_dim]`.
+    pub states: Tensor<3>,
+    /// SDXL's pooled embedding (bigG's projected output at the end token),
+    /// `[windows, projection_dim]`; `None` for SD 1.x/2.x.
+    pub pooled: Option<Tensor<2>>,
+}
+
+/// The ids the second SDXL tokenizer gives for the same text: the vocabularies are the same,
+/// only the padding after the end token differs (`!` rather than `<|endoftext|>`).
+fn repad(windows: &[Vec<u32>], end: u32, pad: u32) -> Vec<u32> {
+    windows
+        .iter()
+        .flat_map(|w| {
+            let stop = w.iter().position(|&i| i == end).map_or(w.len(), |p| p + 1);
+            w.iter()
+                .enumerate()
+                .map(move |(i, &id)| if i < stop { id } else { pad })
+        })
+        .collect()
+}
+
+/// Each window's first end token (its largest id): where CLIP pools, `[windows]`.
+fn end_positions(windows: &[Vec<u32>], device: &Device) -> Tensor<1, Int> {
+    let eos: Vec<i64> = windows
+        .iter()
+        .map(|w| {
+            let max = w.iter().copied().max().unwrap_or(0);
+            w.iter().position(|&i| i == max).unwrap_or(0) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(eos, [windows.len()]), device)
 }
 
 /// Parameter counts of the UNet, the text encoder and the VAE of a config, and of SDXL's second
@@ -126,6 +162,82 @@ pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError
 }
 
 impl StableDiffusion {
+    /// Widths of the text encoders' token embeddings: `[768]` for SD 1.x, `[1024]` for SD 2.x,
+    /// `[768, 1280]` for SDXL. An identity vector is their concatenation.
+    pub fn token_widths(&self) -> Vec<usize> {
+        let mut widths = vec![self.config.text_encoder.hidden_size];
+        widths.extend(self.config.text_encoder_2.as_ref().map(|c| c.hidden_size));
+        widths
+    }
+
+    /// Token embeddings of windows of ids, every encoder's side by side,
+    /// `[windows, 77, sum of token_widths]`, F32: the sequence identity vectors are spliced into.
+    pub fn embed_tokens(&self, windows: &[Vec<u32>], device: &Device) -> Tensor<3> {
+        let flat: Vec<u32> = windows.iter().flatten().copied().collect();
+        let l = self
+            .text_encoder
+            .embed_tokens(ids_tensor(&flat, windows.len(), device));
+        match (&self.text_encoder_2, &self.tokenizer_2) {
+            (Some(encoder_2), Some(tokenizer_2)) => {
+                let ids_2 = repad(windows, self.tokenizer.end_id(), tokenizer_2.pad_id());
+                let g = encoder_2.embed_tokens(ids_tensor(&ids_2, windows.len(), device));
+                Tensor::cat(vec![l, g], 2)
+            }
+            _ => l,
+        }
+    }
+
+    /// Encodes token embeddings of windows (from [`Self::embed_tokens`], possibly spliced).
+    /// SD 1.x/2.x: the text encoder's last states. SDXL, as diffusers' `encode_prompt`: both
+    /// encoders' penultimate states side by side, and bigG's projected pooled output.
+    ///
+    /// - `embeds`: `[windows, 77, sum of token_widths]`
+    /// - output: `states` `[windows, 77, cross_attention_dim]`, `pooled` `[windows, 1280]`
+    pub fn encode_embeds(
+        &self,
+        embeds: Tensor<3>,
+        windows: &[Vec<u32>],
+        device: &Device,
+    ) -> Encoded {
+        let eos = end_positions(windows, device);
+        let Some(encoder_2) = &self.text_encoder_2 else {
+            return Encoded {
+                states: self
+                    .text_encoder
+                    .forward_embeds(embeds, eos)
+                    .last_hidden_state,
+                pooled: None,
+            };
+        };
+        let [_, _, width] = embeds.dims();
+        let width_l = self.config.text_encoder.hidden_size;
+        let l = self
+            .text_encoder
+            .forward_embeds(embeds.clone().narrow(2, 0, width_l), eos.clone());
+        // The pad id ("!", 0) is below the end token's: bigG pools at the same position.
+        let g = encoder_2.forward_embeds(embeds.narrow(2, width_l, width - width_l), eos);
+        Encoded {
+            states: Tensor::cat(vec![l.penultimate, g.penultimate], 2),
+            pooled: g.text_embeds,
+        }
+    }
+
+    /// Encodes windows of ids (see [`Self::encode_embeds`]).
+    pub fn encode(&self, windows: &[Vec<u32>], device: &Device) -> Encoded {
+        self.encode_embeds(self.embed_tokens(windows, device), windows, device)
+    }
+
+    /// The token-embedding row of `id` of every encoder side by side, `[1, sum of
+    /// token_widths]`: where a new identity's vectors start.
+    pub fn token_embedding(&self, id: u32) -> Tensor<2> {
+        let row = |table: Tensor<2>| table.narrow(0, id as usize, 1).cast(DType::F32);
+        let l = row(self.text_encoder.token_embedding_table());
+        match &self.text_encoder_2 {
+            Some(g) => Tensor::cat(vec![l, row(g.token_embedding_table())], 1),
+            None => l,
+        }
+    }
+
     /// The models of `config` with random weights (benchmarks and memory measurements).
     pub fn random(
         config: &SdConfig,

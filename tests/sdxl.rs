@@ -454,28 +454,123 @@ fn refiners_are_refused_by_name() {
     assert!(err.to_string().contains("SDXL refiner"), "{err}");
 }
 
+/// `sefi train` on the tiny SDXL model, the identity file's layout, and generation with two
+/// SDXL identities in one prompt; identities of other families are refused.
 #[test]
-fn identities_on_sdxl_are_refused_with_a_message() {
-    let device = Device::flex();
-    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
-    let sd = load(&ckpt, &device);
-    let config = sefi::identity::train::TrainConfig::new("alice", "person", 64);
-    let photo = sefi::identity::train::Photo {
-        image: sefi::pipeline::RgbImage {
-            width: 64,
-            height: 64,
-            data: vec![128; 64 * 64 * 3],
-        },
-        crop: None,
+fn train_then_generate_with_sdxl_identities() {
+    let tmp = TempDir::new("identities");
+    let sefi = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
-    let err = block_on(sefi::identity::train::Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[photo],
-        config,
-        &device,
-    ))
-    .err()
-    .expect("refused");
-    assert!(err.to_string().contains("SDXL"), "{err}");
+    let model = sd_fixture("tiny-sdxl").display().to_string();
+    let photo = fixture("photos/astronaut.png").display().to_string();
+    let out = |n: &str| tmp.0.join(n).display().to_string();
+    for (token, class) in [("alice", "person"), ("rex", "dog")] {
+        sefi(&[
+            "train",
+            "--model",
+            &model,
+            "--image",
+            &photo,
+            "--token",
+            token,
+            "--class-word",
+            class,
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            &out(&format!("{token}.safetensors")),
+        ]);
+    }
+    // Each encoder's part apart, as `clip_l` / `clip_g` embeddings are.
+    let bytes = std::fs::read(out("alice.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<(String, Vec<usize>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.shape().to_vec()))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            ("key_g".to_string(), vec![5, 32]),
+            ("key_l".to_string(), vec![5, 16]),
+            ("value_g".to_string(), vec![5, 32]),
+            ("value_l".to_string(), vec![5, 16]),
+        ]
+    );
+    let alice = block_on(sefi::identity::Identity::from_bytes("alice", bytes.clone())).unwrap();
+    assert_eq!((alice.family, alice.dim), (Family::Sdxl, 48));
+    assert_eq!(alice.fingerprint.widths, [16, 32]);
+    assert_eq!(
+        block_on(sefi::identity::Identity::from_bytes(
+            "alice",
+            alice.to_bytes().unwrap()
+        ))
+        .unwrap(),
+        alice,
+        "round trip"
+    );
+    // Training moved the vectors away from the class word's embedding, in both encoders' parts.
+    let device = Device::flex();
+    let sd = load(&open(&sd_fixture("tiny-sdxl"), None).unwrap(), &device);
+    let class = sd.tokenizer.single_token("person").unwrap();
+    let start = values(sd.token_embedding(class)).0;
+    let moved = |range: std::ops::Range<usize>| {
+        (0..5).any(|s| {
+            range
+                .clone()
+                .any(|i| (alice.key[s * 48 + i] - start[i]).abs() > 1e-6)
+        })
+    };
+    assert!(moved(0..16) && moved(16..48));
+
+    sefi(&[
+        "generate",
+        "--model",
+        &model,
+        "--identity",
+        &out("alice.safetensors"),
+        "--identity",
+        &out("rex.safetensors"),
+        "--prompt",
+        "a photo of <alice> holding <rex> in front of the eiffel tower",
+        "--steps",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        &out("both.png"),
+    ]);
+    assert!(tmp.0.join("both.png").exists());
+
+    // Families do not mix, either way.
+    let fingerprint = block_on(sefi::identity::condition::fingerprint(&sd)).unwrap();
+    let sd1 = load(&open(&sd_fixture("tiny-sd1"), None).unwrap(), &device);
+    let fingerprint_1 = block_on(sefi::identity::condition::fingerprint(&sd1)).unwrap();
+    assert!(alice.check_model(Family::Sdxl, &fingerprint).is_ok());
+    let err = alice.check_model(Family::Sd1, &fingerprint_1).unwrap_err();
+    assert!(err.to_string().contains("learned on a sdxl model"), "{err}");
+    let mut sd1_identity = alice.clone();
+    sd1_identity.family = Family::Sd1;
+    sd1_identity.fingerprint = fingerprint_1;
+    let err = sd1_identity
+        .check_model(Family::Sdxl, &fingerprint)
+        .unwrap_err();
+    assert!(err.to_string().contains("this sdxl model"), "{err}");
 }

@@ -95,7 +95,8 @@ fn check(model: &str, dtype: DType, tol: Tol) {
             &prompt.positions,
             g.tensor(&name("key"), &device),
             &device,
-        );
+        )
+        .states;
         let err = rel(&values(c_k), &g.f32(&name("c_k")).0);
         assert!(err < tol.context, "{what}: c_k off by {err:e}");
 

@@ -1,12 +1,11 @@
 //! Conditioning with identities: learned vectors spliced into the prompt's token embeddings
 //! at the placeholder positions, then the frozen text encoder.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 
 use super::{FINGERPRINT_ROWS, FINGERPRINT_VALUES, Fingerprint};
-use crate::clip::ids_tensor;
 use crate::nn::read_f32;
-use crate::sd::StableDiffusion;
+use crate::sd::{Encoded, StableDiffusion};
 
 /// Token embeddings `[1, seq, dim]` with row `positions[j]` replaced by `vectors[j]`.
 pub fn splice(embeds: Tensor<3>, positions: &[usize], vectors: Tensor<2>) -> Tensor<3> {
@@ -33,49 +32,48 @@ pub fn splice(embeds: Tensor<3>, positions: &[usize], vectors: Tensor<2>) -> Ten
     Tensor::cat(parts, 1)
 }
 
-/// The first end token (the largest id): where CLIP pools.
-pub fn eos_position(ids: &[u32]) -> usize {
-    let max = ids.iter().copied().max().unwrap_or(0);
-    ids.iter().position(|&i| i == max).unwrap_or(0)
-}
-
-/// Encoder states `[1, seq, dim]` of one 77-token window with `vectors` (`[n, dim]`) at
-/// `positions`.
+/// The encoding of one 77-token window with `vectors` (`[n, dim]`, `dim` the sum of the
+/// encoders' token widths) at `positions`: `states` `[1, 77, cross_attention_dim]`, and SDXL's
+/// `pooled` `[1, 1280]`.
 pub fn encode_spliced(
     sd: &StableDiffusion,
     ids: &[u32],
     positions: &[usize],
     vectors: Tensor<2>,
     device: &Device,
-) -> Tensor<3> {
-    let embeds = splice(
-        sd.text_encoder.embed_tokens(ids_tensor(ids, 1, device)),
-        positions,
-        vectors,
-    );
-    let eos =
-        Tensor::<1, Int>::from_data(TensorData::new(vec![eos_position(ids) as i64], [1]), device);
-    sd.text_encoder
-        .forward_embeds(embeds, eos)
-        .last_hidden_state
+) -> Encoded {
+    let window = [ids.to_vec()];
+    let embeds = splice(sd.embed_tokens(&window, device), positions, vectors);
+    sd.encode_embeds(embeds, &window, device)
 }
 
-/// The fingerprint of a model's token-embedding table (see [`Fingerprint`]).
+/// The fingerprint of a model's token-embedding tables (see [`Fingerprint`]): for SDXL,
+/// samples of CLIP-L's table, then of bigG's.
 pub async fn fingerprint(sd: &StableDiffusion) -> Result<Fingerprint, String> {
-    let table = sd.text_encoder.token_embedding_table();
-    let [vocab, dim] = table.dims();
+    let mut tables = vec![sd.text_encoder.token_embedding_table()];
+    tables.extend(
+        sd.text_encoder_2
+            .as_ref()
+            .map(|g| g.token_embedding_table()),
+    );
+    let vocab = tables[0].dims()[0];
+    let widths: Vec<usize> = tables.iter().map(|t| t.dims()[1]).collect();
     let mut samples = Vec::new();
-    for row in FINGERPRINT_ROWS {
-        let t = table.clone().narrow(0, row.min(vocab - 1), 1).narrow(
-            1,
-            0,
-            FINGERPRINT_VALUES.min(dim),
-        );
-        samples.extend(read_f32(t).await?);
+    for table in tables {
+        let [rows, width] = table.dims();
+        for row in FINGERPRINT_ROWS {
+            let t = table.clone().narrow(0, row.min(rows - 1), 1).narrow(
+                1,
+                0,
+                FINGERPRINT_VALUES.min(width),
+            );
+            samples.extend(read_f32(t).await?);
+        }
     }
     Ok(Fingerprint {
         vocab,
-        dim,
+        dim: widths.iter().sum(),
+        widths: if widths.len() > 1 { widths } else { Vec::new() },
         samples,
     })
 }

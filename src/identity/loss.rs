@@ -3,11 +3,10 @@
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use super::condition::encode_spliced;
-use crate::clip::ids_tensor;
 use crate::config::Prediction;
 use crate::schedule::TrainSchedule;
 use crate::sd::StableDiffusion;
-use crate::unet::{AttentionCapture, Context};
+use crate::unet::{AddedCond, AttentionCapture, Context};
 
 /// One training prompt: ids with placeholders at `positions`, and the reference prompt (the
 /// same with the class words in place), which tokenizes to the same positions.
@@ -77,12 +76,14 @@ pub fn sefi_loss(
     inputs: &LossInputs,
     device: &Device,
 ) -> Loss {
-    let c_k = encode_spliced(sd, &prompt.ids, &prompt.positions, key, device);
-    let c_v = encode_spliced(sd, &prompt.ids, &prompt.positions, value, device);
+    let c_k = encode_spliced(sd, &prompt.ids, &prompt.positions, key, device).states;
+    // SDXL's pooled embedding comes from the value prompt: like the values, it feeds what the
+    // UNet draws (it is added to the timestep embedding), not where attention goes.
+    let value = encode_spliced(sd, &prompt.ids, &prompt.positions, value, device);
+    let c_v = value.states;
     let c_r = sd
-        .text_encoder
-        .forward(ids_tensor(&prompt.ids, 1, device))
-        .last_hidden_state
+        .encode(std::slice::from_ref(&prompt.ids), device)
+        .states
         .detach();
 
     let a = objective.schedule.alphas_cumprod[inputs.timestep];
@@ -107,9 +108,24 @@ pub fn sefi_loss(
     );
     let mut capture = AttentionCapture::new(positions.clone()).with_reference(c_r, positions);
     let t = Tensor::<1>::from_data(TensorData::new(vec![inputs.timestep as f32], [1]), device);
-    let out = sd
-        .unet
-        .forward(z_t, t, &Context::split(c_k, c_v), Some(&mut capture));
+    // SDXL's micro-conditioning: the photo is a full, uncropped square at the training size.
+    let [_, _, h, w] = inputs.latents.dims();
+    let added = value.pooled.map(|text_embeds| {
+        let (h, w) = ((h * 8) as f32, (w * 8) as f32);
+        AddedCond {
+            text_embeds,
+            time_ids: Tensor::from_data(
+                TensorData::new(vec![h, w, 0.0, 0.0, h, w], [1, 6]),
+                device,
+            ),
+        }
+    });
+    let out = sd.unet.forward(
+        z_t,
+        t,
+        &Context::split(c_k, c_v).with_added(added),
+        Some(&mut capture),
+    );
 
     let noise = (target - out).powi_scalar(2).mean();
     let maps: Vec<(Tensor<4>, Tensor<4>)> = capture

@@ -37,9 +37,14 @@ pub fn stage_of(t: f64, stages: usize, train_steps: usize) -> usize {
 pub struct Fingerprint {
     /// Rows of the token-embedding table (the tokenizer's vocabulary size).
     pub vocab: usize,
-    /// Width of the table: 768 for SD 1.x, 1024 for SD 2.x.
+    /// Width of the table: 768 for SD 1.x, 1024 for SD 2.x; for SDXL the sum of both
+    /// encoders' (768 + 1280).
     pub dim: usize,
-    /// The first values of a few rows (the start token, "a", "person").
+    /// SDXL: the width of each encoder's table, CLIP-L's then bigG's (`[768, 1280]`); empty
+    /// for models with one text encoder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub widths: Vec<usize>,
+    /// The first values of a few rows (the start token, "a", "person"), of each table in turn.
     pub samples: Vec<f32>,
 }
 
@@ -75,7 +80,8 @@ pub struct Identity {
     /// The base family (identities of sd2 and sd2-v models are interchangeable).
     pub family: Family,
     /// Width of each vector, the text encoder's token-embedding width (768 for SD 1.x, 1024
-    /// for SD 2.x).
+    /// for SD 2.x). For SDXL both encoders' side by side: 768 for CLIP-L, then 1280 for bigG
+    /// (the split is `fingerprint.widths`).
     pub dim: usize,
     /// `[stages, dim]`, row-major: the key token of each stage.
     pub key: Vec<f32>,
@@ -168,19 +174,43 @@ impl Identity {
     }
 
     /// The identity file: safetensors with `key` and `value` `[stages, dim]` (f32) and the
-    /// metadata.
+    /// metadata. SDXL identities hold each encoder's part apart, as SDXL embeddings in the
+    /// ecosystem do (`clip_l`, `clip_g`): `key_l`, `value_l` `[stages, 768]` and `key_g`,
+    /// `value_g` `[stages, 1280]`.
     pub fn to_bytes(&self) -> Result<Vec<u8>, IdentityError> {
         let invalid = |reason: String| IdentityError::Invalid {
             file: self.token.clone(),
             reason,
         };
-        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        let (k, v) = (bytes(&self.key), bytes(&self.value));
-        let shape = vec![self.stages, self.dim];
-        let view = |b| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                .map_err(|e| invalid(e.to_string()))
+        let widths = match self.fingerprint.widths.as_slice() {
+            [] => vec![self.dim],
+            w if w.iter().sum::<usize>() == self.dim => w.to_vec(),
+            w => {
+                return Err(invalid(format!(
+                    "widths {w:?} do not add up to {}",
+                    self.dim
+                )));
+            }
         };
+        // Column `start..start + width` of every stage's row.
+        let part = |v: &[f32], start: usize, width: usize| -> Vec<u8> {
+            v.chunks(self.dim)
+                .flat_map(|row| &row[start..start + width])
+                .flat_map(|x| x.to_le_bytes())
+                .collect()
+        };
+        let names: &[(&str, &str)] = if widths.len() == 1 {
+            &[("key", "value")]
+        } else {
+            &[("key_l", "value_l"), ("key_g", "value_g")]
+        };
+        let mut data = Vec::new();
+        let mut start = 0;
+        for (&(k, v), &width) in names.iter().zip(&widths) {
+            data.push((k, width, part(&self.key, start, width)));
+            data.push((v, width, part(&self.value, start, width)));
+            start += width;
+        }
         let metadata: HashMap<String, String> = [
             ("format", FORMAT.to_string()),
             ("format_version", FORMAT_VERSION.to_string()),
@@ -197,8 +227,19 @@ impl Identity {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        safetensors::serialize([("key", view(&k)?), ("value", view(&v)?)], Some(metadata))
-            .map_err(|e| invalid(e.to_string()))
+        let views = data
+            .iter()
+            .map(|(name, width, bytes)| {
+                safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::F32,
+                    vec![self.stages, *width],
+                    bytes,
+                )
+                .map(|view| (*name, view))
+                .map_err(|e| invalid(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        safetensors::serialize(views, Some(metadata)).map_err(|e| invalid(e.to_string()))
     }
 
     /// Reads an identity file (`file` names it in messages).
@@ -226,26 +267,49 @@ impl Identity {
         };
         let family: Family = serde_json::from_value(serde_json::Value::String(get("family")?))
             .map_err(|e| invalid(e.to_string()))?;
-        let fingerprint: Fingerprint =
+        let mut fingerprint: Fingerprint =
             serde_json::from_str(&get("fingerprint")?).map_err(|e| invalid(e.to_string()))?;
         let stages: usize = get("stages")?
             .parse()
             .map_err(|_| invalid("bad `stages`".into()))?;
-        let (key, value) = (st.read("key").await?, st.read("value").await?);
-        if key.shape.len() != 2 || key.shape[0] != stages || key.shape != value.shape {
-            return Err(invalid(format!(
-                "`key` {:?} and `value` {:?} must both be [{stages}, dim]",
-                key.shape, value.shape
-            )));
+        let names: &[(&str, &str)] = if family == Family::Sdxl {
+            &[("key_l", "value_l"), ("key_g", "value_g")]
+        } else {
+            &[("key", "value")]
+        };
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for &(k, v) in names {
+            let (key, value) = (st.read(k).await?, st.read(v).await?);
+            if key.shape.len() != 2 || key.shape[0] != stages || key.shape != value.shape {
+                return Err(invalid(format!(
+                    "`{k}` {:?} and `{v}` {:?} must both be [{stages}, width]",
+                    key.shape, value.shape
+                )));
+            }
+            keys.push((key.shape[1], key.to_f32()));
+            values.push((key.shape[1], value.to_f32()));
+        }
+        let widths: Vec<usize> = keys.iter().map(|p| p.0).collect();
+        let dim = widths.iter().sum();
+        // Every stage's rows of the parts side by side.
+        let join = |parts: &[(usize, Vec<f32>)]| -> Vec<f32> {
+            (0..stages)
+                .flat_map(|s| parts.iter().flat_map(move |(w, v)| &v[s * w..(s + 1) * w]))
+                .copied()
+                .collect()
+        };
+        let (key, value) = (join(&keys), join(&values));
+        if widths.len() > 1 {
+            fingerprint.widths = widths;
         }
         Ok(Self {
             token: get("token")?,
             class_word: get("class_word")?,
             stages,
             family,
-            dim: key.shape[1],
-            key: key.to_f32(),
-            value: value.to_f32(),
+            dim,
+            key,
+            value,
             fingerprint,
             training: meta
                 .get("training")

@@ -207,12 +207,6 @@ impl<'a> Trainer<'a> {
                 crate::clip::tokenizer::PLACEHOLDER_NAME_RULE
             )));
         }
-        if sd.text_encoder_2.is_some() {
-            return Err(setup(
-                "learning identities on SDXL is not supported yet: train on an SD 1.x or 2.x model"
-                    .into(),
-            ));
-        }
         let class_id = sd.tokenizer.single_token(&config.class_word).ok_or_else(|| {
             setup(format!("the class word `{}` is not a single token of CLIP's vocabulary; pick a common word such as person, dog, cat or car", config.class_word))
         })?;
@@ -234,6 +228,7 @@ impl<'a> Trainer<'a> {
             fingerprint: Fingerprint {
                 vocab: 0,
                 dim: 0,
+                widths: vec![],
                 samples: vec![],
             },
             training: serde_json::Value::Null,
@@ -257,8 +252,7 @@ impl<'a> Trainer<'a> {
             let enc = |x: Tensor<4>| sd.vae.encode(x).mean.mul_scalar(sf).detach();
             latents.push([enc(a), enc(b)]);
         }
-        let table = sd.text_encoder.token_embedding_table();
-        let class_embedding = read(table.narrow(0, class_id as usize, 1)).await?;
+        let class_embedding = read(sd.token_embedding(class_id)).await?;
         let fingerprint = fingerprint(sd).await.map_err(TrainError::Read)?;
         Ok(Self {
             sd,
@@ -277,7 +271,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Width of the identity vectors: the text encoder's token-embedding width (768 for SD
-    /// 1.x, 1024 for SD 2.x).
+    /// 1.x, 1024 for SD 2.x; 768 + 1280 for SDXL's two).
     pub fn dim(&self) -> usize {
         self.class_embedding.len()
     }

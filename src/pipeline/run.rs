@@ -8,12 +8,12 @@ use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 
 use super::{Event, Flow, GenerateRequest, GivenNoise, HostLatents, PipelineError, RgbImage};
-use crate::clip::ids_tensor;
 use crate::identity::condition::encode_spliced;
 use crate::identity::prompt::UnknownPlaceholder;
 pub use crate::identity::prompt::{CHUNK, PromptTokens, Slot, tokenize_prompt};
 use crate::identity::{Identity, stage_of};
 use crate::schedule::{Plan, Scheduler, SchedulerConfig};
+pub use crate::sd::Encoded;
 use crate::sd::StableDiffusion;
 use crate::unet::{AddedCond, Context};
 
@@ -33,53 +33,19 @@ pub fn prompt_windows(sd: &StableDiffusion, text: &str) -> Result<Vec<Vec<u32>>,
     Ok(tokenize_prompt(sd, text, &[])?.windows)
 }
 
-/// A prompt as the UNet is conditioned on it.
-#[derive(Clone, Debug)]
-pub struct Encoded {
-    /// The context, `[1, 77 k, cross_attention_dim]` for `k` windows.
-    pub states: Tensor<3>,
-    /// SDXL's pooled embedding (bigG's projected output of the first window), `[1, 1280]`.
-    pub pooled: Option<Tensor<2>>,
-}
-
-/// The ids the second SDXL tokenizer gives for the same text: the vocabularies are the same,
-/// only the padding after the end token differs (`!` rather than `<|endoftext|>`).
-fn repad(windows: &[Vec<u32>], end: u32, pad: u32) -> Vec<u32> {
-    windows
-        .iter()
-        .flat_map(|w| {
-            let stop = w.iter().position(|&i| i == end).map_or(w.len(), |p| p + 1);
-            w.iter()
-                .enumerate()
-                .map(move |(i, &id)| if i < stop { id } else { pad })
-        })
-        .collect()
-}
-
-/// Encodes windows of ids, `k` windows -> `[1, 77 k, dim]`. SD 1.x/2.x: the text encoder's
-/// last states. SDXL (as diffusers' `encode_prompt`): both encoders' penultimate states side by
-/// side, and bigG's projected pooled output.
+/// Encodes windows of ids, `k` windows -> `states` `[1, 77 k, dim]` and, for SDXL, the first
+/// window's `pooled` `[1, 1280]` (see [`StableDiffusion::encode_embeds`]).
 pub fn encode_windows(sd: &StableDiffusion, windows: &[Vec<u32>], device: &Device) -> Encoded {
-    let k = windows.len();
-    let flat: Vec<u32> = windows.iter().flatten().copied().collect();
-    let ids = ids_tensor(&flat, k, device);
-    let (states, pooled) = match (&sd.text_encoder_2, &sd.tokenizer_2) {
-        (Some(encoder_2), Some(tokenizer_2)) => {
-            let l = sd.text_encoder.forward(ids).penultimate;
-            let ids_2 = repad(windows, sd.tokenizer.end_id(), tokenizer_2.pad_id());
-            let g = encoder_2.forward(ids_tensor(&ids_2, k, device));
-            let pooled = g
-                .text_embeds
-                .expect("SDXL's second text encoder has a projection")
-                .narrow(0, 0, 1);
-            (Tensor::cat(vec![l, g.penultimate], 2), Some(pooled))
-        }
-        _ => (sd.text_encoder.forward(ids).last_hidden_state, None),
-    };
-    let d = states.dims()[2];
+    join_windows(sd.encode(windows, device))
+}
+
+/// `[k, 77, dim]` windows joined into one sequence `[1, 77 k, dim]`; the pooled embedding is
+/// the first window's, as the popular web UIs take it for long SDXL prompts.
+fn join_windows(encoded: Encoded) -> Encoded {
+    let [k, s, d] = encoded.states.dims();
     Encoded {
-        states: states.reshape([1, k * (CHUNK + 2), d]),
-        pooled,
+        states: encoded.states.reshape([1, k * s, d]),
+        pooled: encoded.pooled.map(|p| p.narrow(0, 0, 1)),
     }
 }
 
@@ -93,14 +59,14 @@ fn encode_tokens(
     if tokens.slots.is_empty() {
         return encode_windows(sd, &tokens.windows, device);
     }
-    let parts = tokens
+    let parts: Vec<Encoded> = tokens
         .windows
         .iter()
         .enumerate()
         .map(|(w, ids)| {
             let slots: Vec<&Slot> = tokens.slots.iter().filter(|s| s.window == w).collect();
             if slots.is_empty() {
-                return encode_windows(sd, std::slice::from_ref(ids), device).states;
+                return sd.encode(std::slice::from_ref(ids), device);
             }
             let rows: Vec<f32> = slots.iter().flat_map(|s| vector(s)).collect();
             let dim = rows.len() / slots.len();
@@ -109,9 +75,10 @@ fn encode_tokens(
             encode_spliced(sd, ids, &positions, vectors, device)
         })
         .collect();
+    let pooled = parts[0].pooled.clone();
     Encoded {
-        states: Tensor::cat(parts, 1),
-        pooled: None,
+        states: Tensor::cat(parts.into_iter().map(|p| p.states).collect(), 1),
+        pooled,
     }
 }
 
@@ -217,11 +184,6 @@ pub async fn generate(
 
     let (prompt, negative, warnings) =
         tokenize_pair(sd, &req.prompt, &req.negative_prompt, identities)?;
-    if sd.text_encoder_2.is_some() && !prompt.slots.is_empty() {
-        return Err(PipelineError::Request(
-            "identities in SDXL prompts are not supported yet: generate with an SD 1.x or 2.x model, or leave the <name> out".into(),
-        ));
-    }
     if on_event(Event::Encoded {
         warnings: warnings.clone(),
     }) == Flow::Cancel
