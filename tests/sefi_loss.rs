@@ -1,5 +1,6 @@
 //! The SeFi loss and its gradients against PyTorch autograd with diffusers' UNet and
-//! transformers' text encoder (goldens from `tests/fixtures/sefi/generate.py`).
+//! transformers' text encoders, for SD 1.x, 2.x and XL (goldens from
+//! `tests/fixtures/sefi/generate.py`).
 #![cfg(not(target_family = "wasm"))]
 
 use burn::tensor::{DType, Device, Tensor};
@@ -188,8 +189,16 @@ fn tiny_sd2_loss_and_gradients_match_pytorch() {
     check("tiny-sd2", DType::F32, F32);
 }
 
+/// SDXL: vectors for both text encoders, the pooled embedding from the value prompt, the
+/// training size as micro-conditioning, 28 cross-attention layers.
+#[test]
+fn tiny_sdxl_loss_and_gradients_match_pytorch() {
+    check("tiny-sdxl", DType::F32, F32);
+}
+
 #[test]
 fn half_precision_weights_give_close_losses_and_gradients() {
     check("tiny-sd1", DType::F16, F16);
     check("tiny-sd2", DType::F16, F16);
+    check("tiny-sdxl", DType::F16, F16);
 }
