@@ -574,3 +574,25 @@ fn train_then_generate_with_sdxl_identities() {
         .unwrap_err();
     assert!(err.to_string().contains("this sdxl model"), "{err}");
 }
+
+/// The presets' sizes, which size the fit estimate before any download, are the configs'.
+#[test]
+fn presets_state_their_models_sizes() {
+    for p in sefi::app::catalog::PRESETS {
+        let config = p.family.full_size();
+        let counts = param_counts(&config, &Device::flex()).unwrap();
+        assert_eq!(p.params, counts.iter().sum::<u64>(), "{}", p.name);
+        assert_eq!(p.unet_params, counts[0], "{}", p.name);
+        let widest = config
+            .text_encoder_2
+            .as_ref()
+            .map_or(config.text_encoder.hidden_size, |t| t.hidden_size);
+        assert_eq!(
+            p.largest_tensor,
+            (config.text_encoder.vocab_size * widest) as u64,
+            "{}",
+            p.name
+        );
+        assert_eq!(p.resolution, config.unet.sample_size * 8, "{}", p.name);
+    }
+}

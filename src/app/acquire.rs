@@ -4,6 +4,8 @@
 //! from storage.
 
 use std::cell::Cell;
+use std::collections::VecDeque;
+use std::future::Future;
 use std::rc::Rc;
 
 use js_sys::{Reflect, Uint8Array};
@@ -12,10 +14,12 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::{File, Headers, ReadableStreamDefaultReader, RequestInit, Response};
 
 use super::catalog::{
-    Manifest, ModelSource, PART_SIZE, StoredFile, Wanted, folder_files, model_id,
+    Manifest, ModelSource, PART_SIZE, StoredFile, Wanted, folder_files, is_shard_index, model_id,
+    shard_files, unet_is_xl, xl_files,
 };
 use super::view::ErrorKind;
-use crate::store::{Store, StoreError, Writer, estimate};
+use crate::store::{PartsSource, Store, StoreError, Writer, estimate};
+use crate::weights::ByteSource;
 
 /// Why a model could not be brought into storage.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -363,27 +367,24 @@ pub async fn download(
         return Ok(manifest);
     }
     write_manifest(store, &manifest).await?;
-    let wanted: Vec<(Wanted, String)> = match source {
-        ModelSource::SingleFile { url } => vec![(
-            Wanted {
+    let (mut queue, base): (VecDeque<Wanted>, String) = match source {
+        ModelSource::SingleFile { url } => (
+            VecDeque::from([Wanted {
                 candidates: vec!["model.safetensors".into()],
                 optional: false,
                 pickles: Vec::new(),
-            },
+            }]),
             url.clone(),
-        )],
-        ModelSource::Folder { base } => folder_files(manifest.fp16)
-            .into_iter()
-            .map(|w| (w, base.clone()))
-            .collect(),
+        ),
+        ModelSource::Folder { base } => (folder_files(manifest.fp16).into(), base.clone()),
     };
     let mut done = 0;
-    for (want, base) in wanted {
-        let mut found = false;
+    while let Some(want) = queue.pop_front() {
+        let mut found = None;
         for name in &want.candidates {
             if let Some(f) = manifest.file(name).filter(|f| f.complete) {
                 done += f.size.unwrap_or(0);
-                found = true;
+                found = Some(name.clone());
                 break;
             }
             let url = if manifest.single_file {
@@ -402,11 +403,15 @@ pub async fn download(
                 });
                 write_manifest(store, &manifest).await?;
                 done += size;
-                found = true;
+                found = Some(name.clone());
                 break;
             }
         }
-        if !found && !want.optional {
+        if let Some(name) = &found {
+            let text = || stored_text(store, &manifest, name);
+            follow_up(name, text, &mut queue, manifest.fp16).await?;
+        }
+        if found.is_none() && !want.optional {
             return Err(AcquireError::BadModel(if manifest.single_file {
                 format!("{} was not found (404)", source.address())
             } else {
@@ -424,6 +429,41 @@ pub async fn download(
     manifest.complete = true;
     write_manifest(store, &manifest).await?;
     Ok(manifest)
+}
+
+/// A stored file's text.
+async fn stored_text(store: &Store, m: &Manifest, path: &str) -> Result<String, AcquireError> {
+    let size = m.file(path).and_then(|f| f.size).unwrap_or(0);
+    let src = PartsSource::open(store, path, &part_prefix(&m.id, path), size, PART_SIZE).await?;
+    let bytes = src
+        .read_at(0, size as usize)
+        .await
+        .map_err(|e| AcquireError::BadModel(e.to_string()))?;
+    String::from_utf8(bytes).map_err(|_| AcquireError::BadModel(format!("{path} is not text")))
+}
+
+/// What a file just stored adds to the files still wanted: an SDXL UNet's config the second
+/// text encoder, a shard index its shards.
+async fn follow_up<F: Future<Output = Result<String, AcquireError>>>(
+    name: &str,
+    text: impl FnOnce() -> F,
+    queue: &mut VecDeque<Wanted>,
+    fp16: bool,
+) -> Result<(), AcquireError> {
+    if name == "unet/config.json" {
+        if unet_is_xl(&text().await?) {
+            queue.extend(xl_files(fp16));
+        }
+    } else if is_shard_index(name) {
+        for shard in shard_files(name, &text().await?)
+            .map_err(AcquireError::BadModel)?
+            .into_iter()
+            .rev()
+        {
+            queue.push_front(shard);
+        }
+    }
+    Ok(())
 }
 
 /// The path of a picked file inside its folder, without the folder's own name
@@ -456,14 +496,19 @@ pub async fn copy_files(
     });
     let is_folder = named.iter().any(|(p, _)| p.starts_with("unet/"));
     let chosen: Vec<(String, File)> = if is_folder {
-        let mut out = Vec::new();
-        for want in folder_files(false) {
+        let mut out: Vec<(String, File)> = Vec::new();
+        let mut queue: VecDeque<Wanted> = folder_files(false).into();
+        while let Some(want) = queue.pop_front() {
             match want
                 .candidates
                 .iter()
                 .find_map(|c| named.iter().find(|(p, _)| p == c))
             {
-                Some(f) => out.push(f.clone()),
+                Some((path, f)) => {
+                    let text = || file_text(f);
+                    follow_up(path, text, &mut queue, false).await?;
+                    out.push((path.clone(), f.clone()));
+                }
                 None if want.optional => {}
                 None => {
                     let pickle = want
@@ -579,6 +624,15 @@ pub async fn copy_files(
     manifest.complete = true;
     write_manifest(store, &manifest).await?;
     Ok(manifest)
+}
+
+/// A picked file's text.
+async fn file_text(file: &File) -> Result<String, AcquireError> {
+    JsFuture::from(file.text())
+        .await
+        .ok()
+        .and_then(|t| t.as_string())
+        .ok_or_else(|| AcquireError::BadModel(format!("cannot read {} as text", file.name())))
 }
 
 /// Marks a model as the last used one.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::weights::Component;
+use crate::weights::{Component, Family};
 
 /// A model offered in the model panel's list. Add entries here to offer more.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +18,16 @@ pub struct Preset {
     pub fp16: bool,
     /// Size and download, shown beside the name.
     pub note: &'static str,
+    /// The model family: its full-size config sizes the fit estimate before any download.
+    pub family: Family,
+    /// Its native image size in pixels.
+    pub resolution: usize,
+    /// Parameters of all its models (checked against the configs in the tests).
+    pub params: u64,
+    /// Parameters of its UNet.
+    pub unet_params: u64,
+    /// Elements of its largest tensor (the largest token-embedding table).
+    pub largest_tensor: u64,
 }
 
 /// The models the model panel offers.
@@ -27,12 +37,33 @@ pub const PRESETS: &[Preset] = &[
         address: "stable-diffusion-v1-5/stable-diffusion-v1-5",
         fp16: true,
         note: "512 px, about 2.1 GB to download",
+        family: Family::Sd1,
+        resolution: 512,
+        params: 1_066_235_307,
+        unet_params: 859_520_964,
+        largest_tensor: 49_408 * 768,
     },
     Preset {
         name: "Stable Diffusion 2.1 base",
         address: "stabilityai/stable-diffusion-2-1-base",
         fp16: true,
         note: "512 px, about 2.6 GB to download",
+        family: Family::Sd2,
+        resolution: 512,
+        params: 1_289_952_427,
+        unet_params: 865_910_724,
+        largest_tensor: 49_408 * 1024,
+    },
+    Preset {
+        name: "Stable Diffusion XL base 1.0",
+        address: "stabilityai/stable-diffusion-xl-base-1.0",
+        fp16: true,
+        note: "1024 px, about 6.9 GB to download; needs a GPU with 10 GB or more",
+        family: Family::Sdxl,
+        resolution: 1024,
+        params: 3_468_837_867,
+        unet_params: 2_567_463_684,
+        largest_tensor: 49_408 * 1280,
     },
 ];
 
@@ -192,31 +223,79 @@ impl Wanted {
     }
 }
 
-/// The files of a diffusers folder that SeFi Studio reads, weights in the preferred variant
-/// first. Everything else a published folder holds (`model_index.json`, `safety_checker/`,
-/// `feature_extractor/`, `.bin` pickles, `.ckpt` files beside it) is never fetched.
-pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
-    let weights = |component: Component| {
-        let (dir, stem) = (component.folder(), component.weights_stem());
-        let (full, half) = (
-            format!("{dir}/{stem}.safetensors"),
-            format!("{dir}/{stem}.fp16.safetensors"),
-        );
-        Wanted {
-            candidates: if fp16_first {
-                vec![half, full]
-            } else {
-                vec![full, half]
-            },
-            optional: false,
-            pickles: component.pickle_files().to_vec(),
-        }
-    };
-    let file = |p: &str, optional| Wanted {
-        candidates: vec![p.to_string()],
+/// The weights of one model of a folder: one file in the preferred variant first, else the
+/// index of its shards (whose shards [`shard_files`] then names).
+fn weights(component: Component, fp16_first: bool) -> Wanted {
+    let (dir, stem) = (component.folder(), component.weights_stem());
+    let (full, half) = (
+        format!("{dir}/{stem}.safetensors"),
+        format!("{dir}/{stem}.fp16.safetensors"),
+    );
+    let (full_index, half_index) = (
+        format!("{dir}/{stem}.safetensors.index.json"),
+        format!("{dir}/{stem}.safetensors.index.fp16.json"),
+    );
+    Wanted {
+        candidates: if fp16_first {
+            vec![half, full, half_index, full_index]
+        } else {
+            vec![full, half, full_index, half_index]
+        },
+        optional: false,
+        pickles: component.pickle_files().to_vec(),
+    }
+}
+
+fn file(path: &str, optional: bool) -> Wanted {
+    Wanted {
+        candidates: vec![path.to_string()],
         optional,
         pickles: Vec::new(),
-    };
+    }
+}
+
+/// Whether a shard index was picked: its shards are needed too.
+pub fn is_shard_index(path: &str) -> bool {
+    path.ends_with(".safetensors.index.json") || path.ends_with(".safetensors.index.fp16.json")
+}
+
+/// The shards a stored index (`index_path`, e.g. `unet/diffusion_pytorch_model.safetensors.index.json`)
+/// lists, each needed, beside the index.
+pub fn shard_files(index_path: &str, index_text: &str) -> Result<Vec<Wanted>, String> {
+    let dir = index_path.rsplit_once('/').map_or("", |(d, _)| d);
+    let names = crate::weights::checkpoint::shard_names(index_path, index_text)
+        .map_err(|e| e.to_string())?;
+    Ok(names
+        .into_iter()
+        .map(|n| file(&format!("{dir}/{n}"), false))
+        .collect())
+}
+
+/// Whether `unet/config.json` is an SDXL UNet (`addition_embed_type: text_time`), whose folder
+/// also has a second text encoder and tokenizer ([`xl_files`]).
+pub fn unet_is_xl(config: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(config)
+        .is_ok_and(|v| v["addition_embed_type"] == "text_time")
+}
+
+/// The files SDXL folders add: the second text encoder and its tokenizer.
+pub fn xl_files(fp16_first: bool) -> Vec<Wanted> {
+    vec![
+        file("text_encoder_2/config.json", false),
+        file("tokenizer_2/vocab.json", true),
+        file("tokenizer_2/merges.txt", true),
+        file("tokenizer_2/special_tokens_map.json", true),
+        file("tokenizer_2/tokenizer_config.json", true),
+        weights(Component::TextEncoder2, fp16_first),
+    ]
+}
+
+/// The files of a diffusers folder that SeFi Studio reads, weights in the preferred variant
+/// first (SDXL folders add [`xl_files`], sharded weights their [`shard_files`]). Everything
+/// else a published folder holds (`model_index.json`, `safety_checker/`,
+/// `feature_extractor/`, `.bin` pickles, `.ckpt` files beside it) is never fetched.
+pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
+    let weights = |component| weights(component, fp16_first);
     vec![
         file("unet/config.json", false),
         file("text_encoder/config.json", false),
@@ -394,7 +473,9 @@ mod tests {
             unet.candidates,
             [
                 "unet/diffusion_pytorch_model.fp16.safetensors",
-                "unet/diffusion_pytorch_model.safetensors"
+                "unet/diffusion_pytorch_model.safetensors",
+                "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+                "unet/diffusion_pytorch_model.safetensors.index.json",
             ]
         );
         assert!(!unet.optional);
@@ -440,6 +521,54 @@ mod tests {
         );
         let why = text.missing("my-model/", None);
         assert!(why.contains("text_encoder/model.safetensors"), "{why}");
+    }
+
+    #[test]
+    fn sdxl_folders_add_their_second_encoder_and_shards() {
+        let sd15 = r#"{"cross_attention_dim": 768}"#;
+        let xl = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sd/configs/sdxl/unet/config.json"
+        ))
+        .unwrap();
+        assert!(!unet_is_xl(sd15) && unet_is_xl(&xl) && !unet_is_xl("not json"));
+        let files: Vec<String> = xl_files(true)
+            .into_iter()
+            .flat_map(|w| w.candidates)
+            .collect();
+        assert!(files.contains(&"text_encoder_2/config.json".to_string()));
+        assert!(files.contains(&"text_encoder_2/model.fp16.safetensors".to_string()));
+        assert!(files.contains(&"tokenizer_2/vocab.json".to_string()));
+
+        let index = "unet/diffusion_pytorch_model.safetensors.index.json";
+        assert!(is_shard_index(index) && !is_shard_index("unet/config.json"));
+        let text = r#"{"metadata": {}, "weight_map": {
+            "a": "diffusion_pytorch_model-00002-of-00002.safetensors",
+            "b": "diffusion_pytorch_model-00001-of-00002.safetensors",
+            "c": "diffusion_pytorch_model-00001-of-00002.safetensors"}}"#;
+        let shards: Vec<Vec<String>> = shard_files(index, text)
+            .unwrap()
+            .into_iter()
+            .map(|w| {
+                assert!(!w.optional);
+                w.candidates
+            })
+            .collect();
+        assert_eq!(
+            shards,
+            [
+                ["unet/diffusion_pytorch_model-00001-of-00002.safetensors"],
+                ["unet/diffusion_pytorch_model-00002-of-00002.safetensors"],
+            ]
+        );
+        // An index may only name files beside it.
+        let hostile = r#"{"weight_map": {"a": "../../other/model.safetensors"}}"#;
+        assert!(
+            shard_files(index, hostile)
+                .unwrap_err()
+                .contains("not a file name")
+        );
+        assert!(shard_files(index, "{}").is_err());
     }
 
     #[test]

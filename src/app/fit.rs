@@ -28,10 +28,23 @@ pub fn attention_bytes(unet: &UNetConfig, width: usize, height: usize, batch: us
     batch as u64 * unet.heads(level) as u64 * tokens * tokens * 4
 }
 
-/// The largest square side (a multiple of 64) whose attention fits `limit` bytes.
+/// The VAE decoder's attention-score buffer, `[1, 1, tokens, tokens]` in f32: its mid-block
+/// attends over every latent position (one head), which at 1024 px is 16384 tokens, 1 GiB.
+pub fn vae_attention_bytes(width: usize, height: usize) -> u64 {
+    let tokens = (width / 8) as u64 * (height / 8) as u64;
+    tokens * tokens * 4
+}
+
+/// The largest buffer generating `batch` images with guidance binds at `width` x `height`.
+fn generate_buffer(unet: &UNetConfig, width: usize, height: usize, batch: usize) -> u64 {
+    attention_bytes(unet, width, height, batch).max(vae_attention_bytes(width, height))
+}
+
+/// The largest square side (a multiple of 64) whose attention (the UNet's and the VAE
+/// decoder's) fits `limit` bytes.
 pub fn largest_side(unet: &UNetConfig, batch: usize, limit: u64) -> usize {
     let mut side = 64;
-    while side < 4096 && attention_bytes(unet, side + 64, side + 64, batch) <= limit {
+    while side < 4096 && generate_buffer(unet, side + 64, side + 64, batch) <= limit {
         side += 64;
     }
     side
@@ -72,7 +85,8 @@ pub fn estimate(
     let train = weights as f64 + SD15_TRAIN_ACTIVATIONS_512 * scale * bytes_per_param as f64 / 4.0;
     // One image with guidance: a batch of 2.
     let attention = attention_bytes(unet, resolution, resolution, 2);
-    let generate = weights as f64 + 2.0 * attention as f64 + 0.5 * GIB * scale;
+    let vae_attention = vae_attention_bytes(resolution, resolution);
+    let generate = weights as f64 + 2.0 * attention.max(vae_attention) as f64 + 0.5 * GIB * scale;
     let binding = limits.map(|l| l.max_storage_buffer_binding_size.min(l.max_buffer_size));
     let largest_generate_side = binding.map(|l| largest_side(unet, 2, l));
     let mut advice = Vec::new();
@@ -90,10 +104,16 @@ pub fn estimate(
                 }
             ));
         }
-        if attention > limit {
+        let biggest = attention.max(vae_attention);
+        if biggest > limit {
+            let what = if attention >= vae_attention {
+                "the attention"
+            } else {
+                "decoding the image (the VAE's attention)"
+            };
             advice.push(format!(
-                "At {resolution} px the attention needs a {} buffer; this GPU allows {}. Choose {side} px or less.",
-                mib(attention),
+                "At {resolution} px {what} needs a {} buffer; this GPU allows {}. Choose {side} px or less.",
+                mib(biggest),
                 mib(limit),
             ));
         }
@@ -109,6 +129,22 @@ pub fn estimate(
     }
 }
 
+/// What a preset needs, from its published sizes, before anything is downloaded: weights in
+/// f16 where the GPU computes in it, f32 otherwise.
+pub fn preset(p: &crate::app::catalog::Preset, limits: Option<&GpuLimits>, f16: bool) -> FitReport {
+    let bytes_per_param = if f16 { 2 } else { 4 };
+    let unet = p.family.full_size().unet;
+    estimate(
+        &unet,
+        p.unet_params,
+        p.params,
+        bytes_per_param,
+        p.largest_tensor * bytes_per_param,
+        p.resolution,
+        limits,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +157,50 @@ mod tests {
         assert_eq!(attention_bytes(&unet, 256, 256, 1), 8 * 1024 * 1024 * 4);
         assert_eq!(largest_side(&unet, 2, 1 << 30), 512);
         assert_eq!(largest_side(&unet, 2, 128 << 20), 256);
+        // The VAE's mid-block attention over every latent position.
+        assert_eq!(vae_attention_bytes(512, 512), 4096 * 4096 * 4);
+        assert_eq!(vae_attention_bytes(1024, 1024), 1 << 30);
+    }
+
+    #[test]
+    fn sdxl_at_1024_needs_a_gibibyte_buffer() {
+        let unet = UNetConfig::sdxl_base();
+        // The first attention level is the second (64x64 latents at 1024 px): 10 heads.
+        assert_eq!(
+            attention_bytes(&unet, 1024, 1024, 2),
+            2 * 10 * 4096 * 4096 * 4
+        );
+        let limits = |binding: u64| GpuLimits {
+            max_buffer_size: binding,
+            max_storage_buffer_binding_size: binding,
+            max_compute_invocations_per_workgroup: 256,
+            max_compute_workgroup_storage_size: 32 << 10,
+        };
+        let sdxl = crate::app::catalog::PRESETS
+            .iter()
+            .find(|p| p.family == crate::weights::Family::Sdxl)
+            .unwrap();
+        // WebGPU's default binding limit (128 MiB): 1024 px does not fit, 512 px does.
+        let small = preset(sdxl, Some(&limits(128 << 20)), true);
+        assert_eq!(small.largest_generate_side, Some(512));
+        assert!(
+            small
+                .advice
+                .iter()
+                .any(|a| a.contains("Choose 512 px or less")),
+            "{:?}",
+            small.advice
+        );
+        // A GPU that binds 2 GiB fits 1024 px; the weights are 6.5 GiB in f16.
+        let big = preset(sdxl, Some(&limits(2 << 30)), true);
+        assert!(big.advice.is_empty(), "{:?}", big.advice);
+        assert_eq!(big.largest_generate_side, Some(1088));
+        let gib = big.weights_bytes as f64 / GIB;
+        assert!((gib - 6.46).abs() < 0.01, "{gib}");
+        // Without f16 the weights double, and training at 1024 px needs far more.
+        let f32_report = preset(sdxl, Some(&limits(2 << 30)), false);
+        assert_eq!(f32_report.weights_bytes, 2 * big.weights_bytes);
+        assert!(f32_report.train_bytes > 4 * f32_report.weights_bytes);
     }
 
     #[test]

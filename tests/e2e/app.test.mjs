@@ -873,3 +873,62 @@ test("errors: without WebGPU, loading a model does not break the page", { timeou
     await plain.close();
   }
 });
+
+test("an SDXL model with sharded weights loads and generates (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async (t) => {
+  const context = await browser.newContext({ viewport: VIEWPORTS.laptop });
+  context.setDefaultTimeout(60 * SECOND);
+  await context.addInitScript(installProbes);
+  const opened = await openPage(browser, server.url, { context });
+  const { page } = opened;
+  try {
+    await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
+    // Before any download, the SDXL preset says whether it fits this GPU.
+    const preset = page.getByTestId("model-preset").filter({ hasText: "XL" });
+    const verdict = await preset.getByTestId("preset-fit").textContent();
+    assert.match(verdict ?? "", /px/, `the SDXL preset shows no fit verdict: ${verdict}`);
+    t.diagnostic(`SDXL preset on this GPU: ${verdict}`);
+
+    // The tiny SDXL model, its UNet in four shards and its second text encoder in two.
+    const dir = "tiny-sdxl-sharded";
+    const mark = server.requests.length;
+    await loadAddress(page, `${server.url}fixtures/${dir}/`);
+    const ready = await waitFor(page, "the SDXL model to be ready", (s) => s.modelReady || s.modelError, {
+      timeout: MODEL_TIMEOUT,
+    });
+    assert.ok(ready.modelReady, `the SDXL model did not load: ${ready.modelError?.text}`);
+    assert.match(ready.modelReady.text, /sdxl/, `model-ready should say sdxl: ${ready.modelReady.text}`);
+    const paths = new Set(fixtureRequests(mark));
+    const shards = await fs.readdir(path.join(FIXTURES_DIR, dir, "unet"));
+    for (const file of [
+      ...shards.filter((f) => f.includes("-of-")).map((f) => `unet/${f}`),
+      "text_encoder_2/model-00001-of-00002.safetensors",
+      "text_encoder_2/model-00002-of-00002.safetensors",
+      "tokenizer_2/vocab.json",
+    ]) {
+      assert.ok(paths.has(`/fixtures/${dir}/${file}`), `${file} was not downloaded; the server saw: ${[...paths].join(", ")}`);
+    }
+    // Single weight files (fp16 included) are asked for, and missed, before the shard index.
+    const never = NEVER_FETCHED.filter((n) => n !== ".fp16.");
+    const unused = [...paths].filter((p) => never.some((n) => p.includes(n)));
+    assert.deepEqual(unused, [], "the page fetched files a model does not need");
+
+    // Generate without a negative prompt (SDXL conditions on zeros then).
+    await page.getByTestId("prompt").fill("a photo of a dog in front of the eiffel tower");
+    await page.getByTestId("negative-prompt").fill("");
+    await page.getByTestId("gen-steps").fill("2");
+    await page.getByTestId("gen-size").selectOption("64");
+    await page.getByTestId("gen-count").fill("1");
+    await page.getByTestId("seed").fill("3");
+    await page.getByTestId("generate").click();
+    const made = await waitFor(page, "the SDXL image", (s) => (s.results.length > 0 && s.results[0].loaded) || s.genError, {
+      timeout: GENERATE_TIMEOUT,
+    });
+    assert.ok(!made.genError, `generation failed: ${made.genError?.text}`);
+    assert.deepEqual([made.results[0].width, made.results[0].height], [64, 64], "the image should be 64x64");
+    await screenshots(t, page, "4-sdxl");
+    // The weights are tried as single files before their shard index: those misses are 404s.
+    assertConsoleClean(opened, 0, [/404|Not Found/i]);
+  } finally {
+    await context.close();
+  }
+});

@@ -10,7 +10,8 @@ use leptos::task::spawn_local;
 use super::widgets::{ErrorBox, ErrorKind, UiError, bytes, dropped_files, duration, input_files};
 use super::{Ctx, ModelState, store};
 use crate::app::acquire::{self, AcquireError, Progress};
-use crate::app::catalog::{Manifest, ModelSource, PRESETS, csp_allows};
+use crate::app::catalog::{Manifest, ModelSource, PRESETS, Preset, csp_allows};
+use crate::app::fit;
 use crate::app::protocol::{ModelInfo, Request};
 use crate::store::estimate;
 
@@ -187,6 +188,30 @@ async fn acquire(ctx: Ctx, pick: Pick) {
     refresh_cache(ctx).await;
 }
 
+/// A preset's fit on the GPU found, before any download: `None` until the GPU is known; else
+/// whether its weights can load at all, and what to tell.
+fn preset_fit(ctx: Ctx, p: &Preset) -> Option<(bool, String)> {
+    let super::GpuState::Ready(report) = ctx.gpu.get() else {
+        return None;
+    };
+    let f16 = report.device.f16;
+    let fit = fit::preset(p, report.device.limits.as_ref(), f16);
+    let bytes_per_param = if f16 { 2 } else { 4 };
+    let loads = fit
+        .binding_limit
+        .is_none_or(|limit| p.largest_tensor * bytes_per_param <= limit);
+    let text = if fit.advice.is_empty() {
+        format!(
+            "Fits this GPU's limits at {} px: about {} of GPU memory to generate.",
+            p.resolution,
+            bytes(fit.generate_bytes as f64)
+        )
+    } else {
+        fit.advice.join(" ")
+    };
+    Some((loads, text))
+}
+
 fn error(e: AcquireError) -> UiError {
     UiError::new(e.kind(), e.to_string())
 }
@@ -211,8 +236,15 @@ pub fn ModelPanel() -> impl IntoView {
     };
     let start = move || {
         let a = address.get_untracked();
-        let fp16 = PRESETS.iter().any(|p| p.address == a.trim() && p.fp16);
+        let preset = PRESETS.iter().find(|p| p.address == a.trim());
         clear_failure(ctx);
+        // Said before any download: a preset whose weights this GPU cannot hold.
+        if let Some((false, why)) = preset.and_then(|p| preset_fit(ctx, p)) {
+            ctx.model_error
+                .set(Some(UiError::new(ErrorKind::OutOfMemory, why)));
+            return;
+        }
+        let fp16 = preset.is_some_and(|p| p.fp16);
         spawn_local(acquire(ctx, Pick::Address { address: a, fp16 }));
     };
     let files = move |f: Vec<web_sys::File>| {
@@ -225,7 +257,7 @@ pub fn ModelPanel() -> impl IntoView {
         <section class="panel" id="model" data-testid="model-panel">
             <h2><span class="num">"1"</span>" Choose a model"</h2>
             <p class="explain">
-                "Stable Diffusion 1.x or 2.x, as a diffusers folder or one .safetensors file. "
+                "Stable Diffusion 1.x, 2.x or XL, as a diffusers folder or one .safetensors file. "
                 "It is downloaded once into this browser's storage and reused on every visit."
             </p>
             <div class="presets">
@@ -241,6 +273,14 @@ pub fn ModelPanel() -> impl IntoView {
                             >
                                 <strong>{p.name}</strong>
                                 <small>{p.note}</small>
+                                {move || preset_fit(ctx, p).map(|(loads, text)| view! {
+                                    <small
+                                        class=if loads { "fit" } else { "fit error" }
+                                        data-testid="preset-fit"
+                                    >
+                                        {text}
+                                    </small>
+                                })}
                             </button>
                         }
                     })
