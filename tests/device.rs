@@ -177,7 +177,11 @@ fn sd_fixture(name: &str) -> std::path::PathBuf {
 /// `--reference`: the tiny models on the CPU give diffusers' outputs, each one named.
 #[test]
 fn sefi_device_reference_compares_each_model_output() {
-    let (sd1, sd2) = (sd_fixture("tiny-sd1"), sd_fixture("tiny-sd2"));
+    let (sd1, sd2, xl) = (
+        sd_fixture("tiny-sd1"),
+        sd_fixture("tiny-sd2"),
+        sd_fixture("tiny-sdxl"),
+    );
     let out = sefi(&[
         "device",
         "--device",
@@ -187,6 +191,8 @@ fn sefi_device_reference_compares_each_model_output() {
         sd1.to_str().unwrap(),
         "--reference",
         sd2.to_str().unwrap(),
+        "--reference",
+        xl.to_str().unwrap(),
     ]);
     assert!(
         out.status.success(),
@@ -195,8 +201,8 @@ fn sefi_device_reference_compares_each_model_output() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let refs = report["references"].as_array().unwrap();
-    assert_eq!(refs.len(), 2);
-    for r in refs {
+    assert_eq!(refs.len(), 3);
+    for (i, r) in refs.iter().enumerate() {
         assert_eq!(r[1]["passed"], true, "{r}");
         let names: Vec<_> = r[1]["outputs"]
             .as_array()
@@ -207,7 +213,12 @@ fn sefi_device_reference_compares_each_model_output() {
                 o["name"].as_str().unwrap().to_string()
             })
             .collect();
-        for name in ["text.pooled", "unet.out", "unet.out_kv", "vae.decoded"] {
+        let text = if i == 2 {
+            "text.g.text_embeds"
+        } else {
+            "text.pooled"
+        };
+        for name in [text, "unet.out", "unet.out_kv", "vae.decoded"] {
             assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
         }
     }
@@ -288,4 +299,32 @@ fn sefi_device_reference_without_goldens_says_what_it_wants() {
     assert!(!out.status.success());
     assert!(stderr.contains("goldens.safetensors"), "{stderr}");
     assert!(stderr.contains("tests/fixtures/sd/tiny-sd1"), "{stderr}");
+}
+
+/// `--reference` on wgpu (lavapipe here): the tiny SDXL model's outputs within 1e-3 of
+/// diffusers', both text encoders and the added conditioning included.
+#[test]
+fn sefi_device_reference_on_wgpu_covers_sdxl() {
+    let xl = sd_fixture("tiny-sdxl");
+    let out = sefi(&[
+        "device",
+        "--device",
+        "wgpu",
+        "--json",
+        "--reference",
+        xl.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outputs = report["references"][0][1]["outputs"].as_array().unwrap();
+    assert_eq!(outputs.len(), 7, "{outputs:?}");
+    for o in outputs {
+        let err = o["max_abs_error"].as_f64().unwrap();
+        eprintln!("wgpu {}: {err:e}", o["name"]);
+        assert!(err <= 1e-3, "{o}");
+    }
 }

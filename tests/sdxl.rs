@@ -596,3 +596,61 @@ fn presets_state_their_models_sizes() {
         assert_eq!(p.resolution, config.unet.sample_size * 8, "{}", p.name);
     }
 }
+
+/// `sefi inspect --json` on every SDXL layout, and on a refiner.
+#[test]
+fn inspect_says_sdxl() {
+    let inspect = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
+            .arg("inspect")
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    let counts = param_counts(&SdConfig::tiny_sdxl(), &Device::flex()).unwrap();
+    let folder = sd_fixture("tiny-sdxl").display().to_string();
+    let sharded = sd_fixture("tiny-sdxl-sharded").display().to_string();
+    let single = sd_fixture("tiny-sdxl.safetensors").display().to_string();
+    for (args, format, dtype) in [
+        (vec![folder.as_str()], "diffusers", "F32"),
+        (vec![sharded.as_str()], "diffusers", "F32"),
+        (
+            vec![single.as_str(), "--config", folder.as_str()],
+            "single-file",
+            "F16",
+        ),
+    ] {
+        let (ok, stdout, stderr) = inspect(&args);
+        assert!(ok, "{args:?}: {stdout} {stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["family"], "sdxl", "{args:?}");
+        assert_eq!(r["format"], format, "{args:?}");
+        assert_eq!(r["dtype"], dtype, "{args:?}");
+        assert_eq!(r["layout"], "ok", "{args:?}");
+        let params = ["unet", "text_encoder", "vae", "text_encoder_2"]
+            .map(|c| r["params"][c].as_u64().unwrap());
+        assert_eq!(params, counts, "{args:?}");
+        assert_eq!(r["tokenizer_2"]["pad_token"], "!", "{args:?}");
+    }
+    // A refiner folder: refused, and said why.
+    let tmp = TempDir::new("inspect-refiner");
+    let refiner = tmp.0.join("refiner");
+    copy_tree(&sd_fixture("tiny-sdxl"), &refiner);
+    std::fs::remove_dir_all(refiner.join("text_encoder")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args(["inspect", refiner.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("SDXL refiner") && stderr.contains("base"),
+        "{stderr}"
+    );
+}

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::nn::read_f32;
 use crate::sd::StableDiffusion;
-use crate::unet::Context;
+use crate::unet::{AddedCond, Context};
 use crate::weights::{SafetensorsFile, WeightsError};
 
 /// Largest absolute error allowed in f32 (the goldens' values are of order 1).
@@ -136,9 +136,11 @@ impl Goldens<'_> {
 }
 
 /// Runs the golden inputs through `sd` (loaded from the same folder as `goldens`) on `device`
-/// and compares every main output: the text encoder's hidden states and pooled output, the
-/// UNet's noise prediction with one context and with separate key and value contexts (as
-/// identities condition it), and the VAE's encoder and decoder.
+/// and compares every main output: the text encoder's hidden states and pooled output (for
+/// SDXL both encoders' penultimate states and bigG's projected pooled output), the UNet's noise
+/// prediction with one context and with separate key and value contexts (as identities
+/// condition it; SDXL's with its added text/time conditioning), and the VAE's encoder and
+/// decoder.
 pub async fn reference_check(
     sd: &StableDiffusion,
     goldens: &SafetensorsFile,
@@ -151,15 +153,31 @@ pub async fn reference_check(
     let text = sd
         .text_encoder
         .forward(g.ids("text.input_ids", device).await?);
-    outputs.push(
-        g.compare("text.last_hidden_state", text.last_hidden_state)
-            .await?,
-    );
-    outputs.push(g.compare("text.pooled", text.pooled).await?);
+    let added = match &sd.text_encoder_2 {
+        None => {
+            outputs.push(
+                g.compare("text.last_hidden_state", text.last_hidden_state)
+                    .await?,
+            );
+            outputs.push(g.compare("text.pooled", text.pooled).await?);
+            None
+        }
+        Some(encoder_2) => {
+            outputs.push(g.compare("text.l.penultimate", text.penultimate).await?);
+            let big_g = encoder_2.forward(g.ids("text.input_ids_2", device).await?);
+            outputs.push(g.compare("text.g.penultimate", big_g.penultimate).await?);
+            let text_embeds = big_g.text_embeds.expect("with projection");
+            outputs.push(g.compare("text.g.text_embeds", text_embeds).await?);
+            Some(AddedCond {
+                text_embeds: g.tensor("unet.text_embeds", device).await?,
+                time_ids: g.tensor("unet.time_ids", device).await?,
+            })
+        }
+    };
 
     let sample: Tensor<4> = g.tensor("unet.sample", device).await?;
     let timesteps: Tensor<1> = g.tensor("unet.timesteps", device).await?;
-    let context = Context::new(g.tensor("unet.context", device).await?);
+    let context = Context::new(g.tensor("unet.context", device).await?).with_added(added.clone());
     let out = sd
         .unet
         .forward(sample.clone(), timesteps.clone(), &context, None);
@@ -167,7 +185,8 @@ pub async fn reference_check(
     let split = Context::split(
         context.key.clone(),
         g.tensor("unet.value_context", device).await?,
-    );
+    )
+    .with_added(added);
     let out = sd.unet.forward(sample, timesteps, &split, None);
     outputs.push(g.compare("unet.out_kv", out).await?);
 
