@@ -654,3 +654,91 @@ fn inspect_says_sdxl() {
         "{stderr}"
     );
 }
+
+/// Another VAE in place of the model's (`--vae`): its weights and config are used, and a VAE
+/// without `force_upcast` (SDXL's fp16-fix VAE) runs in f16 while the stock one stays in f32.
+#[test]
+fn another_vae_replaces_the_models() {
+    let device = Device::flex();
+    // tiny-sd1's VAE has the tiny SDXL VAE's shapes but other weights and scaling factor.
+    let ckpt = block_on(
+        open(&sd_fixture("tiny-sdxl"), None)
+            .unwrap()
+            .with_vae_dir(&sd_fixture("tiny-sd1")),
+    )
+    .unwrap();
+    assert_eq!(ckpt.config.vae.scaling_factor, 0.18215);
+    validate(&ckpt, &Device::flex()).unwrap();
+    let sd = load(&ckpt, &device);
+    let sd1 = Goldens::open("sd/tiny-sd1/goldens.safetensors");
+    assert_close(
+        sd.vae.decode(sd1.tensor("vae.latents", &device)),
+        sd1.f32("vae.decoded"),
+        TOL,
+        "tiny-sd1's VAE in the SDXL model",
+    );
+
+    // The stock VAE asks for f32; an fp16-fix VAE (force_upcast false) computes in f16.
+    let f16 = |ckpt: &Checkpoint| {
+        block_on(StableDiffusion::load(
+            ckpt,
+            &device,
+            DType::F16,
+            &mut |_| {},
+        ))
+        .unwrap()
+        .vae
+        .dtype()
+    };
+    let stock = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    assert_eq!(f16(&stock), DType::F32);
+    let tmp = TempDir::new("fp16-vae");
+    let fixed = tmp.0.join("sdxl-vae-fp16-fix");
+    std::fs::create_dir_all(&fixed).unwrap();
+    let vae = sd_fixture("tiny-sdxl/vae");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(vae.join("config.json")).unwrap()).unwrap();
+    config["force_upcast"] = false.into();
+    std::fs::write(fixed.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        vae.join("diffusion_pytorch_model.safetensors"),
+        fixed.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let with_fix = block_on(stock.with_vae_dir(&fixed)).unwrap();
+    assert_eq!(f16(&with_fix), DType::F16);
+
+    // The command line takes it as --vae.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args([
+            "generate",
+            "--model",
+            sd_fixture("tiny-sdxl").to_str().unwrap(),
+            "--vae",
+            fixed.to_str().unwrap(),
+            "--prompt",
+            "a red car",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            tmp.0.join("car.png").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tmp.0.join("car.png").exists());
+    // A folder that holds no VAE is refused, named.
+    let err = block_on(
+        open(&sd_fixture("tiny-sdxl"), None)
+            .unwrap()
+            .with_vae_dir(&sd_fixture("tiny-sdxl/scheduler")),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("not a diffusers VAE"), "{err}");
+}

@@ -12,7 +12,7 @@ use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatent
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
 use crate::weights::open::Variant;
-use crate::weights::{FileSource, SafetensorsFile};
+use crate::weights::{Family, FileSource, SafetensorsFile};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -22,15 +22,20 @@ pub struct GenerateArgs {
     /// For single files with non-standard sizes: a diffusers folder describing the model.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Use the VAE of this folder instead of the model's (e.g. SDXL's fp16-fix VAE, which
+    /// runs in f16): `config.json` and `diffusion_pytorch_model.safetensors`, or a model folder.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     #[arg(long, default_value_t = 25)]
     pub steps: usize,
-    /// Classifier-free guidance scale (1 turns guidance off).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale, 1 turns guidance off (default: 7.5, and 5.0 for SDXL
+    /// as diffusers' SDXL pipeline).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     /// ddim, euler, euler-a, dpmpp-2m or dpmpp-2m-karras.
     #[arg(long, default_value = "dpmpp-2m-karras", value_parser = parse_sampler)]
     pub scheduler: Sampler,
@@ -117,7 +122,12 @@ fn out_path(out: &Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let ckpt = super::open_checkpoint(&args.model, args.config.as_deref(), Variant::Auto)?;
+    let ckpt = super::open_with_vae(
+        &args.model,
+        args.config.as_deref(),
+        args.vae.as_deref(),
+        Variant::Auto,
+    )?;
     let native = ckpt.config.unet.sample_size * 8;
     let seed = args.seed.unwrap_or_else(|| {
         let nanos = std::time::SystemTime::now()
@@ -130,7 +140,11 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
-        guidance: args.guidance,
+        guidance: args.guidance.unwrap_or(if ckpt.family == Family::Sdxl {
+            5.0
+        } else {
+            7.5
+        }),
         sampler: args.scheduler,
         seed,
         width: args.width.unwrap_or(native),

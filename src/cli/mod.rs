@@ -63,6 +63,20 @@ pub(crate) fn open_checkpoint(
     ))
 }
 
+/// [`open_checkpoint`], with the VAE of another folder when `vae` names one.
+pub(crate) fn open_with_vae(
+    model: &std::path::Path,
+    config: Option<&std::path::Path>,
+    vae: Option<&std::path::Path>,
+    variant: crate::weights::open::Variant,
+) -> Result<crate::weights::Checkpoint, crate::weights::WeightsError> {
+    let ckpt = open_checkpoint(model, config, variant)?;
+    match vae {
+        Some(dir) => crate::block_on(ckpt.with_vae_dir(dir)),
+        None => Ok(ckpt),
+    }
+}
+
 /// Runs the CLI; the return value is the process exit code.
 pub fn main() -> std::process::ExitCode {
     #[cfg(target_os = "linux")]

@@ -24,6 +24,10 @@ pub struct TrainArgs {
     /// For single files with non-standard sizes: a diffusers folder describing the model.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Use the VAE of this folder instead of the model's (e.g. SDXL's fp16-fix VAE, which
+    /// runs in f16): `config.json` and `diffusion_pytorch_model.safetensors`, or a model folder.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// A photo of the subject (PNG or JPEG). Repeatable.
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
@@ -118,7 +122,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let ckpt = super::open_checkpoint(&args.model, args.config.as_deref(), Variant::Auto)?;
+    let ckpt = super::open_with_vae(
+        &args.model,
+        args.config.as_deref(),
+        args.vae.as_deref(),
+        Variant::Auto,
+    )?;
     let dev = crate::block_on(args.device.open())?;
     let precision = dev.info.resolve(args.precision)?;
     eprintln!(

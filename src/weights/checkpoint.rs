@@ -323,6 +323,82 @@ fn refiner(path: &str) -> WeightsError {
     }
 }
 
+/// The tensors of one model's files (a file, or shards), under today's diffusers names; the
+/// files are appended to `files` and what older layouts needed to `adaptations`.
+async fn index(
+    path: &str,
+    component: Component,
+    sources: Shards,
+    files: &mut Vec<SafetensorsFile>,
+    adaptations: &mut Vec<Adaptation>,
+) -> Result<BTreeMap<String, Entry>, WeightsError> {
+    let mut map = BTreeMap::new();
+    for source in sources {
+        let file = SafetensorsFile::open(source).await?;
+        let file_name = file.name().to_string();
+        for (key, dtype, shape) in file.tensors() {
+            // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
+            let stored = if component.is_text_encoder()
+                && !key.starts_with("text_model.")
+                && key != "text_projection.weight"
+            {
+                format!("text_model.{key}")
+            } else {
+                key.clone()
+            };
+            let (name, transform) = match legacy::adapt(component, &stored, &shape) {
+                Adapted::Current => (stored, Transform::Copy),
+                Adapted::Buffer => {
+                    adaptations.push(Adaptation {
+                        component,
+                        stored: key,
+                        loaded_as: None,
+                    });
+                    continue;
+                }
+                Adapted::Renamed { name, transform } => {
+                    adaptations.push(Adaptation {
+                        component,
+                        stored: key.clone(),
+                        loaded_as: Some(name.clone()),
+                    });
+                    (name, transform)
+                }
+            };
+            let entry = Entry {
+                file: files.len(),
+                shape: transform.apply_shape(&shape),
+                key,
+                transform,
+                dtype,
+            };
+            let this_key = entry.key.clone();
+            let this_file = entry.file;
+            if let Some(other) = map.insert(name.clone(), entry) {
+                let reason = if other.file != this_file {
+                    format!(
+                        "its {component} weights hold `{name}` in two shards ({} and {file_name}); the shards do not belong together",
+                        files
+                            .get(other.file)
+                            .map_or("", |f: &SafetensorsFile| f.name())
+                    )
+                } else {
+                    format!(
+                        "its {component} weights hold `{name}` twice, as `{}` and as `{this_key}` (today's name and an older one); keep one of them",
+                        other.key
+                    )
+                };
+                return Err(WeightsError::UnknownModel {
+                    path: path.into(),
+                    reason,
+                });
+            }
+        }
+        files.push(file);
+    }
+    Ok(map)
+}
+
 impl Checkpoint {
     /// Opens a diffusers folder's files. The configs decide the family; without them the
     /// tensor shapes do.
@@ -336,70 +412,7 @@ impl Checkpoint {
             parts.vae,
             parts.text_encoder_2,
         ]) {
-            let mut map = BTreeMap::new();
-            for source in sources {
-                let file = SafetensorsFile::open(source).await?;
-                let file_name = file.name().to_string();
-                for (key, dtype, shape) in file.tensors() {
-                    // transformers 5 saves CLIPTextModel without the `text_model.` prefix.
-                    let stored = if component.is_text_encoder()
-                        && !key.starts_with("text_model.")
-                        && key != "text_projection.weight"
-                    {
-                        format!("text_model.{key}")
-                    } else {
-                        key.clone()
-                    };
-                    let (name, transform) = match legacy::adapt(component, &stored, &shape) {
-                        Adapted::Current => (stored, Transform::Copy),
-                        Adapted::Buffer => {
-                            adaptations.push(Adaptation {
-                                component,
-                                stored: key,
-                                loaded_as: None,
-                            });
-                            continue;
-                        }
-                        Adapted::Renamed { name, transform } => {
-                            adaptations.push(Adaptation {
-                                component,
-                                stored: key.clone(),
-                                loaded_as: Some(name.clone()),
-                            });
-                            (name, transform)
-                        }
-                    };
-                    let entry = Entry {
-                        file: files.len(),
-                        shape: transform.apply_shape(&shape),
-                        key,
-                        transform,
-                        dtype,
-                    };
-                    let this_key = entry.key.clone();
-                    let this_file = entry.file;
-                    if let Some(other) = map.insert(name.clone(), entry) {
-                        let reason = if other.file != this_file {
-                            format!(
-                                "its {component} weights hold `{name}` in two shards ({} and {file_name}); the shards do not belong together",
-                                files
-                                    .get(other.file)
-                                    .map_or("", |f: &SafetensorsFile| f.name())
-                            )
-                        } else {
-                            format!(
-                                "its {component} weights hold `{name}` twice, as `{}` and as `{this_key}` (today's name and an older one); keep one of them",
-                                other.key
-                            )
-                        };
-                        return Err(WeightsError::UnknownModel {
-                            path: path.into(),
-                            reason,
-                        });
-                    }
-                }
-                files.push(file);
-            }
+            let map = index(path, component, sources, &mut files, &mut adaptations).await?;
             entries.insert(component, map);
         }
         let cfg_file = |c: &str| format!("{path}/{c}/config.json");
@@ -523,6 +536,30 @@ impl Checkpoint {
             files,
             entries,
         })
+    }
+
+    /// The same model with another VAE: a diffusers VAE's weights (`diffusion_pytorch_model*.safetensors`)
+    /// and its `config.json`, such as SDXL's fp16-fix VAE, which computes in f16 without
+    /// overflowing (its config drops `force_upcast`). `name` names it in messages.
+    pub async fn with_vae(
+        mut self,
+        name: &str,
+        sources: Shards,
+        config: Option<String>,
+    ) -> Result<Self, WeightsError> {
+        let map = index(
+            name,
+            Component::Vae,
+            sources,
+            &mut self.files,
+            &mut self.adaptations,
+        )
+        .await?;
+        if let Some(text) = config {
+            self.config.vae = config::from_json(&format!("{name}/config.json"), &text)?;
+        }
+        self.entries.insert(Component::Vae, map);
+        Ok(self)
     }
 
     /// Opens a single-file original checkpoint. The family comes from the text encoder's

@@ -182,6 +182,42 @@ impl Checkpoint {
     }
 }
 
+impl Checkpoint {
+    /// The same model with the VAE of `dir`: a folder holding `config.json` and
+    /// `diffusion_pytorch_model[.fp16].safetensors` (as madebyollin/sdxl-vae-fp16-fix publishes
+    /// it), or a model folder whose `vae/` does.
+    pub async fn with_vae_dir(self, dir: &Path) -> Result<Self, WeightsError> {
+        let dir = if dir.join("vae").is_dir() {
+            dir.join("vae")
+        } else {
+            dir.to_path_buf()
+        };
+        let stem = Component::Vae.weights_stem();
+        let single = [
+            format!("{stem}.safetensors"),
+            format!("{stem}.fp16.safetensors"),
+        ]
+        .into_iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.exists());
+        let sources: Shards = match single {
+            Some(p) => vec![Box::new(FileSource::open(&p)?)],
+            None if dir.join(format!("{stem}.safetensors.index.json")).exists() => {
+                shards(&dir.join(format!("{stem}.safetensors.index.json")))?
+            }
+            None => {
+                return Err(WeightsError::UnknownModel {
+                    path: dir.display().to_string(),
+                    reason: format!("it has no {stem}.safetensors, so it is not a diffusers VAE"),
+                });
+            }
+        };
+        let config = read_text(&dir.join("config.json"))?;
+        self.with_vae(&dir.display().to_string(), sources, config)
+            .await
+    }
+}
+
 /// Reads the sizes of a model from a diffusers folder's config files (for single files).
 pub async fn config_from_dir(dir: &Path) -> Result<SdConfig, WeightsError> {
     Ok(Checkpoint::open_path(dir, Variant::Auto, None)

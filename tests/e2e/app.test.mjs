@@ -874,7 +874,7 @@ test("errors: without WebGPU, loading a model does not break the page", { timeou
   }
 });
 
-test("an SDXL model with sharded weights loads and generates (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async (t) => {
+test("an SDXL model with sharded weights loads, learns an identity and generates with it (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async (t) => {
   const context = await browser.newContext({ viewport: VIEWPORTS.laptop });
   context.setDefaultTimeout(60 * SECOND);
   await context.addInitScript(installProbes);
@@ -912,8 +912,28 @@ test("an SDXL model with sharded weights loads and generates (a fresh page and s
     const unused = [...paths].filter((p) => never.some((n) => p.includes(n)));
     assert.deepEqual(unused, [], "the page fetched files a model does not need");
 
-    // Generate without a negative prompt (SDXL conditions on zeros then).
-    await page.getByTestId("prompt").fill("a photo of a dog in front of the eiffel tower");
+    // An identity learned on it (two steps): its file keeps CLIP-L's and bigG's parts apart.
+    await page.getByTestId("photo-input").setInputFiles(PHOTO);
+    await page.getByTestId("identity-name").fill("rex");
+    await page.getByTestId("class-word").fill("dog");
+    await page.getByTestId("train-steps").fill("2");
+    await page.getByTestId("train-resolution").evaluate((el) => {
+      const details = el.closest("details");
+      if (details) details.open = true;
+    });
+    await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
+    await waitFor(page, "train-start to be enabled", (s) => s.trainStart === true);
+    await page.getByTestId("train-start").click();
+    await waitFor(page, "<rex> to be learned and listed", (s) => s.train?.step === 2 && s.identities.includes("rex"), {
+      timeout: TRAIN_TIMEOUT,
+    });
+    const item = page.locator('[data-testid="identity-item"][data-token="rex"]');
+    const exported = await download(page, item.getByTestId("identity-export"));
+    const tensors = Object.keys(safetensorsHeader(exported.bytes)).filter((k) => k !== "__metadata__").sort();
+    assert.deepEqual(tensors, ["key_g", "key_l", "value_g", "value_l"], "an SDXL identity file holds both encoders' parts");
+
+    // Generate with it, without a negative prompt (SDXL conditions on zeros then).
+    await page.getByTestId("prompt").fill("a photo of <rex> in front of the eiffel tower");
     await page.getByTestId("negative-prompt").fill("");
     await page.getByTestId("gen-steps").fill("2");
     await page.getByTestId("gen-size").selectOption("64");
