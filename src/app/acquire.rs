@@ -341,23 +341,48 @@ async fn download_file(
     Ok(Some(got))
 }
 
-/// Downloads a model (or finishes an interrupted download) into storage.
+/// Downloads a model (or finishes an interrupted download) into storage; with `vae`, a
+/// diffusers VAE folder (`config.json`, `diffusion_pytorch_model*.safetensors`) whose files are
+/// stored as the model's `vae/`.
 pub async fn download(
     store: &Store,
     source: &ModelSource,
     fp16: bool,
+    vae: Option<&ModelSource>,
     cancel: Rc<Cell<bool>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Manifest, AcquireError> {
-    let id = model_id(source.address());
+    let vae_base = match (vae, source) {
+        (None, _) => None,
+        (Some(ModelSource::Folder { base }), ModelSource::Folder { .. }) => Some(base.clone()),
+        (Some(ModelSource::SingleFile { .. }), _) => {
+            return Err(AcquireError::BadModel(
+                "give the VAE as a diffusers folder (config.json and diffusion_pytorch_model.safetensors), not one file".into(),
+            ));
+        }
+        (Some(_), ModelSource::SingleFile { .. }) => {
+            return Err(AcquireError::BadModel(
+                "another VAE can replace the VAE of a diffusers folder, not of a single-file checkpoint".into(),
+            ));
+        }
+    };
+    // Another VAE makes another stored model.
+    let id = match vae {
+        Some(v) => model_id(&format!("{}|vae={}", source.address(), v.address())),
+        None => model_id(source.address()),
+    };
     let mut manifest = match read_manifest(store, &id).await? {
         Some(m) => m,
         None => Manifest {
             id: id.clone(),
-            name: source.display_name(),
+            name: match vae {
+                Some(v) => format!("{} + {}", source.display_name(), v.display_name()),
+                None => source.display_name(),
+            },
             address: source.address().into(),
             single_file: matches!(source, ModelSource::SingleFile { .. }),
             fp16,
+            vae: vae.map(|v| v.address().to_string()),
             files: Vec::new(),
             complete: false,
             last_used: 0.0,
@@ -387,10 +412,10 @@ pub async fn download(
                 found = Some(name.clone());
                 break;
             }
-            let url = if manifest.single_file {
-                base.clone()
-            } else {
-                format!("{base}{name}")
+            let url = match (&vae_base, name.strip_prefix("vae/")) {
+                _ if manifest.single_file => base.clone(),
+                (Some(vae_base), Some(file)) => format!("{vae_base}{file}"),
+                _ => format!("{base}{name}"),
             };
             let got = download_file(store, &id, name, &url, done, &cancel, progress).await?;
             if let Some(size) = got {
@@ -583,6 +608,7 @@ pub async fn copy_files(
         address: format!("local:{id}"),
         single_file: !is_folder,
         fp16: false,
+        vae: None,
         files: Vec::new(),
         complete: false,
         last_used: 0.0,

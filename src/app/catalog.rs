@@ -28,6 +28,9 @@ pub struct Preset {
     pub unet_params: u64,
     /// Elements of its largest tensor (the largest token-embedding table).
     pub largest_tensor: u64,
+    /// A VAE offered in place of the model's: SDXL's own overflows in f16 and is run in f32;
+    /// the fp16-fix VAE runs in f16 (less memory, faster decoding).
+    pub vae: Option<&'static str>,
 }
 
 /// The models the model panel offers.
@@ -42,6 +45,7 @@ pub const PRESETS: &[Preset] = &[
         params: 1_066_235_307,
         unet_params: 859_520_964,
         largest_tensor: 49_408 * 768,
+        vae: None,
     },
     Preset {
         name: "Stable Diffusion 2.1 base",
@@ -53,6 +57,7 @@ pub const PRESETS: &[Preset] = &[
         params: 1_289_952_427,
         unet_params: 865_910_724,
         largest_tensor: 49_408 * 1024,
+        vae: None,
     },
     Preset {
         name: "Stable Diffusion XL base 1.0",
@@ -64,6 +69,7 @@ pub const PRESETS: &[Preset] = &[
         params: 3_468_837_867,
         unet_params: 2_567_463_684,
         largest_tensor: 49_408 * 1280,
+        vae: Some("madebyollin/sdxl-vae-fp16-fix"),
     },
 ];
 
@@ -360,6 +366,9 @@ pub struct Manifest {
     /// Weights were asked for in their fp16 variant (a resumed download keeps to it).
     #[serde(default)]
     pub fp16: bool,
+    /// The address of the VAE used in place of the model's (its `vae/` files come from there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
     /// The files it needs, with what is stored of each.
     pub files: Vec<StoredFile>,
     /// Every needed file is stored.

@@ -244,7 +244,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             min_s: t.min,
             max_s: t.max,
             peak_rss_bytes: t.peak_rss,
-            gradient_checkpointing: bench == "train" && args.gradient_checkpointing,
+            gradient_checkpointing: bench == "train_step" && args.gradient_checkpointing,
         };
         println!("{}", serde_json::to_string(&r).expect("plain data"));
     };

@@ -874,7 +874,7 @@ test("errors: without WebGPU, loading a model does not break the page", { timeou
   }
 });
 
-test("an SDXL model with sharded weights loads, learns an identity and generates with it (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async (t) => {
+test("an SDXL model with sharded weights and another VAE loads, learns an identity and generates with it (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async (t) => {
   const context = await browser.newContext({ viewport: VIEWPORTS.laptop });
   context.setDefaultTimeout(60 * SECOND);
   await context.addInitScript(installProbes);
@@ -888,9 +888,16 @@ test("an SDXL model with sharded weights loads, learns an identity and generates
     assert.match(verdict ?? "", /px/, `the SDXL preset shows no fit verdict: ${verdict}`);
     t.diagnostic(`SDXL preset on this GPU: ${verdict}`);
 
-    // The tiny SDXL model, its UNet in four shards and its second text encoder in two.
+    // The tiny SDXL model, its UNet in four shards and its second text encoder in two, with
+    // another VAE in place of its own (as SDXL's fp16-fix VAE is offered): tiny-sd1's.
     const dir = "tiny-sdxl-sharded";
+    const otherVae = "tiny-sd1/vae";
     const mark = server.requests.length;
+    await page.getByTestId("model-vae").evaluate((el) => {
+      const details = el.closest("details");
+      if (details) details.open = true;
+    });
+    await page.getByTestId("model-vae").fill(`${server.url}fixtures/${otherVae}/`);
     await loadAddress(page, `${server.url}fixtures/${dir}/`);
     const ready = await waitFor(page, "the SDXL model to be ready", (s) => s.modelReady || s.modelError, {
       timeout: MODEL_TIMEOUT,
@@ -911,6 +918,11 @@ test("an SDXL model with sharded weights loads, learns an identity and generates
     const never = NEVER_FETCHED.filter((n) => n !== ".fp16.");
     const unused = [...paths].filter((p) => never.some((n) => p.includes(n)));
     assert.deepEqual(unused, [], "the page fetched files a model does not need");
+    assert.ok(paths.has(`/fixtures/${otherVae}/diffusion_pytorch_model.safetensors`), "the other VAE was not downloaded");
+    assert.ok(
+      ![...paths].some((p) => p.startsWith(`/fixtures/${dir}/vae/`)),
+      "the model's own VAE was downloaded although another replaces it",
+    );
 
     // An identity learned on it (two steps): its file keeps CLIP-L's and bigG's parts apart.
     await page.getByTestId("photo-input").setInputFiles(PHOTO);

@@ -13,6 +13,7 @@ pub use crate::app::view::GenView;
 use crate::clip::tokenizer::placeholders;
 use crate::pipeline::GenerateRequest;
 use crate::schedule::Sampler;
+use crate::weights::Family;
 
 /// Square sizes offered, and two portrait/landscape ones.
 const SIZES: &[(&str, usize, usize)] = &[
@@ -190,13 +191,19 @@ pub fn GeneratePanel() -> impl IntoView {
     let settings = GenSettings::new();
     let model_ready = move || matches!(ctx.model.get(), ModelState::Ready(_));
 
-    // The model's native size once one is ready.
+    // The model's native size once one is ready, and its family's usual guidance (diffusers'
+    // SDXL pipeline defaults to 5.0).
     Effect::new(move |_| {
         if let ModelState::Ready(info) = ctx.model.get() {
             let native = info.resolution.to_string();
             if SIZES.iter().any(|s| s.0 == native) {
                 settings.size.set(native);
             }
+            settings.guidance.set(if info.family == Family::Sdxl {
+                5.0
+            } else {
+                7.5
+            });
         }
     });
 

@@ -95,8 +95,13 @@ pub async fn load_last(ctx: Ctx) {
 
 /// Where a model comes from.
 enum Pick {
-    /// A model folder or file at an address; `fp16` prefers the half-precision variant files.
-    Address { address: String, fp16: bool },
+    /// A model folder or file at an address; `fp16` prefers the half-precision variant files;
+    /// `vae` is the address of a VAE to use in place of the model's (empty: its own).
+    Address {
+        address: String,
+        fp16: bool,
+        vae: String,
+    },
     /// Files the user dropped or chose.
     Files(Vec<web_sys::File>),
 }
@@ -151,15 +156,23 @@ async fn acquire(ctx: Ctx, pick: Pick) {
     let result: Result<Manifest, UiError> = async {
         let s = store().await?;
         match pick {
-            Pick::Address { address, fp16 } => {
+            Pick::Address { address, fp16, vae } => {
                 let origin = super::widgets::page_origin();
-                let source = ModelSource::parse(&address, &origin)
-                    .map_err(|e| UiError::new(ErrorKind::BadModel, e.to_string()))?;
-                if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
-                    let host = source.host().unwrap_or_default().to_string();
-                    return Err(error(AcquireError::BlockedHost { host }));
-                }
-                acquire::download(&s, &source, fp16, cancel, &mut progress)
+                let parse = |a: &str| {
+                    let source = ModelSource::parse(a, &origin)
+                        .map_err(|e| UiError::new(ErrorKind::BadModel, e.to_string()))?;
+                    if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
+                        let host = source.host().unwrap_or_default().to_string();
+                        return Err(error(AcquireError::BlockedHost { host }));
+                    }
+                    Ok(source)
+                };
+                let source = parse(&address)?;
+                let vae = match vae.trim() {
+                    "" => None,
+                    v => Some(parse(v)?),
+                };
+                acquire::download(&s, &source, fp16, vae.as_ref(), cancel, &mut progress)
                     .await
                     .map_err(error)
             }
@@ -228,6 +241,8 @@ fn address_from_page() -> Option<String> {
 pub fn ModelPanel() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
     let address = RwSignal::new(address_from_page().unwrap_or_default());
+    // Another VAE for the model (empty: the model's own).
+    let vae = RwSignal::new(String::new());
     let busy = move || {
         matches!(
             ctx.model.get(),
@@ -245,7 +260,15 @@ pub fn ModelPanel() -> impl IntoView {
             return;
         }
         let fp16 = preset.is_some_and(|p| p.fp16);
-        spawn_local(acquire(ctx, Pick::Address { address: a, fp16 }));
+        let vae = vae.get_untracked();
+        spawn_local(acquire(
+            ctx,
+            Pick::Address {
+                address: a,
+                fp16,
+                vae,
+            },
+        ));
     };
     let files = move |f: Vec<web_sys::File>| {
         if !f.is_empty() {
@@ -268,7 +291,10 @@ pub fn ModelPanel() -> impl IntoView {
                             <button
                                 class="preset"
                                 data-testid="model-preset"
-                                on:click=move |_| address.set(p.address.to_string())
+                                on:click=move |_| {
+                                    address.set(p.address.to_string());
+                                    vae.set(String::new());
+                                }
                                 title=p.note
                             >
                                 <strong>{p.name}</strong>
@@ -305,6 +331,38 @@ pub fn ModelPanel() -> impl IntoView {
                     "Load"
                 </button>
             </form>
+            <details class="advanced" open=move || !vae.get().is_empty()>
+                <summary>"Another VAE"</summary>
+                <label>
+                    <span>
+                        "The address of a diffusers VAE (config.json and diffusion_pytorch_model.safetensors) "
+                        "to use in place of the model's; empty for the model's own."
+                    </span>
+                    <input
+                        type="text"
+                        data-testid="model-vae"
+                        placeholder="owner/name on Hugging Face, or a URL"
+                        spellcheck="false"
+                        prop:value=move || vae.get()
+                        on:input=move |ev| vae.set(event_target_value(&ev))
+                    />
+                </label>
+                {move || {
+                    let a = address.get();
+                    PRESETS
+                        .iter()
+                        .find(|p| p.address == a.trim())
+                        .and_then(|p| p.vae)
+                        .map(|suggested| view! {
+                            <button type="button" data-testid="model-vae-suggested" on:click=move |_| vae.set(suggested.to_string())>
+                                {format!("Use {suggested}")}
+                            </button>
+                            <small class="muted">
+                                " SDXL's own VAE overflows in f16 and decodes in f32; this one decodes in f16, with less memory."
+                            </small>
+                        })
+                }}
+            </details>
             <div
                 class="drop"
                 on:dragover=|ev: web_sys::DragEvent| ev.prevent_default()
@@ -451,6 +509,7 @@ fn CachedModels() -> impl IntoView {
                         let load = m.clone();
                         let resume = m.address.clone();
                         let fp16 = m.fp16;
+                        let resume_vae = m.vae.clone().unwrap_or_default();
                         view! {
                             <li
                                 data-testid="cached-model"
@@ -488,7 +547,16 @@ fn CachedModels() -> impl IntoView {
                                 } else if !resume.starts_with("local:") {
                                     view! {
                                         <button on:click=move |_| {
-                                            spawn_local(acquire(ctx, Pick::Address { address: resume.clone(), fp16 }))
+                                            spawn_local(
+                                                acquire(
+                                                    ctx,
+                                                    Pick::Address {
+                                                        address: resume.clone(),
+                                                        fp16,
+                                                        vae: resume_vae.clone(),
+                                                    },
+                                                ),
+                                            )
                                         }>"Resume download"</button>
                                     }
                                         .into_any()
