@@ -1,4 +1,5 @@
-//! Hostile input: every parser of bytes a user or a website supplies, fed random and mutated
+//! Hostile input: every parser of bytes a user or a website supplies (and the single-file key
+//! mapper behind one of them), fed random and mutated
 //! data (property-based, on stable Rust). The property is always the same: a typed error or a
 //! valid result, never a panic, and no allocation a file's claims alone would cause. Each
 //! property runs a fixed number of cases (`PROPTEST_CASES`, 256 by default; more for a longer
@@ -162,6 +163,125 @@ proptest! {
         let t = tok.tokenize(&text);
         prop_assert_eq!(t.ids.len(), CONTEXT_LENGTH);
         prop_assert!(t.ids.iter().all(|&id| (id as usize) < tok.vocab_size()));
+    }
+}
+
+/// Tensor names as single-file checkpoints hold them, recombined: the real prefixes of SD 1.x,
+/// 2.x and XL files, block names and numbers in any order, any shapes.
+fn single_file_keys() -> impl Strategy<Value = Vec<(String, Vec<usize>)>> {
+    let prefix = prop::sample::select(vec![
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "cond_stage_model.transformer.text_model.",
+        "cond_stage_model.model.",
+        "conditioner.embedders.0.transformer.text_model.",
+        "conditioner.embedders.1.model.",
+        "conditioner.embedders.0.model.",
+        "model_ema.",
+        "",
+    ]);
+    let part = prop::sample::select(vec![
+        "input_blocks",
+        "output_blocks",
+        "middle_block",
+        "0",
+        "1",
+        "2",
+        "3",
+        "9",
+        "12",
+        "op",
+        "conv",
+        "weight",
+        "bias",
+        "transformer",
+        "resblocks",
+        "attn",
+        "in_proj_weight",
+        "text_projection",
+        "label_emb",
+        "encoder",
+        "decoder",
+        "up",
+        "down",
+        "block",
+        "mid",
+        "attn_1",
+        "q",
+        "proj_out",
+        "embeddings",
+        "position_ids",
+        "layers",
+        "ln_final",
+        "token_embedding",
+        "positional_embedding",
+        "18446744073709551616",
+    ]);
+    let key = (prefix, prop::collection::vec(part, 0..8))
+        .prop_map(|(p, parts)| format!("{p}{}", parts.join(".")));
+    prop::collection::vec((key, prop::collection::vec(0usize..5, 0..5)), 0..40)
+}
+
+/// A safetensors file holding `keys` (zeros, f32; repeated names once).
+fn file_of(keys: &[(String, Vec<usize>)]) -> Vec<u8> {
+    let mut unique = std::collections::BTreeMap::new();
+    for (k, shape) in keys {
+        unique.entry(k.clone()).or_insert_with(|| shape.clone());
+    }
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = unique
+        .into_iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            (k, shape, vec![0u8; 4 * n])
+        })
+        .collect();
+    let views = data.iter().map(|(k, shape, bytes)| {
+        (
+            k.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .unwrap(),
+        )
+    });
+    safetensors::serialize(views, None).unwrap()
+}
+
+proptest! {
+    /// The single-file key mapper on any names: mapped, ignored or unknown, never a panic;
+    /// and a file of them opens as a checkpoint (or is refused with a typed error) whose
+    /// tensors all read back.
+    #[test]
+    fn single_file_key_mapper(keys in single_file_keys()) {
+        use sefi::weights::ldm::{LdmFamily, map_keys};
+        for family in [LdmFamily::Sd1, LdmFamily::Sd2, LdmFamily::Sdxl] {
+            let map = map_keys(&keys, family);
+            // Every name is accounted for, and no diffusers name is made twice.
+            for (k, _) in &keys {
+                prop_assert!(
+                    map.mapped.iter().any(|m| &m.source == k)
+                        || map.ignored.contains(k)
+                        || map.unknown.contains(k),
+                    "{k} vanished"
+                );
+            }
+            let mut targets: Vec<&str> = map.mapped.iter().map(|m| m.target.as_str()).collect();
+            let n = targets.len();
+            targets.sort();
+            targets.dedup();
+            prop_assert_eq!(targets.len(), n);
+        }
+        let bytes = file_of(&keys);
+        let opened = block_on(sefi::weights::Checkpoint::single_file(
+            Box::new(MemorySource::new("fuzz.safetensors", bytes)),
+            None,
+        ));
+        if let Ok(ckpt) = opened {
+            for c in sefi::weights::Component::ALL {
+                for name in ckpt.entries(c).keys() {
+                    let t = block_on(ckpt.read(c, name));
+                    prop_assert!(t.is_ok(), "{name}: {:?}", t.err());
+                }
+            }
+        }
     }
 }
 
