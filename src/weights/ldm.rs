@@ -312,6 +312,23 @@ const P: &str = "(?P<p>weight|bias)";
 
 /// The rule table. Patterns use `{P}` for the parameter name (`weight` or `bias`).
 static GROUPS: &[Group] = &[
+    // SDXL's added text/time embedding.
+    Group {
+        prefix: UNET,
+        family: Some(LdmFamily::Sdxl),
+        rules: &[
+            map(
+                r"label_emb\.0\.0\.{P}",
+                "unet.add_embedding.linear_1.{p}",
+                Inner::None,
+            ),
+            map(
+                r"label_emb\.0\.2\.{P}",
+                "unet.add_embedding.linear_2.{p}",
+                Inner::None,
+            ),
+        ],
+    },
     Group {
         prefix: UNET,
         family: None,
@@ -324,17 +341,6 @@ static GROUPS: &[Group] = &[
             map(
                 r"time_embed\.2\.{P}",
                 "unet.time_embedding.linear_2.{p}",
-                Inner::None,
-            ),
-            // SDXL's added text/time embedding.
-            map(
-                r"label_emb\.0\.0\.{P}",
-                "unet.add_embedding.linear_1.{p}",
-                Inner::None,
-            ),
-            map(
-                r"label_emb\.0\.2\.{P}",
-                "unet.add_embedding.linear_2.{p}",
                 Inner::None,
             ),
             map(r"input_blocks\.0\.0\.{P}", "unet.conv_in.{p}", Inner::None),
