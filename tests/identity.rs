@@ -2,10 +2,8 @@
 //! term, training, resuming, identity files, and the `sefi train` / `generate --identity` flow.
 #![cfg(not(target_family = "wasm"))]
 
-use std::process::Command;
-
 mod common;
-use common::{fixture, load_model, load_model_in};
+use common::{fixture, load_model, load_model_in, sefi, sefi_ok};
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
@@ -589,23 +587,11 @@ fn gradient_checkpointing_gives_the_same_training() {
 fn train_then_generate_with_two_identities() {
     let dir = std::env::temp_dir().join(format!("sefi-identity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let sefi = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_sefi"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        o
-    };
     let model = fixture("sd/tiny-sd1").display().to_string();
     let photo = fixture("photos/astronaut.png").display().to_string();
     let out = |n: &str| dir.join(n).display().to_string();
     let log = out("alice.jsonl");
-    sefi(&[
+    sefi_ok(&[
         "train",
         "--model",
         &model,
@@ -659,7 +645,7 @@ fn train_then_generate_with_two_identities() {
             "two 8x8 maps side by side"
         );
     }
-    sefi(&[
+    sefi_ok(&[
         "train",
         "--model",
         &model,
@@ -680,7 +666,7 @@ fn train_then_generate_with_two_identities() {
         "--out",
         &out("rex.safetensors"),
     ]);
-    sefi(&[
+    sefi_ok(&[
         "generate",
         "--model",
         &model,
@@ -702,22 +688,19 @@ fn train_then_generate_with_two_identities() {
     assert!(dir.join("both.png").exists());
     // A bad photo is a clear error.
     std::fs::write(dir.join("bad.jpg"), b"not a photo").unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_sefi"))
-        .args([
-            "train",
-            "--model",
-            &model,
-            "--image",
-            &out("bad.jpg"),
-            "--token",
-            "x",
-            "--device",
-            "cpu",
-            "--out",
-            &out("x.safetensors"),
-        ])
-        .output()
-        .unwrap();
+    let o = sefi(&[
+        "train",
+        "--model",
+        &model,
+        "--image",
+        &out("bad.jpg"),
+        "--token",
+        "x",
+        "--device",
+        "cpu",
+        "--out",
+        &out("x.safetensors"),
+    ]);
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("cannot read the photo"),

@@ -16,36 +16,7 @@ use sefi::weights::{Checkpoint, Family, Format};
 const TOL_CPU: f32 = 1e-4;
 
 mod common;
-use common::{Goldens, sd_fixture as fixture};
-
-fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
-    let shape = t.dims().to_vec();
-    let data = block_on(t.into_data_async()).unwrap();
-    (data.convert::<f32>().try_to_vec::<f32>().unwrap(), shape)
-}
-
-/// Largest absolute difference; panics with `what` when shapes differ or it exceeds `tol`.
-fn assert_close<const D: usize>(
-    actual: Tensor<D>,
-    expected: (Vec<f32>, Vec<usize>),
-    tol: f32,
-    what: &str,
-) -> f32 {
-    let (a, shape) = values(actual);
-    assert_eq!(shape, expected.1, "{what}: shape");
-    let scale = expected.0.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let err = a
-        .iter()
-        .zip(&expected.0)
-        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    assert!(
-        err <= tol,
-        "{what}: max abs error {err:e} > {tol:e} (values up to {scale})"
-    );
-    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
-    eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
-    err
-}
+use common::{Goldens, assert_close, sd_fixture as fixture};
 
 fn open(path: &Path, variant: Variant, config: Option<SdConfig>) -> Checkpoint {
     block_on(Checkpoint::open_path(path, variant, config))

@@ -17,40 +17,10 @@ use sefi::weights::open::Variant;
 use sefi::weights::{Checkpoint, Component, Family, Format, HostTensor, WeightsError};
 
 mod common;
-use common::{Goldens, fixture, sd_fixture};
+use common::{Goldens, assert_close, fixture, sd_fixture, sefi, sefi_ok, values};
 
 /// f32 on the CPU, as for SD 1.x/2.x.
 const TOL: f32 = 1e-4;
-
-fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
-    let shape = t.dims().to_vec();
-    let data = block_on(t.into_data_async()).unwrap();
-    (data.convert::<f32>().try_to_vec::<f32>().unwrap(), shape)
-}
-
-fn max_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
-}
-
-fn assert_close<const D: usize>(
-    actual: Tensor<D>,
-    expected: (Vec<f32>, Vec<usize>),
-    tol: f32,
-    what: &str,
-) -> f32 {
-    let (a, shape) = values(actual);
-    assert_eq!(shape, expected.1, "{what}: shape");
-    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
-    let err = max_err(&a, &expected.0);
-    let scale = expected.0.iter().fold(0f32, |m, x| m.max(x.abs()));
-    assert!(
-        err <= tol,
-        "{what}: max abs error {err:e} > {tol:e} (values up to {scale})"
-    );
-    eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
-    err
-}
 
 fn open(path: &Path, config: Option<SdConfig>) -> Result<Checkpoint, WeightsError> {
     block_on(Checkpoint::open_path(path, Variant::Auto, config))
@@ -459,22 +429,11 @@ fn refiners_are_refused_by_name() {
 #[test]
 fn train_then_generate_with_sdxl_identities() {
     let tmp = TempDir::new("identities");
-    let sefi = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
     let model = sd_fixture("tiny-sdxl").display().to_string();
     let photo = fixture("photos/astronaut.png").display().to_string();
     let out = |n: &str| tmp.0.join(n).display().to_string();
     for (token, class) in [("alice", "person"), ("rex", "dog")] {
-        sefi(&[
+        sefi_ok(&[
             "train",
             "--model",
             &model,
@@ -536,7 +495,7 @@ fn train_then_generate_with_sdxl_identities() {
     };
     assert!(moved(0..16) && moved(16..48));
 
-    sefi(&[
+    sefi_ok(&[
         "generate",
         "--model",
         &model,
@@ -601,12 +560,7 @@ fn presets_state_their_models_sizes() {
 #[test]
 fn inspect_says_sdxl() {
     let inspect = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
-            .arg("inspect")
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
+        let out = sefi(&[&["inspect"], args, &["--json"]].concat());
         (
             out.status.success(),
             String::from_utf8(out.stdout).unwrap(),
@@ -643,10 +597,7 @@ fn inspect_says_sdxl() {
     let refiner = tmp.0.join("refiner");
     copy_tree(&sd_fixture("tiny-sdxl"), &refiner);
     std::fs::remove_dir_all(refiner.join("text_encoder")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
-        .args(["inspect", refiner.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = sefi(&["inspect", refiner.to_str().unwrap()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -709,29 +660,21 @@ fn another_vae_replaces_the_models() {
     assert_eq!(f16(&with_fix), DType::F16);
 
     // The command line takes it as --vae.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
-        .args([
-            "generate",
-            "--model",
-            sd_fixture("tiny-sdxl").to_str().unwrap(),
-            "--vae",
-            fixed.to_str().unwrap(),
-            "--prompt",
-            "a red car",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--out",
-            tmp.0.join("car.png").to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sefi_ok(&[
+        "generate",
+        "--model",
+        sd_fixture("tiny-sdxl").to_str().unwrap(),
+        "--vae",
+        fixed.to_str().unwrap(),
+        "--prompt",
+        "a red car",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        tmp.0.join("car.png").to_str().unwrap(),
+    ]);
     assert!(tmp.0.join("car.png").exists());
     // A folder that holds no VAE is refused, named.
     let err = block_on(

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test crate uses a part
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use sefi::block_on;
@@ -85,4 +86,54 @@ impl Goldens {
         let shape = self.0.info(name).unwrap().shape.clone();
         Tensor::from_data(TensorData::new(self.ints(name), shape), device)
     }
+}
+
+/// A tensor's values (as f32) and shape, read back asynchronously.
+pub fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
+    let shape = t.dims().to_vec();
+    let data = block_on(t.into_data_async()).unwrap();
+    (data.convert::<f32>().try_to_vec::<f32>().unwrap(), shape)
+}
+
+/// Largest absolute difference from `expected` (values and shape); panics with `what` when
+/// the shapes differ, a value is not finite, or the difference exceeds `tol`.
+pub fn assert_close<const D: usize>(
+    actual: Tensor<D>,
+    expected: (Vec<f32>, Vec<usize>),
+    tol: f32,
+    what: &str,
+) -> f32 {
+    let (a, shape) = values(actual);
+    assert_eq!(shape, expected.1, "{what}: shape");
+    assert!(a.iter().all(|x| x.is_finite()), "{what}: non-finite values");
+    let scale = expected.0.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let err = a
+        .iter()
+        .zip(&expected.0)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(
+        err <= tol,
+        "{what}: max abs error {err:e} > {tol:e} (values up to {scale})"
+    );
+    eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
+    err
+}
+
+/// Runs the `sefi` command line.
+pub fn sefi(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args(args)
+        .output()
+        .expect("run the sefi binary")
+}
+
+/// Runs `sefi` and panics with its error output unless it succeeds.
+pub fn sefi_ok(args: &[&str]) -> Output {
+    let o = sefi(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
 }
