@@ -65,6 +65,8 @@ pub struct FitReport {
     pub binding_limit: Option<u64>,
     /// The largest square image that fits the binding limit, for one image with guidance.
     pub largest_generate_side: Option<usize>,
+    /// Every weight tensor fits the binding limit (or none is known): the model can load.
+    pub weights_fit: bool,
     /// Problems and what to change; empty when it fits.
     pub advice: Vec<String>,
 }
@@ -125,6 +127,7 @@ pub fn estimate(
         resolution,
         binding_limit: binding,
         largest_generate_side,
+        weights_fit: binding.is_none_or(|limit| largest_tensor <= limit),
         advice,
     }
 }
@@ -182,6 +185,8 @@ mod tests {
             .unwrap();
         // WebGPU's default binding limit (128 MiB): 1024 px does not fit, 512 px does.
         let small = preset(sdxl, Some(&limits(128 << 20)), true);
+        // Its largest tensor (bigG's token embeddings, 121 MiB in f16) still loads.
+        assert!(small.weights_fit);
         assert_eq!(small.largest_generate_side, Some(512));
         assert!(
             small
@@ -223,6 +228,10 @@ mod tests {
             Some(&limits),
         );
         assert_eq!(f32_report.advice.len(), 2, "{:?}", f32_report.advice);
+        assert!(
+            !f32_report.weights_fit,
+            "a 145 MiB tensor over a 128 MiB binding"
+        );
         assert!(f32_report.advice[0].contains("largest tensor"));
         assert!(f32_report.advice[1].contains("Choose 256 px or less"));
         // The measured figure: 14.5 GiB at 512 px in f32.
@@ -230,6 +239,7 @@ mod tests {
         assert!((gib - 14.4).abs() < 0.3, "{gib}");
         let fine = estimate(&unet, 859_520_964, total, 2, 75_890_688, 256, Some(&limits));
         assert!(fine.advice.is_empty(), "{:?}", fine.advice);
+        assert!(fine.weights_fit);
         assert!(fine.train_bytes < f32_report.train_bytes / 4);
     }
 }

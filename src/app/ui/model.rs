@@ -207,12 +207,7 @@ fn preset_fit(ctx: Ctx, p: &Preset) -> Option<(bool, String)> {
     let super::GpuState::Ready(report) = ctx.gpu.get() else {
         return None;
     };
-    let f16 = report.device.f16;
-    let fit = fit::preset(p, report.device.limits.as_ref(), f16);
-    let bytes_per_param = if f16 { 2 } else { 4 };
-    let loads = fit
-        .binding_limit
-        .is_none_or(|limit| p.largest_tensor * bytes_per_param <= limit);
+    let fit = fit::preset(p, report.device.limits.as_ref(), report.device.f16);
     let text = if fit.advice.is_empty() {
         format!(
             "Fits this GPU's limits at {} px: about {} of GPU memory to generate.",
@@ -222,7 +217,7 @@ fn preset_fit(ctx: Ctx, p: &Preset) -> Option<(bool, String)> {
     } else {
         fit.advice.join(" ")
     };
-    Some((loads, text))
+    Some((fit.weights_fit, text))
 }
 
 fn error(e: AcquireError) -> UiError {

@@ -192,7 +192,7 @@ pub(super) async fn load_model(
         resolution,
         dev.info.limits.as_ref(),
     );
-    if fit.binding_limit.is_some_and(|l| largest > l) {
+    if !fit.weights_fit {
         return Err(WorkerError::OutOfMemory(fit.advice.join(" ")));
     }
     // Free the previous model's GPU memory before loading the next.
