@@ -49,9 +49,29 @@ fn shards(index: &Path) -> Result<Shards, WeightsError> {
         .collect()
 }
 
-/// The weight file of one model of a diffusers folder, or its shards (as diffusers and
+/// The weights in `dir` under `stem`: one file, or the shards an index lists (as diffusers and
 /// transformers name them: `{stem}.safetensors.index.json` and, for the fp16 variant,
-/// `{stem}.safetensors.index.fp16.json`).
+/// `{stem}.safetensors.index.fp16.json`); full precision first unless `variant` asks for fp16.
+/// `None` when there are none.
+fn weights_in(dir: &Path, stem: &str, variant: Variant) -> Result<Option<Shards>, WeightsError> {
+    let full = dir.join(format!("{stem}.safetensors"));
+    let half = dir.join(format!("{stem}.fp16.safetensors"));
+    let full_index = dir.join(format!("{stem}.safetensors.index.json"));
+    let half_index = dir.join(format!("{stem}.safetensors.index.fp16.json"));
+    let pick = match variant {
+        Variant::Fp16 if half.exists() => Some(half),
+        Variant::Fp16 if half_index.exists() => return shards(&half_index).map(Some),
+        _ if full.exists() => Some(full),
+        _ if full_index.exists() => return shards(&full_index).map(Some),
+        _ if half.exists() => Some(half),
+        _ if half_index.exists() => return shards(&half_index).map(Some),
+        _ => None,
+    };
+    pick.map(|p| Ok(vec![Box::new(FileSource::open(&p)?) as Box<dyn ByteSource>]))
+        .transpose()
+}
+
+/// The weight file of one model of a diffusers folder, or its shards.
 fn weight_file(
     folder: &Path,
     component: Component,
@@ -59,21 +79,8 @@ fn weight_file(
 ) -> Result<Shards, WeightsError> {
     let dir = folder.join(component.folder());
     let stem = component.weights_stem();
-    let full = dir.join(format!("{stem}.safetensors"));
-    let half = dir.join(format!("{stem}.fp16.safetensors"));
-    let full_index = dir.join(format!("{stem}.safetensors.index.json"));
-    let half_index = dir.join(format!("{stem}.safetensors.index.fp16.json"));
-    let pick = match variant {
-        Variant::Fp16 if half.exists() => Some(half),
-        Variant::Fp16 if half_index.exists() => return shards(&half_index),
-        _ if full.exists() => Some(full),
-        _ if full_index.exists() => return shards(&full_index),
-        _ if half.exists() => Some(half),
-        _ if half_index.exists() => return shards(&half_index),
-        _ => None,
-    };
-    if let Some(p) = pick {
-        return Ok(vec![Box::new(FileSource::open(&p)?)]);
+    if let Some(weights) = weights_in(&dir, stem, variant)? {
+        return Ok(weights);
     }
     if let Some(pickle) = component
         .pickle_files()
@@ -193,25 +200,11 @@ impl Checkpoint {
             dir.to_path_buf()
         };
         let stem = Component::Vae.weights_stem();
-        let single = [
-            format!("{stem}.safetensors"),
-            format!("{stem}.fp16.safetensors"),
-        ]
-        .into_iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.exists());
-        let sources: Shards = match single {
-            Some(p) => vec![Box::new(FileSource::open(&p)?)],
-            None if dir.join(format!("{stem}.safetensors.index.json")).exists() => {
-                shards(&dir.join(format!("{stem}.safetensors.index.json")))?
-            }
-            None => {
-                return Err(WeightsError::UnknownModel {
-                    path: dir.display().to_string(),
-                    reason: format!("it has no {stem}.safetensors, so it is not a diffusers VAE"),
-                });
-            }
-        };
+        let sources =
+            weights_in(&dir, stem, Variant::Auto)?.ok_or_else(|| WeightsError::UnknownModel {
+                path: dir.display().to_string(),
+                reason: format!("it has no {stem}.safetensors, so it is not a diffusers VAE"),
+            })?;
         let config = read_text(&dir.join("config.json"))?;
         self.with_vae(&dir.display().to_string(), sources, config)
             .await
