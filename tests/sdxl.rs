@@ -362,6 +362,43 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Text encoders saved by transformers before 4.31 (SDXL 0.9 and fine-tunes of its time) carry
+/// the `position_ids` buffer, in `text_encoder_2/` too: skipped and said, as transformers does.
+#[test]
+fn older_text_encoder_files_with_position_ids_load() {
+    let tmp = TempDir::new("position-ids");
+    let copy = tmp.0.join("m");
+    copy_tree(&sd_fixture("tiny-sdxl"), &copy);
+    for dir in ["text_encoder", "text_encoder_2"] {
+        let path = copy.join(dir).join("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ids: Vec<u8> = (0..77i64).flat_map(|i| i.to_le_bytes()).collect();
+        let mut views: Vec<(String, safetensors::tensor::TensorView)> = file.tensors();
+        views.push((
+            "text_model.embeddings.position_ids".into(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![1, 77], &ids)
+                .unwrap(),
+        ));
+        std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+    let old = open(&copy, None).unwrap();
+    let skipped: Vec<Component> = old
+        .adaptations
+        .iter()
+        .filter(|a| a.stored == "text_model.embeddings.position_ids" && a.loaded_as.is_none())
+        .map(|a| a.component)
+        .collect();
+    assert_eq!(
+        skipped,
+        [Component::TextEncoder, Component::TextEncoder2],
+        "{:?}",
+        old.adaptations
+    );
+    validate(&old, &Device::flex()).unwrap();
+    assert_same_weights(&open(&sd_fixture("tiny-sdxl"), None).unwrap(), &old);
+}
+
 #[test]
 fn the_sgm_single_file_loads_as_the_folder() {
     let folder = open(&sd_fixture("tiny-sdxl"), None).unwrap();

@@ -41,8 +41,13 @@ pub struct Adaptation {
 pub fn adapt(component: Component, name: &str, shape: &[usize]) -> Adapted {
     match component {
         // transformers before 4.31 saved CLIP's `position_ids` (int64 [1, 77]) as a persistent
-        // buffer; today it is recomputed, and transformers skips the stored one on load.
-        Component::TextEncoder if name == "text_model.embeddings.position_ids" => Adapted::Buffer,
+        // buffer, in both of SDXL's text encoders too (its 0.9 release and fine-tunes of that
+        // time); today it is recomputed, and transformers skips the stored one on load.
+        Component::TextEncoder | Component::TextEncoder2
+            if name == "text_model.embeddings.position_ids" =>
+        {
+            Adapted::Buffer
+        }
         Component::Vae => vae(name, shape),
         _ => Adapted::Current,
     }
@@ -173,14 +178,12 @@ mod tests {
 
     #[test]
     fn only_the_known_buffer_is_skipped() {
-        assert_eq!(
-            adapt(
-                Component::TextEncoder,
-                "text_model.embeddings.position_ids",
-                &[1, 77]
-            ),
-            Adapted::Buffer
-        );
+        for component in [Component::TextEncoder, Component::TextEncoder2] {
+            assert_eq!(
+                adapt(component, "text_model.embeddings.position_ids", &[1, 77]),
+                Adapted::Buffer
+            );
+        }
         for (component, name) in [
             (Component::TextEncoder, "text_model.embeddings.token_ids"),
             (
