@@ -6,6 +6,7 @@
 // provides both.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import http from "node:http";
 import { serveDist, launch, openPage } from "./harness.mjs";
 
 let server;
@@ -119,12 +120,105 @@ test("the Content-Security-Policy refuses connections to hosts it does not list"
       return { refused, violations };
     });
     assert.ok(outcome.refused);
-    assert.deepEqual(outcome.violations, ["connect-src"]);
+    // One event per policy that refuses it: the <meta> one, and the header's where the server
+    // sends www/_headers (the same policy twice).
+    assert.ok(outcome.violations.length >= 1, "the page saw no securitypolicyviolation event");
+    assert.deepEqual([...new Set(outcome.violations)], ["connect-src"], `violations: ${outcome.violations}`);
     // The browser refused it before any request existed.
     assert.deepEqual(foreignRequests, []);
     const policy = await page.locator("meta[http-equiv=Content-Security-Policy]").getAttribute("content");
     assert.match(policy, /connect-src 'self' https:\/\/huggingface\.co https:\/\/\*\.huggingface\.co https:\/\/\*\.hf\.co;/);
   } finally {
     await browser.close();
+  }
+});
+
+test("the GPU worker runs under the site's Content-Security-Policy and can reach no other host", async () => {
+  // A server the worker could reach if its policy did not stop it: 127.0.0.1 (which the
+  // test's routing lets through) on another port, so not 'self'. It answers anyone (CORS),
+  // so only the policy can make a fetch to it fail.
+  const reached = [];
+  const bystander = http.createServer((req, res) => {
+    reached.push(`${req.method} ${req.url}`);
+    res.writeHead(200, { "access-control-allow-origin": "*" }).end("reached");
+  });
+  await new Promise((resolve) => bystander.listen(0, "127.0.0.1", resolve));
+  const bystanderUrl = `http://127.0.0.1:${bystander.address().port}/collect`;
+  // It is up and answers: a refusal below is the browser's, not a dead port.
+  assert.equal(await (await fetch(bystanderUrl)).text(), "reached");
+  reached.length = 0;
+
+  // The worker starts only where navigator.gpu exists.
+  const browser = await launch({ webgpu: true });
+  try {
+    const { page, foreignRequests } = await openPage(browser, server.url, { goto: false });
+    const appears = page.waitForEvent("worker", {
+      predicate: (w) => w.url().endsWith("/sefi-worker_loader.js"),
+      timeout: 60_000,
+    });
+    await page.goto(server.url);
+    const worker = await appears;
+    const meta = await page.locator("meta[http-equiv=Content-Security-Policy]").getAttribute("content");
+
+    // A worker is governed by the headers its script arrived with, not by the page's <meta>.
+    const loader = await fetch(worker.url());
+    assert.equal(
+      loader.headers.get("content-security-policy"),
+      meta,
+      `${worker.url()} must arrive with the page's policy as a Content-Security-Policy header ` +
+        "(www/_headers, served by the test server as a static host would), or the worker runs unrestricted",
+    );
+
+    const outcome = await worker.evaluate(
+      async ({ bystanderUrl }) => {
+        const violations = [];
+        self.addEventListener("securitypolicyviolation", (e) =>
+          violations.push({ directive: e.effectiveDirective, blocked: e.blockedURI, policy: e.originalPolicy }),
+        );
+        async function attempt(url, init) {
+          try {
+            const res = await fetch(url, init);
+            return `answered ${res.status}: ${await res.text()}`;
+          } catch (e) {
+            return `refused: ${e}`;
+          }
+        }
+        // The site itself stays reachable: fetch works here, and only other hosts are refused.
+        const self_ = await attempt("./sefi-worker_loader.js");
+        const local = await attempt(bystanderUrl);
+        const upload = await attempt("https://example.org/upload", { method: "POST", body: "photo" });
+        // The violation events are queued as tasks after the refusals.
+        for (let i = 0; i < 50 && violations.length < 2; i++) await new Promise((r) => setTimeout(r, 20));
+        return { self_, local, upload, violations };
+      },
+      { bystanderUrl },
+    );
+
+    assert.match(outcome.self_, /^answered 200/, `the worker could not fetch its own site: ${outcome.self_}`);
+    assert.match(
+      outcome.local,
+      /^refused/,
+      `the worker reached another 127.0.0.1 port (${bystanderUrl}); its policy should refuse it: ${outcome.local}`,
+    );
+    assert.match(outcome.upload, /^refused/, `the worker's POST to example.org was not refused: ${outcome.upload}`);
+    assert.deepEqual(
+      outcome.violations.map((v) => v.directive),
+      ["connect-src", "connect-src"],
+      `the worker should see one connect-src violation per refused fetch: ${JSON.stringify(outcome.violations)}`,
+    );
+    for (const v of outcome.violations) {
+      assert.equal(v.policy, meta, `the worker enforced a policy other than the page's: ${v.policy}`);
+    }
+    assert.deepEqual(reached, [], "the other 127.0.0.1 server received requests from the worker");
+    // The browser refused both before any request existed, so the routing saw none either.
+    assert.deepEqual(foreignRequests, [], "requests left 127.0.0.1");
+    assert.ok(
+      !server.requests.some((r) => r.url.startsWith("/upload") || r.url.startsWith("/collect")),
+      `the site's server received the refused requests: ${JSON.stringify(server.requests)}`,
+    );
+  } finally {
+    await browser.close();
+    bystander.closeAllConnections();
+    await new Promise((resolve) => bystander.close(resolve));
   }
 });

@@ -55,8 +55,52 @@ function parseRange(header, size) {
   return start >= size ? "unsatisfiable" : { start, end };
 }
 
+/// Parses a `_headers` file (the format Netlify and Cloudflare Pages read): a line that starts
+/// with `/` begins a rule for the paths it matches, the indented `Name: value` lines under it
+/// are that rule's headers, and `#` lines are comments. A `*` matches any run of characters
+/// (`/*` is every path, `/sefi-worker*` a prefix); a pattern without one matches its path only.
+/// Returns `[{ pattern, test, headers }]` in file order, `headers` as `[[name, value]]` with
+/// the name in lower case.
+function parseHeaders(text) {
+  const rules = [];
+  text.split(/\r?\n/).forEach((line, i) => {
+    const trimmed = line.trim();
+    if (trimmed === "" || trimmed.startsWith("#")) return;
+    // A rule's path starts the line; its headers are indented.
+    if (!/^\s/.test(line)) {
+      if (!trimmed.startsWith("/")) throw new Error(`_headers line ${i + 1}: expected a path, got ${trimmed}`);
+      const source = trimmed.split("*").map((part) => part.replace(/[.+?^${}()|[\]\\]/g, "\\$&")).join(".*");
+      rules.push({ pattern: trimmed, test: new RegExp(`^${source}$`), headers: [] });
+      return;
+    }
+    const colon = trimmed.indexOf(":");
+    // A header before any path, or one without a name, would be silently lost on a host:
+    // fail the test run instead.
+    if (rules.length === 0 || colon <= 0) throw new Error(`_headers line ${i + 1}: expected a header under a path, got ${trimmed}`);
+    rules.at(-1).headers.push([trimmed.slice(0, colon).trim().toLowerCase(), trimmed.slice(colon + 1).trim()]);
+  });
+  return rules;
+}
+
+/// The headers that `rules` (from `parseHeaders`) give a URL path: those of every rule that
+/// matches, in file order. A header that several rules set is sent once for each (Cloudflare
+/// Pages joins the values with commas, which HTTP reads as the same list: two policies, both
+/// enforced).
+function headersFor(rules, pathname) {
+  const out = {};
+  for (const rule of rules) {
+    if (!rule.test.test(pathname)) continue;
+    for (const [name, value] of rule.headers) out[name] = name in out ? [].concat(out[name], value) : value;
+  }
+  return out;
+}
+
 /// Serves the built site at `/`, `fixtures` (default: tests/fixtures/sd) at `/fixtures/`, and
 /// `photos` (default: tests/fixtures/photos) at `/photos/`, on 127.0.0.1 and a free port.
+///
+/// The site's files get the headers of `<dist>/_headers`, as a static host would send them (so
+/// the worker runs under the Content-Security-Policy its script arrives with); none if the
+/// file is missing. The fixture mounts stand in for another host (the model host) and get none.
 ///
 /// Returns `{ url, origin, requests, clearRequests, addFile, close }`:
 /// - `requests`: every request received, in order, as `{ method, url, range }` (`url` is
@@ -72,6 +116,13 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
   ];
   const extra = new Map();
   const requests = [];
+  let siteRules = [];
+  try {
+    siteRules = parseHeaders(await fs.readFile(path.join(site, "_headers"), "utf8"));
+  } catch (e) {
+    // An older build without the file: serve without headers, as before.
+    if (e.code !== "ENOENT") throw e;
+  }
 
   /// The bytes a URL path names, or null.
   async function lookUp(pathname) {
@@ -101,13 +152,16 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
     if (req.method !== "GET" && req.method !== "HEAD") {
       return res.writeHead(405, { allow: "GET, HEAD" }).end();
     }
+    const onSite = !mounts.some((m) => pathname.startsWith(m.prefix));
+    const siteHeaders = onSite ? headersFor(siteRules, pathname) : {};
     const found = await lookUp(pathname);
-    if (!found) return res.writeHead(404).end();
+    if (!found) return res.writeHead(404, siteHeaders).end();
 
     const { body, name } = found;
     const headers = {
       "content-type": TYPES[path.extname(name).toLowerCase()] ?? "application/octet-stream",
       "accept-ranges": "bytes",
+      ...siteHeaders,
     };
     const range = req.headers.range ? parseRange(req.headers.range, body.length) : null;
     if (range === "unsatisfiable") {
