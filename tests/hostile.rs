@@ -12,12 +12,27 @@ use std::sync::LazyLock;
 
 use proptest::prelude::*;
 use sefi::app::catalog::Manifest;
+use sefi::app::view::RunRecord;
 use sefi::block_on;
-use sefi::clip::tokenizer::{CONTEXT_LENGTH, ClipTokenizer};
+use sefi::clip::tokenizer::{CONTEXT_LENGTH, ClipTokenizer, is_placeholder_name};
 use sefi::config::{TextConfig, UNetConfig, VaeConfig, from_json};
-use sefi::identity::Identity;
+use sefi::identity::settings::TrainConfig;
 use sefi::identity::train::decode_photo;
+use sefi::identity::{Fingerprint, Identity};
+use sefi::weights::Family;
 use sefi::weights::{MemorySource, SafetensorsFile};
+
+/// A stored training run's record, as the page writes it.
+static RUN_RECORD: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    serde_json::to_vec(&RunRecord {
+        config: TrainConfig::new("alice", "person", 512),
+        model_id: "d269fcd2b55104ee".into(),
+        model_name: "tiny-sd1-2022".into(),
+        photos: 2,
+        step: 30,
+    })
+    .unwrap()
+});
 
 /// Built once: the vocabulary takes a while to read.
 static TOKENIZER: LazyLock<ClipTokenizer> =
@@ -118,6 +133,7 @@ proptest! {
             // What loads is consistent: the vectors have the shape the metadata states.
             prop_assert_eq!(id.key.len(), id.stages * id.dim);
             prop_assert_eq!(id.value.len(), id.stages * id.dim);
+            prop_assert!(is_placeholder_name(&id.token), "{:?}", id.token);
         }
     }
 
@@ -140,6 +156,16 @@ proptest! {
     #[test]
     fn stored_manifests(text in ".*") {
         let _ = serde_json::from_str::<Manifest>(&text);
+    }
+
+    /// A training run's record (`runs/current/run.json`): damaged copies of a real one.
+    #[test]
+    fn stored_run_records(bytes in mutated(RUN_RECORD.clone())) {
+        if let Ok(r) = serde_json::from_slice::<RunRecord>(&bytes) {
+            // What is read is what is written back when its step moves on.
+            let again: RunRecord = serde_json::from_slice(&serde_json::to_vec(&r).unwrap()).unwrap();
+            prop_assert_eq!(again, r);
+        }
     }
 
     /// Photos: damaged copies of a real PNG, and random bytes.
@@ -306,4 +332,64 @@ fn a_photo_claiming_huge_dimensions_is_refused() {
     png[29..33].copy_from_slice(&crc.sum().to_be_bytes());
     let err = decode_photo(&png).expect_err("a 30 GB photo");
     assert!(!err.is_empty());
+}
+
+/// `bytes`, a safetensors file, with its metadata `key` set to `value`.
+fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"][key] = value.into();
+    let mut text = serde_json::to_string(&header).unwrap();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text.as_bytes());
+    out.extend(&bytes[8 + len..]);
+    out
+}
+
+/// An identity's name becomes a file name in storage and text on the page: one that is not a
+/// name a prompt can use (markup, a path, nothing) is refused when the file is read.
+#[test]
+fn identity_names_that_are_markup_or_paths_are_refused() {
+    let original = Identity {
+        token: "alice".into(),
+        class_word: "person".into(),
+        stages: 5,
+        family: Family::Sd1,
+        dim: 4,
+        key: vec![0.5; 20],
+        value: vec![-0.5; 20],
+        fingerprint: Fingerprint {
+            vocab: 49408,
+            dim: 4,
+            widths: Vec::new(),
+            samples: vec![0.25; 3],
+        },
+        training: serde_json::Value::Null,
+    }
+    .to_bytes()
+    .unwrap();
+    let same = with_metadata(&original, "token", "alice");
+    assert_eq!(
+        block_on(Identity::from_bytes("ok.safetensors", same))
+            .unwrap()
+            .token,
+        "alice"
+    );
+    for name in [
+        "<img src=x onerror=alert(1)>",
+        "../models/x",
+        "a/b",
+        "",
+        "alice\u{0}",
+        "<script>",
+    ] {
+        let bytes = with_metadata(&original, "token", name);
+        let err = block_on(Identity::from_bytes("hostile.safetensors", bytes))
+            .expect_err(name)
+            .to_string();
+        assert!(err.contains("cannot be used"), "{name:?}: {err}");
+    }
 }

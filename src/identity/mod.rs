@@ -16,6 +16,7 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clip::tokenizer::{PLACEHOLDER_NAME_RULE, is_placeholder_name};
 use crate::weights::{Family, MemorySource, SafetensorsFile, WeightsError};
 
 /// Default number of timestep stages.
@@ -302,8 +303,15 @@ impl Identity {
         if widths.len() > 1 {
             fingerprint.widths = widths;
         }
+        // The name becomes a file name and text on the page: only what a prompt can name.
+        let token = get("token")?;
+        if !is_placeholder_name(&token) {
+            return Err(invalid(format!(
+                "its name {token:?} cannot be used; names use {PLACEHOLDER_NAME_RULE}"
+            )));
+        }
         Ok(Self {
-            token: get("token")?,
+            token,
             class_word: get("class_word")?,
             stages,
             family,
