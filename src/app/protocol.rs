@@ -189,6 +189,10 @@ pub enum WorkerError {
     OutOfMemory(String),
     /// The GPU device stopped (driver reset, GPU removed, browser's own limit).
     DeviceLost(String),
+    /// The worker made no progress for far longer than its steps take (a hung driver).
+    Stalled(String),
+    /// The page and the worker come from different builds.
+    Outdated(String),
     /// The model cannot be used (damaged, unsupported, wrong files).
     BadModel(String),
     /// An identity file cannot be used with this model.
@@ -208,6 +212,8 @@ impl WorkerError {
             WorkerError::NoWebGpu(_) => ErrorKind::NoWebGpu,
             WorkerError::OutOfMemory(_) => ErrorKind::OutOfMemory,
             WorkerError::DeviceLost(_) => ErrorKind::DeviceLost,
+            WorkerError::Stalled(_) => ErrorKind::Stalled,
+            WorkerError::Outdated(_) => ErrorKind::Outdated,
             WorkerError::BadModel(_) => ErrorKind::BadModel,
             WorkerError::BadIdentity(_) => ErrorKind::BadIdentity,
             WorkerError::BadPhoto(_) => ErrorKind::BadPhoto,
@@ -249,12 +255,83 @@ impl std::fmt::Display for WorkerError {
             WorkerError::NoWebGpu(m)
             | WorkerError::OutOfMemory(m)
             | WorkerError::DeviceLost(m)
+            | WorkerError::Stalled(m)
+            | WorkerError::Outdated(m)
             | WorkerError::BadModel(m)
             | WorkerError::BadIdentity(m)
             | WorkerError::BadPhoto(m)
             | WorkerError::Other(m) => f.write_str(m),
         }
     }
+}
+
+/// This build of the sources (a hash made by `build.rs`). The page and the worker of one
+/// deployment share it.
+pub const BUILD: &str = concat!("sefi-", env!("SEFI_BUILD"));
+
+/// A message stamped with the build that sent it. After a redeploy a page can meet a worker of
+/// another build (the worker's script has a fixed name and may come from a cache): every
+/// message says its build, and one from another build, or of a shape this build cannot read,
+/// arrives as [`Versioned::Foreign`] instead of failing to decode.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Versioned<T> {
+    /// A message of this build.
+    Ours(T),
+    /// A message of another build; `build` is its id as far as it can be read.
+    Foreign {
+        /// The sender's build.
+        build: String,
+    },
+}
+
+#[derive(Serialize)]
+struct Stamped<'a, T> {
+    build: &'a str,
+    body: Option<&'a T>,
+}
+
+impl<T: Serialize> Serialize for Versioned<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Versioned::Ours(body) => Stamped {
+                build: BUILD,
+                body: Some(body),
+            },
+            Versioned::Foreign { build } => Stamped { build, body: None },
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de, T: for<'a> Deserialize<'a>> Deserialize<'de> for Versioned<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Taken as a plain JS value first, so that nothing about its shape can fail here.
+        let raw: JsValue = serde_wasm_bindgen::preserve::deserialize(d)?;
+        let field = |name: &str| js_sys::Reflect::get(&raw, &name.into()).ok();
+        let Some(build) = field("build").and_then(|b| b.as_string()) else {
+            return Ok(Versioned::Foreign {
+                build: "an older build".into(),
+            });
+        };
+        if build != BUILD {
+            return Ok(Versioned::Foreign { build });
+        }
+        Ok(field("body")
+            .and_then(|body| serde_wasm_bindgen::from_value(body).ok())
+            .map_or_else(
+                || Versioned::Foreign {
+                    build: format!("{build}, with a message this build cannot read"),
+                },
+                Versioned::Ours,
+            ))
+    }
+}
+
+/// What the page says when its worker is of another build.
+pub fn outdated(theirs: &str) -> WorkerError {
+    WorkerError::Outdated(format!(
+        "SeFi Studio was updated while this page was open: the page is build {BUILD} and its GPU worker is {theirs}. Reload the page to use the new version; your models, identities and images stay in storage."
+    ))
 }
 
 /// Messages cross as structured-clone JS values (serde-wasm-bindgen) rather than bincode
@@ -267,8 +344,8 @@ impl gloo_worker::Codec for JsCodec {
     }
 
     fn decode<O: for<'de> Deserialize<'de>>(input: JsValue) -> O {
-        // Page and worker are built from one source in one build, so a message that does not
-        // decode is a bug, not user input.
-        serde_wasm_bindgen::from_value(input).expect("worker message of an unknown shape")
+        // What we send inside gloo's envelope is [`Versioned`], which decodes whatever the
+        // other side sent; only gloo's own envelope (its version is pinned) could fail here.
+        serde_wasm_bindgen::from_value(input).expect("a gloo-worker envelope of an unknown shape")
     }
 }

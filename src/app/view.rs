@@ -37,13 +37,19 @@ pub enum ErrorKind {
     Exists,
     /// The user stopped the work.
     Cancelled,
+    /// Another tab of the site is doing this (training, downloading this model).
+    Busy,
+    /// The GPU worker stopped answering (a hung driver) and was stopped.
+    Stalled,
+    /// The page and its worker come from different builds (the site was updated).
+    Outdated,
     /// Anything else (a bug, most likely).
     Other,
 }
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 17] = [
         ErrorKind::BlockedHost,
         ErrorKind::Network,
         ErrorKind::BadModel,
@@ -57,6 +63,9 @@ impl ErrorKind {
         ErrorKind::NoModel,
         ErrorKind::Exists,
         ErrorKind::Cancelled,
+        ErrorKind::Busy,
+        ErrorKind::Stalled,
+        ErrorKind::Outdated,
         ErrorKind::Other,
     ];
 
@@ -76,6 +85,9 @@ impl ErrorKind {
             ErrorKind::NoModel => "no-model",
             ErrorKind::Exists => "exists",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::Busy => "busy",
+            ErrorKind::Stalled => "stalled",
+            ErrorKind::Outdated => "outdated",
             ErrorKind::Other => "error",
         }
     }
@@ -96,6 +108,9 @@ impl ErrorKind {
             ErrorKind::NoModel => "No model yet",
             ErrorKind::Exists => "That name is taken",
             ErrorKind::Cancelled => "Cancelled",
+            ErrorKind::Busy => "Busy in another tab",
+            ErrorKind::Stalled => "The GPU stopped answering",
+            ErrorKind::Outdated => "SeFi Studio was updated",
             ErrorKind::Other => "Something went wrong",
         }
     }
@@ -359,6 +374,109 @@ impl GenView {
     }
 }
 
+/// Notices a GPU worker that stopped making progress (a hung driver, a deadlock): a job in
+/// flight with no report for far longer than its steps take. The limit is
+/// [`Watchdog::FACTOR`] times the median time between step reports, and never less than
+/// [`Watchdog::FLOOR_MS`]. Until a job's second step, and after its last one, the worker may be
+/// setting up (moving weights, compiling shaders for the forward and backward passes, decoding
+/// the image), and the limit is at least [`Watchdog::FIRST_MS`]. Times are milliseconds of one
+/// clock.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Watchdog {
+    /// Jobs sent and not yet answered.
+    jobs: usize,
+    /// When the worker last reported (or a job started).
+    last: f64,
+    /// Steps reported since the last set-up began.
+    steps: usize,
+    /// The latest times between step reports.
+    gaps: std::collections::VecDeque<f64>,
+}
+
+/// What a report from the worker says about its progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// A step of a job (training, denoising).
+    Step,
+    /// A job's last step: what follows (decoding, saving) is set-up again.
+    LastStep,
+    /// Any other sign of life (a tensor loaded, heat-maps, a checkpoint).
+    Other,
+}
+
+impl Watchdog {
+    /// How many median steps of silence make a stall.
+    pub const FACTOR: f64 = 10.0;
+    /// The least silence that counts as a stall between steps.
+    pub const FLOOR_MS: f64 = 60_000.0;
+    /// The least silence that counts as a stall while a job sets up.
+    pub const FIRST_MS: f64 = 600_000.0;
+    /// Gaps remembered for the median.
+    const KEPT: usize = 32;
+
+    /// A job was sent.
+    pub fn begin(&mut self, now: f64) {
+        self.jobs += 1;
+        self.last = now;
+        self.steps = 0;
+    }
+
+    /// The worker reported.
+    pub fn report(&mut self, now: f64, report: Report) {
+        match report {
+            Report::Step => {
+                // The first step of a set-up includes it.
+                if self.steps >= 1 {
+                    if self.gaps.len() == Self::KEPT {
+                        self.gaps.pop_front();
+                    }
+                    self.gaps.push_back(now - self.last);
+                }
+                self.steps += 1;
+            }
+            Report::LastStep => self.steps = 0,
+            Report::Other => {}
+        }
+        self.last = now;
+    }
+
+    /// A job was answered (done, failed or stopped).
+    pub fn end(&mut self, now: f64) {
+        self.jobs = self.jobs.saturating_sub(1);
+        self.last = now;
+    }
+
+    /// A new worker: nothing is in flight.
+    pub fn reset(&mut self) {
+        self.jobs = 0;
+        self.steps = 0;
+    }
+
+    /// The median time between step reports, if any were measured.
+    pub fn median(&self) -> Option<f64> {
+        let mut gaps: Vec<f64> = self.gaps.iter().copied().collect();
+        gaps.sort_by(f64::total_cmp);
+        gaps.get(gaps.len() / 2).copied()
+    }
+
+    /// How long the worker may stay silent now.
+    pub fn limit(&self) -> f64 {
+        let floor = if self.steps >= 2 {
+            Self::FLOOR_MS
+        } else {
+            Self::FIRST_MS
+        };
+        self.median()
+            .map_or(floor, |m| (Self::FACTOR * m).max(floor))
+    }
+
+    /// How long the worker has been silent, when that is a stall.
+    pub fn overdue(&self, now: f64) -> Option<f64> {
+        let silent = now - self.last;
+        (self.jobs > 0 && silent > self.limit()).then_some(silent)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +502,7 @@ mod tests {
         titles.dedup();
         names.sort();
         names.dedup();
-        assert_eq!((titles.len(), names.len()), (14, 14));
+        assert_eq!((titles.len(), names.len()), (17, 17));
         for kind in [ErrorKind::Exists, ErrorKind::Storage] {
             assert_ne!(kind.title(), ErrorKind::Other.title(), "{kind:?}");
         }
@@ -509,5 +627,50 @@ mod tests {
         g.start(4);
         assert_eq!(g.failed(UiError::new(ErrorKind::OutOfMemory, "oom")), None);
         assert_eq!(g.error.unwrap().kind, ErrorKind::OutOfMemory);
+    }
+    #[test]
+    fn the_watchdog_waits_ten_median_steps_with_a_floor() {
+        let mut w = Watchdog::default();
+        assert_eq!(w.overdue(1e9), None, "nothing in flight");
+        w.begin(0.0);
+        assert_eq!(w.limit(), Watchdog::FIRST_MS, "before the first step");
+        // Loading reports are signs of life only.
+        for i in 1..=100 {
+            w.report(f64::from(i), Report::Other);
+        }
+        assert_eq!((w.median(), w.limit()), (None, Watchdog::FIRST_MS));
+        assert_eq!(w.overdue(100.0 + Watchdog::FIRST_MS - 1.0), None);
+        assert!(w.overdue(100.0 + Watchdog::FIRST_MS + 1.0).is_some());
+        // The first step took 100 s (shaders compile); until the second, set-up limits apply.
+        let mut last = 100_000.0;
+        w.report(last, Report::Step);
+        assert_eq!(w.limit(), Watchdog::FIRST_MS);
+        // Steps take 20 s, one took 50 s.
+        for gap in [20_000.0, 20_000.0, 50_000.0, 20_000.0] {
+            last += gap;
+            w.report(last, Report::Step);
+        }
+        assert_eq!(w.median(), Some(20_000.0), "set-up is not a step");
+        assert_eq!(w.limit(), 200_000.0);
+        assert_eq!(w.overdue(last + 199_000.0), None);
+        assert_eq!(w.overdue(last + 201_000.0), Some(201_000.0));
+        // After the last step, the image is decoded: set-up again.
+        w.report(last, Report::LastStep);
+        assert_eq!(w.limit(), Watchdog::FIRST_MS);
+
+        // Fast steps: the floor.
+        let mut fast = Watchdog::default();
+        fast.begin(0.0);
+        for i in 1..=10 {
+            fast.report(f64::from(i) * 100.0, Report::Step);
+        }
+        assert_eq!(fast.limit(), Watchdog::FLOOR_MS);
+        // A job's end stops the watch; a new job sets up again.
+        fast.end(1_000.0);
+        assert_eq!(fast.overdue(1e9), None);
+        fast.begin(2_000.0);
+        assert_eq!(fast.limit(), Watchdog::FIRST_MS);
+        fast.reset();
+        assert_eq!(fast.overdue(1e9), None);
     }
 }

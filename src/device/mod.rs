@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 mod open;
 #[cfg(feature = "compute")]
 pub use open::ComputeDevice;
+#[cfg(all(feature = "wgpu", target_family = "wasm"))]
+pub use open::lost;
 
 /// A compute backend this crate knows how to drive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -112,6 +112,8 @@ async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
         .init_with_setup_async()
         .await
         .map_err(|e| no_adapter(e.to_string()))?;
+    #[cfg(target_family = "wasm")]
+    lost::watch(&setup.device);
     let adapter = setup.adapter.get_info();
     let limits = setup.device.limits();
     let (f16, bf16) = dtype_support(&device);
@@ -236,4 +238,49 @@ fn open_cuda() -> Result<ComputeDevice, DeviceError> {
     Err(DeviceError::NotCompiled {
         backend: Backend::Cuda,
     })
+}
+
+/// The browser's WebGPU device can be taken away at any time (a driver reset, the GPU
+/// removed, the browser reclaiming it). burn marks the device poisoned and fails what follows;
+/// this tells the worker at once, so that it can say why and a new one can start.
+#[cfg(all(feature = "wgpu", target_family = "wasm"))]
+pub mod lost {
+    use std::cell::RefCell;
+
+    use burn::tensor::wgpu::wgpu;
+
+    thread_local! {
+        static DEVICE: RefCell<Option<wgpu::Device>> = const { RefCell::new(None) };
+        static LOST: RefCell<Option<String>> = const { RefCell::new(None) };
+        static HANDLER: RefCell<Option<fn(&str)>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn watch(device: &wgpu::Device) {
+        DEVICE.with(|d| *d.borrow_mut() = Some(device.clone()));
+        // On WebGPU this adds a reaction to `GPUDevice.lost`; burn's own stays.
+        device.set_device_lost_callback(|reason, message| {
+            let why = format!("{reason:?}: {message}");
+            LOST.with(|l| *l.borrow_mut() = Some(why.clone()));
+            if let Some(handler) = HANDLER.with(|h| *h.borrow()) {
+                handler(&why);
+            }
+        });
+    }
+
+    /// Calls `handler` with the browser's reason when the device is lost.
+    pub fn on_lost(handler: fn(&str)) {
+        HANDLER.with(|h| *h.borrow_mut() = Some(handler));
+    }
+
+    /// Why the device was lost, if it was.
+    pub fn reason() -> Option<String> {
+        LOST.with(|l| l.borrow().clone())
+    }
+
+    /// Destroys the device, as a driver reset would: the test hook for device loss.
+    pub fn destroy() {
+        if let Some(device) = DEVICE.with(|d| d.borrow().clone()) {
+            device.destroy();
+        }
+    }
 }

@@ -311,6 +311,8 @@ pub async fn read_blob(path: &str, blob: &Blob) -> Result<Vec<u8>, StoreError> {
     Ok(Uint8Array::new(&buf).to_vec())
 }
 
+pub mod lock;
+
 /// A model file stored in parts of `part_size` bytes, read at any offset.
 pub struct PartsSource {
     name: String,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::widgets::{ErrorBox, NumberField, UiError, blob_url, blob_url_of, random_seed, revoke};
-use super::{Ctx, ModelState, store};
+use super::{Ctx, ModelState, library, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
 pub use crate::app::view::GenView;
 use crate::clip::tokenizer::placeholders;
@@ -112,7 +112,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                         created: created + i as f64,
                     };
                     let saved = async {
-                        let s = store().await?;
+                        let (s, _held) = library().await?;
                         s.write(&format!("gallery/{name}.png"), &image.png).await?;
                         let text = serde_json::to_string(&meta).expect("plain data");
                         s.write(&format!("gallery/{name}.json"), text.as_bytes())
@@ -450,7 +450,7 @@ fn Gallery() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
     let delete = move |name: String, url: String| {
         spawn_local(async move {
-            if let Ok(s) = store().await {
+            if let Ok((s, _held)) = library().await {
                 let _ = s.remove(&format!("gallery/{name}.png")).await;
                 let _ = s.remove(&format!("gallery/{name}.json")).await;
             }

@@ -128,6 +128,7 @@ fn GpuError(error: WorkerError) -> impl IntoView {
             format!("{WEBGPU_HINT}."),
             Some(detail),
         ),
+        WorkerError::Outdated(advice) => ("outdated", "SeFi Studio was updated", advice, None),
         other => ("error", "The GPU check failed", other.to_string(), None),
     };
     view! {

@@ -11,8 +11,10 @@ use gloo_worker::{Spawnable, WorkerBridge};
 use leptos::prelude::*;
 
 use super::catalog::Manifest;
-use super::protocol::{JsCodec, ModelInfo, Request, Response, WorkerError};
+use super::protocol::{JsCodec, ModelInfo, Request, Response, Versioned, WorkerError, outdated};
+use super::view::{Report, Watchdog};
 use super::worker::{self, GpuWorker};
+use crate::store::lock::{self, Held};
 use crate::store::{Store, StoreError};
 
 pub use generate::{GalleryItem, GenView};
@@ -70,30 +72,55 @@ pub struct Ctx {
     pub negative: RwSignal<String>,
     pub seed: RwSignal<u64>,
     worker: StoredValue<Option<WorkerBridge<GpuWorker>>, LocalStorage>,
+    /// Counts the workers started: what a replaced worker still sends is dropped.
+    worker_serial: StoredValue<u64>,
+    watchdog: StoredValue<Watchdog>,
 }
+
+fn now() -> f64 {
+    js_sys::Date::now()
+}
+
+/// How often the page looks whether the worker still makes progress.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Ctx {
     pub fn send(&self, request: Request) {
+        if matches!(
+            request,
+            Request::LoadModel { .. } | Request::Train(_) | Request::Generate(_)
+        ) {
+            self.watchdog.update_value(|w| w.begin(now()));
+        }
         self.worker.with_value(|w| {
             if let Some(w) = w {
-                w.send(request);
+                w.send(Versioned::Ours(request));
             }
         });
     }
 
     /// Starts (or restarts, after a crash) the GPU worker and runs the GPU check.
     fn start_worker(self) {
+        self.worker_serial.update_value(|n| *n += 1);
+        let serial = self.worker_serial.get_value();
+        self.watchdog.update_value(Watchdog::reset);
         let bridge = GpuWorker::spawner()
             .encoding::<JsCodec>()
-            .callback(move |response| self.on_response(response))
+            .callback(move |response| {
+                if self.worker_serial.get_value() == serial {
+                    self.on_response(response);
+                }
+            })
             .spawn_with_loader(worker::LOADER);
-        bridge.send(Request::GpuCheck);
+        bridge.send(Versioned::Ours(Request::GpuCheck));
         // Dropping the old bridge terminates a crashed worker.
         self.worker.set_value(Some(bridge));
         // A worker that fails to start (blocked script, out of memory) never answers.
         set_timeout(
             move || {
-                if matches!(self.gpu.get_untracked(), GpuState::Checking) {
+                if self.worker_serial.get_value() == serial
+                    && matches!(self.gpu.get_untracked(), GpuState::Checking)
+                {
                     self.gpu.set(GpuState::Failed(WorkerError::Other(
                         "The GPU worker did not answer within three minutes. Reload the page; if it \
                          happens again, open the browser's developer console for the reason."
@@ -105,7 +132,51 @@ impl Ctx {
         );
     }
 
-    fn on_response(self, response: Response) {
+    /// Stops a worker that shows no progress for far longer than its steps take.
+    fn watch(self) {
+        let _ = set_interval_with_handle(
+            move || {
+                let stalled = self
+                    .watchdog
+                    .with_value(|w| w.overdue(now()).map(|silent| (silent, w.median())));
+                if let Some((silent, median)) = stalled {
+                    let usual = median.map_or(String::new(), |m| {
+                        format!(", where its steps take {:.1} s", m / 1000.0)
+                    });
+                    self.on_crash(WorkerError::Stalled(format!(
+                        "The GPU worker showed no progress for {:.0} s{usual}: the GPU driver may have hung. \
+                         It was stopped and a new one started; your identities, checkpoints and images are \
+                         safe in storage, and training can continue from its last checkpoint.",
+                        silent / 1000.0
+                    )));
+                }
+            },
+            WATCH_EVERY,
+        );
+    }
+
+    fn on_response(self, response: Versioned<Response>) {
+        let response = match response {
+            Versioned::Ours(r) => r,
+            Versioned::Foreign { build } => return self.on_outdated(&build),
+        };
+        let t = now();
+        self.watchdog.update_value(|w| match &response {
+            Response::TrainStep(r) if r.step >= r.total => w.report(t, Report::LastStep),
+            Response::GenStep { step, total, .. } if step >= total => w.report(t, Report::LastStep),
+            Response::TrainStep(_) | Response::GenStep { .. } => w.report(t, Report::Step),
+            Response::ModelProgress { .. }
+            | Response::TrainMaps { .. }
+            | Response::TrainCheckpoint { .. } => w.report(t, Report::Other),
+            Response::ModelReady(_)
+            | Response::ModelFailed(_)
+            | Response::TrainStopped { .. }
+            | Response::TrainDone { .. }
+            | Response::TrainFailed(_)
+            | Response::GenDone { .. }
+            | Response::GenFailed(_) => w.end(t),
+            Response::GpuCheck(_) | Response::Crashed(_) => {}
+        });
         match response {
             Response::GpuCheck(r) => {
                 let ok = r.is_ok();
@@ -143,20 +214,56 @@ impl Ctx {
         }
     }
 
-    /// The worker's wasm instance is gone: say why everywhere it matters, start a new one.
-    /// Storage (models, identities, checkpoints, gallery) is untouched.
+    /// Drops the current worker: nothing it still sends is read, and it is terminated.
+    fn retire_worker(self) {
+        self.worker_serial.update_value(|n| *n += 1);
+        self.worker.set_value(None);
+        self.watchdog.update_value(Watchdog::reset);
+    }
+
+    /// The worker's wasm instance is gone (or hangs, or lost its GPU): say why everywhere it
+    /// matters and start a new one. Storage (models, identities, checkpoints, gallery) is
+    /// untouched. After a lost device or a stall, the model that was on the GPU loads again,
+    /// so that a run can continue from its checkpoint.
     fn on_crash(self, e: WorkerError) {
+        if matches!(e, WorkerError::Outdated(_)) {
+            return self.on_outdated("of another build");
+        }
+        let reload = match (&e, self.model.get_untracked()) {
+            (WorkerError::DeviceLost(_) | WorkerError::Stalled(_), ModelState::Ready(info)) => {
+                Some(info.id)
+            }
+            _ => None,
+        };
+        self.retire_worker();
         let error = UiError::from(e);
         self.model_id.set(None);
         self.model.set(ModelState::Failed(error.clone()));
         identity::on_crash(self, error.clone());
-        generate::on_crash(self, error);
+        generate::on_crash(self, error.clone());
         self.gpu.set(GpuState::Checking);
+        if let Some(id) = reload {
+            self.model_error.set(Some(error));
+            model::reload(self, &id);
+        }
         // Not from inside the dying worker's callback.
         set_timeout(
             move || self.start_worker(),
             std::time::Duration::from_millis(50),
         );
+    }
+
+    /// The worker is of another build than the page (the site was redeployed): only a reload
+    /// helps, and a new worker would be the same, so none is started.
+    fn on_outdated(self, build: &str) {
+        self.retire_worker();
+        let e = outdated(build);
+        let error = UiError::from(e.clone());
+        self.model_id.set(None);
+        self.model.set(ModelState::Failed(error.clone()));
+        identity::on_crash(self, error.clone());
+        generate::on_crash(self, error);
+        self.gpu.set(GpuState::Failed(e));
     }
 }
 
@@ -172,6 +279,13 @@ fn browser_has_webgpu() -> bool {
 /// Opens storage, reporting failures as a [`UiError`].
 pub async fn store() -> Result<Store, UiError> {
     Store::open().await.map_err(UiError::from)
+}
+
+/// Storage with the library's tab lock, for writing identities and gallery images: other tabs
+/// wait until the returned lock is dropped.
+pub async fn library() -> Result<(Store, Held), UiError> {
+    let held = lock::lock(lock::LIBRARY).await?;
+    Ok((store().await?, held))
 }
 
 impl From<StoreError> for UiError {
@@ -202,10 +316,13 @@ fn App() -> impl IntoView {
         negative: RwSignal::new(String::new()),
         seed: RwSignal::new(widgets::random_seed()),
         worker: StoredValue::new_local(None),
+        worker_serial: StoredValue::new(0),
+        watchdog: StoredValue::new(Watchdog::default()),
     };
     provide_context(ctx);
     if browser_has_webgpu() {
         ctx.start_worker();
+        ctx.watch();
     } else {
         ctx.gpu.set(GpuState::Failed(WorkerError::NoWebGpu(
             "navigator.gpu is missing".into(),

@@ -13,7 +13,7 @@ use crate::app::acquire::{self, AcquireError, Progress};
 use crate::app::catalog::{Manifest, ModelSource, PRESETS, Preset, csp_allows};
 use crate::app::fit;
 use crate::app::protocol::{ModelInfo, Request};
-use crate::store::estimate;
+use crate::store::{estimate, lock};
 
 thread_local! {
     /// Set to stop the download in progress.
@@ -50,6 +50,16 @@ fn load_stored(ctx: Ctx, m: &Manifest) {
         ctx.send(Request::LoadModel { id: m.id.clone() });
     } else {
         PENDING.with(|p| *p.borrow_mut() = Some(m.id.clone()));
+    }
+}
+
+/// Loads the stored model `id` again (after its worker was replaced), once the GPU is ready.
+pub fn reload(ctx: Ctx, id: &str) {
+    let stored = ctx
+        .cached
+        .with_untracked(|l| l.iter().find(|m| m.id == id).cloned());
+    if let Some(m) = stored {
+        load_stored(ctx, &m);
     }
 }
 
@@ -135,6 +145,20 @@ async fn acquire(ctx: Ctx, pick: Pick) {
         file_total: None,
         speed: 0.0,
     });
+    // One tab at a time stores models: another tab's download is waited for (and used, when
+    // it brought the same model), or taken over when that tab closes.
+    let _held = match lock::try_lock(lock::MODELS).await {
+        Ok(Some(held)) => Some(held),
+        Ok(None) => {
+            ctx.model.update(|m| {
+                if let ModelState::Acquiring { phase, .. } = m {
+                    *phase = "wait";
+                }
+            });
+            lock::lock(lock::MODELS).await.ok()
+        }
+        Err(_) => None,
+    };
     let started = js_sys::Date::now();
     let mut last = 0.0;
     let mut progress = |p: Progress| {
@@ -413,7 +437,11 @@ fn model_status(ctx: Ctx) -> AnyView {
             view! {
                 <div class="progress-box">
                     <p>
-                        {if phase == "download" { "Downloading " } else { "Copying " }}
+                        {match phase {
+                            "download" => "Downloading ",
+                            "wait" => "Waiting for another SeFi Studio tab to finish storing a model, then getting ",
+                            _ => "Copying ",
+                        }}
                         <strong>{name}</strong>
                     </p>
                     <progress
@@ -485,8 +513,16 @@ fn CachedModels() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
     let delete = move |id: String| {
         spawn_local(async move {
-            if let Ok(s) = store().await {
-                let _ = s.remove(&format!("models/{id}")).await;
+            match lock::try_lock(lock::MODELS).await {
+                Ok(Some(_held)) => {
+                    if let Ok(s) = store().await {
+                        let _ = s.remove(&format!("models/{id}")).await;
+                    }
+                }
+                _ => ctx.model_error.set(Some(UiError::new(
+                    ErrorKind::Busy,
+                    "A model is being downloaded or copied (in this tab or another SeFi Studio tab): delete this one once that is done.",
+                ))),
             }
             // A model on the GPU stays usable until another one is loaded.
             refresh_cache(ctx).await;

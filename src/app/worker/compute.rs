@@ -13,7 +13,8 @@ use super::GpuWorker;
 use super::load::load_model;
 use crate::app::fit;
 use crate::app::protocol::{
-    GenImage, GenerateJob, GpuReport, ModelInfo, Request, Response, TrainJob, WorkerError,
+    GenImage, GenerateJob, GpuReport, ModelInfo, Request, Response, TrainJob, Versioned,
+    WorkerError,
 };
 use crate::device::{ComputeDevice, DeviceChoice, DeviceError};
 use crate::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
@@ -51,12 +52,37 @@ thread_local! {
     /// Where a panic is reported: the page's bridge.
     static REPORT_TO: RefCell<Option<(WorkerScope<GpuWorker>, Option<HandlerId>)>> =
         const { RefCell::new(None) };
+    /// Set once the worker has said it cannot go on: a lost device makes both the browser's
+    /// notice and the panics that follow report, and the page needs one.
+    static CRASHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Tells the page, once, that this worker cannot go on.
+fn report_crash(error: WorkerError) {
+    if CRASHED.with(|c| c.replace(true)) {
+        return;
+    }
+    REPORT_TO.with(|r| {
+        if let Ok(r) = r.try_borrow()
+            && let Some((scope, Some(id))) = r.as_ref()
+        {
+            scope.respond(*id, Versioned::Ours(Response::Crashed(error)));
+        }
+    });
+}
+
+fn device_lost(reason: &str) -> WorkerError {
+    WorkerError::DeviceLost(format!(
+        "The GPU stopped working for this page ({reason}); this happens when the driver resets or the browser reclaims the GPU. A new GPU worker was started and the model is loading again; your identities, checkpoints and images are safe in storage, and training can continue from its last checkpoint."
+    ))
 }
 
 /// A panic in the worker (a GPU error wgpu cannot return, a bug) leaves its wasm instance
-/// unusable: tell the page why, so that it starts a new worker and explains.
+/// unusable, and a lost GPU device leaves it nothing to compute on: tell the page why, so
+/// that it starts a new worker and explains.
 pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
     REPORT_TO.with(|r| *r.borrow_mut() = Some((scope, None)));
+    crate::device::lost::on_lost(|reason| report_crash(device_lost(reason)));
     std::panic::set_hook(Box::new(|info| {
         console_error_panic_hook::hook(info);
         let payload = info.payload();
@@ -65,14 +91,35 @@ pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| info.to_string());
-        REPORT_TO.with(|r| {
-            if let Ok(r) = r.try_borrow()
-                && let Some((scope, Some(id))) = r.as_ref()
-            {
-                scope.respond(*id, Response::Crashed(WorkerError::from_crash(&message)));
-            }
+        // Work on a lost device fails in many ways; the loss is the cause to report.
+        report_crash(match crate::device::lost::reason() {
+            Some(reason) => device_lost(&reason),
+            None => WorkerError::from_crash(&message),
         });
     }));
+}
+
+/// Test hook: faults that headless browsers cannot provoke, asked for by setting
+/// `self.__sefiFault` in the worker (from the browser's devtools or a test driver) and acted
+/// on at the next training or generation step. `"stall"` hangs the worker as a deadlocked
+/// driver would; `"lose-device"` destroys the GPU device as a driver reset does.
+fn injected_fault() {
+    let global = js_sys::global();
+    let key = wasm_bindgen::JsValue::from_str("__sefiFault");
+    let Some(fault) = js_sys::Reflect::get(&global, &key)
+        .ok()
+        .and_then(|f| f.as_string())
+    else {
+        return;
+    };
+    let _ = js_sys::Reflect::delete_property(&global, &key);
+    match fault.as_str() {
+        "stall" => loop {
+            std::hint::spin_loop();
+        },
+        "lose-device" => crate::device::lost::destroy(),
+        _ => {}
+    }
 }
 
 pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request, id: HandlerId) {
@@ -87,7 +134,7 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
         msg => {
             let (state, scope) = (state.clone(), scope.clone());
             wasm_bindgen_futures::spawn_local(async move {
-                let respond = |r: Response| scope.respond(id, r);
+                let respond = |r: Response| scope.respond(id, Versioned::Ours(r));
                 match msg {
                     Request::GpuCheck => respond(Response::GpuCheck(gpu_check().await)),
                     Request::LoadModel { id } => {
@@ -249,6 +296,7 @@ async fn train(
             .map(|cancel| if cancel { Stop::Cancel } else { Stop::Pause })
     };
     let mut on_event = |event: TrainEvent| -> Result<(), WorkerError> {
+        injected_fault();
         respond(match event {
             TrainEvent::Step(report) => Response::TrainStep(report),
             TrainEvent::Checkpoint { step, bytes } => Response::TrainCheckpoint {
@@ -335,6 +383,7 @@ async fn generate(
         &GivenNoise::default(),
         &loaded.device,
         &mut |event| {
+            injected_fault();
             match event {
                 Event::Encoded { warnings: w } => warnings.extend(w),
                 Event::Step {

@@ -4,7 +4,7 @@
 
 use gloo_worker::{HandlerId, Registrable, Worker, WorkerScope};
 
-use super::protocol::{JsCodec, Request, Response};
+use super::protocol::{BUILD, JsCodec, Request, Response, Versioned, WorkerError};
 
 /// The worker's loader script as trunk emits it (`data-bin="sefi-worker"` with
 /// `data-loader-shim`); a same-origin script, so the CSP needs no `blob:` workers.
@@ -21,8 +21,8 @@ pub struct GpuWorker {
 
 impl Worker for GpuWorker {
     type Message = ();
-    type Input = Request;
-    type Output = Response;
+    type Input = Versioned<Request>;
+    type Output = Versioned<Response>;
 
     fn create(scope: &WorkerScope<Self>) -> Self {
         #[cfg(feature = "compute")]
@@ -37,15 +37,25 @@ impl Worker for GpuWorker {
 
     fn update(&mut self, _scope: &WorkerScope<Self>, _msg: ()) {}
 
-    fn received(&mut self, scope: &WorkerScope<Self>, msg: Request, id: HandlerId) {
+    fn received(&mut self, scope: &WorkerScope<Self>, msg: Versioned<Request>, id: HandlerId) {
+        let msg = match msg {
+            Versioned::Ours(msg) => msg,
+            // A page of another build: whatever it asked, the answer is ours, which tells it.
+            Versioned::Foreign { build } => {
+                let why = WorkerError::Outdated(format!(
+                    "this worker is build {BUILD}; the page is build {build}"
+                ));
+                return scope.respond(id, Versioned::Ours(Response::Crashed(why)));
+            }
+        };
         #[cfg(feature = "compute")]
         compute::received(&self.state, scope, msg, id);
         #[cfg(not(feature = "compute"))]
         scope.respond(
             id,
-            Response::Crashed(super::protocol::WorkerError::Other(format!(
+            Versioned::Ours(Response::Crashed(WorkerError::Other(format!(
                 "this build has no compute backend (asked for {msg:?}); the worker binary is built with `wgpu`"
-            ))),
+            )))),
         );
     }
 }

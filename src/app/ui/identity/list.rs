@@ -4,7 +4,7 @@ use leptos::prelude::*;
 use leptos::task::spawn_local;
 
 use crate::app::ui::widgets::{ErrorBox, ErrorKind, UiError, blob_url_of, input_files, revoke};
-use crate::app::ui::{Ctx, store};
+use crate::app::ui::{Ctx, library, store};
 use crate::clip::tokenizer::{PLACEHOLDER_NAME_RULE, is_placeholder_name};
 use crate::identity::Identity;
 
@@ -77,10 +77,15 @@ pub fn IdentityList() -> impl IntoView {
                             format!("<{}> exists already: rename or delete it first.", id.token),
                         ));
                     }
-                    store()
-                        .await?
-                        .write(&identity_path(&id.token), &bytes)
-                        .await?;
+                    let (s, _held) = library().await?;
+                    // Another tab may have stored it since this list was read.
+                    if s.size(&identity_path(&id.token)).await?.is_some() {
+                        return Err(UiError::new(
+                            ErrorKind::Exists,
+                            format!("<{}> exists already: rename or delete it first.", id.token),
+                        ));
+                    }
+                    s.write(&identity_path(&id.token), &bytes).await?;
                     Ok(())
                 }
                 .await;
@@ -108,7 +113,13 @@ pub fn IdentityList() -> impl IntoView {
                         format!("<{new}> exists already."),
                     ));
                 }
-                let s = store().await?;
+                let (s, _held) = library().await?;
+                if s.size(&identity_path(&new)).await?.is_some() {
+                    return Err(UiError::new(
+                        ErrorKind::Exists,
+                        format!("<{new}> exists already."),
+                    ));
+                }
                 let bytes = s.read(&identity_path(&old)).await?;
                 let mut id = Identity::from_bytes(&old, bytes)
                     .await
@@ -139,7 +150,7 @@ pub fn IdentityList() -> impl IntoView {
             .unwrap_or(false);
         if sure {
             spawn_local(async move {
-                if let Ok(s) = store().await {
+                if let Ok((s, _held)) = library().await {
                     let _ = s.remove(&identity_path(&token)).await;
                 }
                 load_list(ctx).await;

@@ -12,17 +12,51 @@ use crate::app::protocol::{Request, Response, TrainJob};
 use crate::app::ui::widgets::{
     ErrorBox, ErrorKind, LossChart, UiError, blob_url, duration, revoke,
 };
-use crate::app::ui::{Ctx, ModelState, store};
+use crate::app::ui::{Ctx, ModelState, library, store};
 use crate::app::view::{Phase, RunRecord};
 use crate::identity::settings::TrainConfig;
 use crate::store::Store;
+use crate::store::lock::{self, Held};
 
 const RUN: &str = "runs/current";
 /// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
 const MAPS_EVERY: usize = 10;
 
+thread_local! {
+    /// This tab's hold on the training run (`runs/current`), from its start until it ends.
+    static RUN_LOCK: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Takes the training run for this tab, or says what another tab is doing.
+async fn take_run() -> Result<(), UiError> {
+    if RUN_LOCK.with(|l| l.borrow().is_some()) {
+        return Ok(());
+    }
+    match lock::try_lock(lock::TRAINING).await? {
+        Some(held) => {
+            RUN_LOCK.with(|l| *l.borrow_mut() = Some(held));
+            Ok(())
+        }
+        None => Err(UiError::new(
+            ErrorKind::Busy,
+            "Another SeFi Studio tab is training an identity. One tab trains at a time, since tabs share this \
+             browser's storage and GPU. Meanwhile this tab can generate with the stored identities and browse \
+             the gallery; it can train once the other tab's run ends or that tab is closed.",
+        )),
+    }
+}
+
+/// Lets other tabs train.
+fn release_run() {
+    RUN_LOCK.with(|l| l.borrow_mut().take());
+}
+
 pub async fn look_for_unfinished_run(ctx: Ctx) {
+    // A run another tab is training is that tab's to offer.
+    if RUN_LOCK.with(|l| l.borrow().is_none()) && lock::is_held(lock::TRAINING).await {
+        return;
+    }
     let Ok(s) = store().await else { return };
     let Ok(Some(text)) = s.read_text(&format!("{RUN}/run.json")).await else {
         return;
@@ -40,6 +74,7 @@ async fn write_record(s: &Store, r: &RunRecord) -> Result<(), UiError> {
 }
 
 pub fn on_crash(ctx: Ctx, error: UiError) {
+    release_run();
     ctx.train.update(|t| t.crashed(error));
     spawn_local(look_for_unfinished_run(ctx));
 }
@@ -75,22 +110,27 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     Err(e) => Err(e),
                 },
             };
+            release_run();
             ctx.train.update(|t| t.stopped(step, result));
             look_for_unfinished_run(ctx).await;
         }),
         Response::TrainDone { identity } => spawn_local(async move {
             let token = ctx.train.with_untracked(|t| t.token.clone());
             let result = async {
-                let s = store().await?;
+                let (s, _held) = library().await?;
                 s.write(&identity_path(&token), &identity).await?;
                 s.remove(RUN).await?;
                 Ok::<_, UiError>(())
             }
             .await;
+            release_run();
             ctx.train.update(|t| t.done(result));
             load_list(ctx).await;
         }),
-        Response::TrainFailed(e) => ctx.train.update(|t| t.failed(e.into())),
+        Response::TrainFailed(e) => {
+            release_run();
+            ctx.train.update(|t| t.failed(e.into()));
+        }
         _ => {}
     }
 }
@@ -120,6 +160,7 @@ pub fn start(
 ) {
     spawn_local(async move {
         let result = async {
+            take_run().await?;
             let mut pngs = Vec::new();
             for p in &entries {
                 pngs.push(crop_png(p).await?);
@@ -142,7 +183,10 @@ pub fn start(
         .await;
         match result {
             Ok(pngs) => run(ctx, config, pngs, None, 0),
-            Err(e) => ctx.train.update(|t| t.error = Some(e)),
+            Err(e) => {
+                release_run();
+                ctx.train.update(|t| t.error = Some(e));
+            }
         }
     });
 }
@@ -166,6 +210,15 @@ fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u
 
 /// Continues the stored run from its checkpoint.
 async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
+    take_run().await?;
+    let result = continue_taken(ctx).await;
+    if result.is_err() {
+        release_run();
+    }
+    result
+}
+
+async fn continue_taken(ctx: Ctx) -> Result<(), UiError> {
     let s = store().await?;
     let text = s
         .read_text(&format!("{RUN}/run.json"))
@@ -200,6 +253,14 @@ async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
     Ok(())
 }
 
+/// Removes the stored run, unless another tab is training it.
+async fn discard_run() -> Result<(), UiError> {
+    take_run().await?;
+    let removed = async { store().await?.remove(RUN).await.map_err(UiError::from) }.await;
+    release_run();
+    removed
+}
+
 #[component]
 pub fn ResumeOffer() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
@@ -211,8 +272,8 @@ pub fn ResumeOffer() -> impl IntoView {
     };
     let discard = move |_| {
         spawn_local(async move {
-            if let Ok(s) = store().await {
-                let _ = s.remove(RUN).await;
+            if let Err(e) = discard_run().await {
+                return error.set(Some(e));
             }
             ctx.train.update(|t| {
                 t.offer = None;
@@ -270,8 +331,8 @@ pub fn TrainProgress() -> impl IntoView {
             ctx.send(Request::StopTraining { cancel: true });
         } else {
             spawn_local(async move {
-                if let Ok(s) = store().await {
-                    let _ = s.remove(RUN).await;
+                if let Err(e) = discard_run().await {
+                    return t.update(|t| t.error = Some(e));
                 }
                 t.update(|t| {
                     t.phase = Phase::Idle;
