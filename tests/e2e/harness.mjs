@@ -102,11 +102,12 @@ function headersFor(rules, pathname) {
 /// the worker runs under the Content-Security-Policy its script arrives with); none if the
 /// file is missing. The fixture mounts stand in for another host (the model host) and get none.
 ///
-/// Returns `{ url, origin, requests, clearRequests, addFile, close }`:
+/// Returns `{ url, origin, requests, clearRequests, addFile, throttle, close }`:
 /// - `requests`: every request received, in order, as `{ method, url, range }` (`url` is
 ///   the path and query, `range` the `Range` header or null);
 /// - `addFile(urlPath, buffer)`: serves `buffer` at `urlPath` (for example a broken
-///   `/fixtures/bad.safetensors`), before any file on disk.
+///   `/fixtures/bad.safetensors`), before any file on disk;
+/// - `throttle(bytesPerSecond)`: sends the fixtures' bodies at that rate (null: at once).
 export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS_DIR } = {}) {
   if (!dist) throw new Error("set SEFI_DIST to the output of `trunk build --release`");
   const site = path.resolve(dist);
@@ -116,6 +117,8 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
   ];
   const extra = new Map();
   const requests = [];
+  /// Bytes per second for the fixture mounts (null: as fast as possible).
+  let slow = null;
   let siteRules = [];
   try {
     siteRules = parseHeaders(await fs.readFile(path.join(site, "_headers"), "utf8"));
@@ -176,7 +179,15 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
     }
     headers["content-length"] = part.length;
     res.writeHead(status, headers);
-    res.end(req.method === "HEAD" ? undefined : part);
+    if (req.method === "HEAD") return res.end();
+    if (!slow || !mounts.some((m) => pathname.startsWith(m.prefix))) return res.end(part);
+    // A slow host: the body in small pieces, so that a test can act in the middle of a file.
+    const piece = Math.max(1, Math.round(slow / 20));
+    for (let at = 0; at < part.length && !res.destroyed; at += piece) {
+      res.write(part.subarray(at, at + piece));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    res.end();
   });
   await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
   const origin = `http://127.0.0.1:${server.address().port}`;
@@ -184,6 +195,9 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
     url: `${origin}/`,
     origin,
     requests,
+    throttle: (bytesPerSecond) => {
+      slow = bytesPerSecond;
+    },
     clearRequests: () => {
       requests.length = 0;
     },
