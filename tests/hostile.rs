@@ -340,7 +340,7 @@ fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
     let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
     header["__metadata__"][key] = value.into();
     let mut text = serde_json::to_string(&header).unwrap();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();
