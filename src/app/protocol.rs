@@ -222,6 +222,14 @@ impl WorkerError {
         }
     }
 
+    /// The GPU device was taken away (`reason`: the browser's words). The page starts a new
+    /// worker and loads the model again.
+    pub fn device_lost(reason: &str) -> Self {
+        WorkerError::DeviceLost(format!(
+            "The GPU stopped working for this page ({reason}); this happens when the driver resets or the browser reclaims the GPU. A new GPU worker was started and the model is loading again; your identities, checkpoints and images are safe in storage, and training can continue from its last checkpoint."
+        ))
+    }
+
     /// Sorts a panic or GPU error message by its cause.
     pub fn from_crash(message: &str) -> Self {
         let m = message.to_ascii_lowercase();
@@ -230,9 +238,7 @@ impl WorkerError {
                 "The GPU ran out of memory ({message}). Choose a smaller size or fewer images, close other tabs that use the GPU, then load the model again."
             ))
         } else if m.contains("lost") || m.contains("device is destroyed") {
-            WorkerError::DeviceLost(format!(
-                "The GPU stopped working for this page ({message}); this happens when the driver resets or the browser reclaims the GPU. Load the model again; your identities, checkpoints and images are safe in storage."
-            ))
+            WorkerError::device_lost(message)
         } else if m.contains("max_buffer_size")
             || m.contains("buffer size")
             || m.contains("binding size")

@@ -103,7 +103,6 @@ impl Ctx {
     fn start_worker(self) {
         self.worker_serial.update_value(|n| *n += 1);
         let serial = self.worker_serial.get_value();
-        self.watchdog.update_value(Watchdog::reset);
         let bridge = GpuWorker::spawner()
             .encoding::<JsCodec>()
             .callback(move |response| {
@@ -214,11 +213,16 @@ impl Ctx {
         }
     }
 
-    /// Drops the current worker: nothing it still sends is read, and it is terminated.
-    fn retire_worker(self) {
+    /// Drops the current worker (nothing it still sends is read, and it is terminated) and
+    /// fails what depended on it with `error`.
+    fn lose_worker(self, error: &UiError) {
         self.worker_serial.update_value(|n| *n += 1);
         self.worker.set_value(None);
         self.watchdog.update_value(Watchdog::reset);
+        self.model_id.set(None);
+        self.model.set(ModelState::Failed(error.clone()));
+        identity::on_crash(self, error.clone());
+        generate::on_crash(self, error.clone());
     }
 
     /// The worker's wasm instance is gone (or hangs, or lost its GPU): say why everywhere it
@@ -235,12 +239,8 @@ impl Ctx {
             }
             _ => None,
         };
-        self.retire_worker();
         let error = UiError::from(e);
-        self.model_id.set(None);
-        self.model.set(ModelState::Failed(error.clone()));
-        identity::on_crash(self, error.clone());
-        generate::on_crash(self, error.clone());
+        self.lose_worker(&error);
         self.gpu.set(GpuState::Checking);
         if let Some(id) = reload {
             self.model_error.set(Some(error));
@@ -256,13 +256,8 @@ impl Ctx {
     /// The worker is of another build than the page (the site was redeployed): only a reload
     /// helps, and a new worker would be the same, so none is started.
     fn on_outdated(self, build: &str) {
-        self.retire_worker();
         let e = outdated(build);
-        let error = UiError::from(e.clone());
-        self.model_id.set(None);
-        self.model.set(ModelState::Failed(error.clone()));
-        identity::on_crash(self, error.clone());
-        generate::on_crash(self, error);
+        self.lose_worker(&UiError::from(e.clone()));
         self.gpu.set(GpuState::Failed(e));
     }
 }

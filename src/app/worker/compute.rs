@@ -71,18 +71,12 @@ fn report_crash(error: WorkerError) {
     });
 }
 
-fn device_lost(reason: &str) -> WorkerError {
-    WorkerError::DeviceLost(format!(
-        "The GPU stopped working for this page ({reason}); this happens when the driver resets or the browser reclaims the GPU. A new GPU worker was started and the model is loading again; your identities, checkpoints and images are safe in storage, and training can continue from its last checkpoint."
-    ))
-}
-
 /// A panic in the worker (a GPU error wgpu cannot return, a bug) leaves its wasm instance
 /// unusable, and a lost GPU device leaves it nothing to compute on: tell the page why, so
 /// that it starts a new worker and explains.
 pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
     REPORT_TO.with(|r| *r.borrow_mut() = Some((scope, None)));
-    crate::device::lost::on_lost(|reason| report_crash(device_lost(reason)));
+    crate::device::lost::on_lost(|reason| report_crash(WorkerError::device_lost(reason)));
     std::panic::set_hook(Box::new(|info| {
         console_error_panic_hook::hook(info);
         let payload = info.payload();
@@ -93,7 +87,7 @@ pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
             .unwrap_or_else(|| info.to_string());
         // Work on a lost device fails in many ways; the loss is the cause to report.
         report_crash(match crate::device::lost::reason() {
-            Some(reason) => device_lost(&reason),
+            Some(reason) => WorkerError::device_lost(&reason),
             None => WorkerError::from_crash(&message),
         });
     }));

@@ -68,17 +68,8 @@ pub fn IdentityList() -> impl IntoView {
                     let id = Identity::from_bytes(&file.name(), bytes.clone())
                         .await
                         .map_err(|e| UiError::new(ErrorKind::BadIdentity, e.to_string()))?;
-                    if ctx
-                        .identities
-                        .with_untracked(|l| l.iter().any(|e| e.token == id.token))
-                    {
-                        return Err(UiError::new(
-                            ErrorKind::Exists,
-                            format!("<{}> exists already: rename or delete it first.", id.token),
-                        ));
-                    }
                     let (s, _held) = library().await?;
-                    // Another tab may have stored it since this list was read.
+                    // Storage, not this tab's list: another tab may have stored it since.
                     if s.size(&identity_path(&id.token)).await?.is_some() {
                         return Err(UiError::new(
                             ErrorKind::Exists,
@@ -102,15 +93,6 @@ pub fn IdentityList() -> impl IntoView {
                     return Err(UiError::new(
                         ErrorKind::BadIdentity,
                         format!("Names are {PLACEHOLDER_NAME_RULE}."),
-                    ));
-                }
-                if ctx
-                    .identities
-                    .with_untracked(|l| l.iter().any(|e| e.token == new))
-                {
-                    return Err(UiError::new(
-                        ErrorKind::Exists,
-                        format!("<{new}> exists already."),
                     ));
                 }
                 let (s, _held) = library().await?;
