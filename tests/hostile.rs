@@ -343,8 +343,7 @@ fn with_metadata(bytes: &[u8], key: &str, value: &str) -> Vec<u8> {
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend(text.as_bytes());
+    let mut out = with_header(text.len() as u64, text.as_bytes());
     out.extend(&bytes[8 + len..]);
     out
 }

@@ -335,6 +335,20 @@ async function loadAddress(page, address) {
   await page.getByTestId("model-load").click();
 }
 
+/// Fills in a training run of `steps` steps at the test resolution: the photo, the name and
+/// the class word (the resolution is among the advanced settings, inside a <details>).
+async function fillTraining(page, token, steps, classWord = CLASS_WORD) {
+  await page.getByTestId("photo-input").setInputFiles(PHOTO);
+  await page.getByTestId("identity-name").fill(token);
+  await page.getByTestId("class-word").fill(classWord);
+  await page.getByTestId("train-steps").fill(String(steps));
+  await page.getByTestId("train-resolution").evaluate((el) => {
+    const details = el.closest("details");
+    if (details) details.open = true;
+  });
+  await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
+}
+
 /// Each panel and the whole page, at the laptop and the phone size, as `<stage>-<size>-<what>.png`.
 async function screenshots(t, page, stage) {
   const original = page.viewportSize();
@@ -515,16 +529,7 @@ test("training learns an identity, survives a reload and continues from its chec
   const { page } = needApp();
   const since = app.consoleErrors.length;
 
-  await page.getByTestId("photo-input").setInputFiles(PHOTO);
-  await page.getByTestId("identity-name").fill(TOKEN);
-  await page.getByTestId("class-word").fill(CLASS_WORD);
-  await page.getByTestId("train-steps").fill(String(TRAIN_STEPS));
-  // The resolution is among the advanced settings, inside a <details>.
-  await page.getByTestId("train-resolution").evaluate((el) => {
-    const details = el.closest("details");
-    if (details) details.open = true;
-  });
-  await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
+  await fillTraining(page, TOKEN, TRAIN_STEPS);
   await waitFor(page, "train-start to be enabled (model ready, photo added, name given)", (s) => s.trainStart === true);
 
   const trainStart = await page.evaluate(() => performance.now());
@@ -934,15 +939,7 @@ test("an SDXL model with sharded weights and another VAE loads, learns an identi
     );
 
     // An identity learned on it (two steps): its file keeps CLIP-L's and bigG's parts apart.
-    await page.getByTestId("photo-input").setInputFiles(PHOTO);
-    await page.getByTestId("identity-name").fill("rex");
-    await page.getByTestId("class-word").fill("dog");
-    await page.getByTestId("train-steps").fill("2");
-    await page.getByTestId("train-resolution").evaluate((el) => {
-      const details = el.closest("details");
-      if (details) details.open = true;
-    });
-    await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
+    await fillTraining(page, "rex", 2, "dog");
     await waitFor(page, "train-start to be enabled", (s) => s.trainStart === true);
     await page.getByTestId("train-start").click();
     await waitFor(page, "<rex> to be learned and listed", (s) => s.train?.step === 2 && s.identities.includes("rex"), {
@@ -984,19 +981,6 @@ async function freshContext(options = {}) {
   context.setDefaultTimeout(60 * SECOND);
   await context.addInitScript(installProbes);
   return context;
-}
-
-/// Fills in a training run of `steps` steps at the test resolution (photo, name, class word).
-async function fillTraining(page, token, steps) {
-  await page.getByTestId("photo-input").setInputFiles(PHOTO);
-  await page.getByTestId("identity-name").fill(token);
-  await page.getByTestId("class-word").fill(CLASS_WORD);
-  await page.getByTestId("train-steps").fill(String(steps));
-  await page.getByTestId("train-resolution").evaluate((el) => {
-    const details = el.closest("details");
-    if (details) details.open = true;
-  });
-  await page.getByTestId("train-resolution").fill(String(TRAIN_RESOLUTION));
 }
 
 /// The page's GPU worker (the newest one, after restarts).
