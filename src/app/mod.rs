@@ -9,6 +9,8 @@ pub mod fit;
 #[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod protocol;
 #[cfg(all(feature = "web", target_family = "wasm"))]
+pub mod run;
+#[cfg(all(feature = "web", target_family = "wasm"))]
 mod ui;
 pub mod view;
 #[cfg(all(feature = "web", target_family = "wasm"))]

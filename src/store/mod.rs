@@ -122,17 +122,26 @@ pub struct Store {
 }
 
 /// An open file being written; its bytes appear in the file when [`Writer::close`] commits
-/// them (an interrupted writer leaves the file as it was).
+/// them (an interrupted writer leaves the file as it was). Dropped unclosed, it gives up, so the
+/// file is not held open until the next garbage collection.
 pub struct Writer {
     path: String,
-    stream: FileSystemWritableFileStream,
+    stream: Option<FileSystemWritableFileStream>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            let _ = stream.abort();
+        }
+    }
 }
 
 impl Writer {
     /// Appends bytes.
     pub async fn write_js(&mut self, bytes: &Uint8Array) -> Result<(), StoreError> {
         let p = self
-            .stream
+            .stream()
             .write_with_js_u8_array(bytes)
             .map_err(|e| classify(&self.path, e))?;
         wait(&self.path, p).await.map(drop)
@@ -141,22 +150,48 @@ impl Writer {
     /// Appends a blob's bytes (a user's file, without reading it into memory).
     pub async fn write_blob(&mut self, blob: &Blob) -> Result<(), StoreError> {
         let p = self
-            .stream
+            .stream()
             .write_with_blob(blob)
             .map_err(|e| classify(&self.path, e))?;
         wait(&self.path, p).await.map(drop)
     }
 
+    fn stream(&self) -> &FileSystemWritableFileStream {
+        self.stream.as_ref().expect("open until closed or given up")
+    }
+
     /// Commits what was written: only now does the file change.
-    pub async fn close(self) -> Result<(), StoreError> {
-        wait(&self.path, self.stream.close()).await.map(drop)
+    pub async fn close(mut self) -> Result<(), StoreError> {
+        let stream = self.stream.take().expect("open");
+        wait(&self.path, stream.close()).await.map(drop)
     }
 
     /// Gives up: nothing written since opening reaches the file.
-    pub async fn abort(self) {
-        let _ = JsFuture::from(self.stream.abort()).await;
+    pub async fn abort(mut self) {
+        let stream = self.stream.take().expect("open");
+        let _ = JsFuture::from(stream.abort()).await;
     }
 }
+
+/// Writes `bytes` as the whole content of the file behind `h`, committing them on close.
+async fn fill(path: &str, h: &FileSystemFileHandle, bytes: &[u8]) -> Result<(), StoreError> {
+    let stream = wait(path, h.create_writable()).await?;
+    let mut w = Writer {
+        path: path.into(),
+        stream: Some(stream.unchecked_into()),
+    };
+    match w.write_js(&Uint8Array::from(bytes)).await {
+        Ok(()) => w.close().await,
+        Err(e) => {
+            w.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// The suffix of a file that [`Store::write`] has not finished; [`Store::list`] leaves such
+/// files out.
+pub const UNFINISHED: &str = ".unfinished";
 
 fn split(path: &str) -> (Vec<&str>, &str) {
     let mut parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
@@ -241,20 +276,40 @@ impl Store {
         let stream = wait(path, h.create_writable()).await?;
         Ok(Writer {
             path: path.into(),
-            stream: stream.unchecked_into(),
+            stream: Some(stream.unchecked_into()),
         })
     }
 
-    /// Writes a whole file at once (replacing it only when every byte is written).
+    /// Writes a whole file at once: a tab that dies at any moment of it leaves the old file, or
+    /// no file where there was none. The bytes go to `<path>.unfinished`, which is then moved
+    /// onto `path`, because a writer on a new file makes it exist, empty, until it is closed.
     pub async fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let mut w = self.writer(path).await?;
-        match w.write_js(&Uint8Array::from(bytes)).await {
-            Ok(()) => w.close().await,
-            Err(e) => {
-                w.abort().await;
-                Err(e)
-            }
+        let temp = format!("{path}{UNFINISHED}");
+        let h = self.handle(&temp, true).await?;
+        // `move` (Chromium, Firefox) replaces the target in one step; without it (or if it
+        // fails), writing in place is atomic for a file that exists already.
+        let Some(mv) = Reflect::get(&h, &"move".into())
+            .ok()
+            .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
+        else {
+            let _ = self.remove(&temp).await;
+            return fill(path, &self.handle(path, true).await?, bytes).await;
+        };
+        if let Err(e) = fill(&temp, &h, bytes).await {
+            // Frees what the unfinished copy took (the usual failure is a full storage).
+            let _ = self.remove(&temp).await;
+            return Err(e);
         }
+        let (_, name) = split(path);
+        let moved = match mv.call1(&h, &name.into()) {
+            Ok(p) => wait(path, p.unchecked_into()).await.map(drop),
+            Err(e) => Err(classify(path, e)),
+        };
+        if moved.is_err() {
+            let _ = self.remove(&temp).await;
+            return fill(path, &self.handle(path, true).await?, bytes).await;
+        }
+        Ok(())
     }
 
     /// Removes a file or a folder with everything in it; absent is fine.
@@ -273,7 +328,7 @@ impl Store {
         }
     }
 
-    /// Names in a folder (empty if it does not exist), sorted.
+    /// Names in a folder (empty if it does not exist), sorted; unfinished writes left out.
     pub async fn list(&self, path: &str) -> Result<Vec<String>, StoreError> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         let dir = match self.dir(&parts, false).await {
@@ -296,6 +351,7 @@ impl Store {
             if let Some(name) = Reflect::get(&item, &"value".into())
                 .ok()
                 .and_then(|v| v.as_string())
+                .filter(|n| !n.ends_with(UNFINISHED))
             {
                 names.push(name);
             }

@@ -9,16 +9,15 @@ use serde_bytes::ByteBuf;
 use super::list::{identity_path, load_list};
 use super::photos::{PhotoEntry, crop_png};
 use crate::app::protocol::{Request, Response, TrainJob};
+use crate::app::run::Run;
 use crate::app::ui::widgets::{
     ErrorBox, ErrorKind, LossChart, UiError, blob_url, duration, revoke,
 };
 use crate::app::ui::{Ctx, ModelState, library, store};
 use crate::app::view::{Phase, RunRecord};
 use crate::identity::settings::TrainConfig;
-use crate::store::Store;
 use crate::store::lock::{self, Held};
 
-const RUN: &str = "runs/current";
 /// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
 const MAPS_EVERY: usize = 10;
@@ -58,19 +57,9 @@ pub async fn look_for_unfinished_run(ctx: Ctx) {
         return;
     }
     let Ok(s) = store().await else { return };
-    let Ok(Some(text)) = s.read_text(&format!("{RUN}/run.json")).await else {
-        return;
-    };
-    if let Ok(record) = serde_json::from_str::<RunRecord>(&text) {
-        ctx.train.update(|t| t.offer_unfinished(record));
+    if let Ok(Some(stored)) = Run::current(&s).load().await {
+        ctx.train.update(|t| t.offer_unfinished(stored.record));
     }
-}
-
-async fn write_record(s: &Store, r: &RunRecord) -> Result<(), UiError> {
-    let text = serde_json::to_string(r).expect("plain data");
-    s.write(&format!("{RUN}/run.json"), text.as_bytes())
-        .await
-        .map_err(UiError::from)
 }
 
 pub fn on_crash(ctx: Ctx, error: UiError) {
@@ -106,7 +95,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
             let result = match checkpoint {
                 Some(bytes) => save_checkpoint(step, &bytes).await,
                 None => match store().await {
-                    Ok(s) => s.remove(RUN).await.map_err(UiError::from),
+                    Ok(s) => Run::current(&s).remove().await.map_err(UiError::from),
                     Err(e) => Err(e),
                 },
             };
@@ -118,8 +107,9 @@ pub fn on_response(ctx: Ctx, response: Response) {
             let token = ctx.train.with_untracked(|t| t.token.clone());
             let result = async {
                 let (s, _held) = library().await?;
+                // The identity first: a tab closed between the two still offers the run.
                 s.write(&identity_path(&token), &identity).await?;
-                s.remove(RUN).await?;
+                Run::current(&s).remove().await?;
                 Ok::<_, UiError>(())
             }
             .await;
@@ -137,17 +127,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
 
 async fn save_checkpoint(step: usize, bytes: &[u8]) -> Result<(), UiError> {
     let s = store().await?;
-    s.write(&format!("{RUN}/checkpoint.safetensors"), bytes)
-        .await?;
-    let text = s
-        .read_text(&format!("{RUN}/run.json"))
-        .await?
-        .unwrap_or_default();
-    if let Ok(mut r) = serde_json::from_str::<RunRecord>(&text) {
-        r.step = step;
-        write_record(&s, &r).await?;
-    }
-    Ok(())
+    Ok(Run::current(&s).save_checkpoint(step, bytes).await?)
 }
 
 /// Stores the photos' squares and the run's record, then starts the run.
@@ -165,11 +145,6 @@ pub fn start(
             for p in &entries {
                 pngs.push(crop_png(p).await?);
             }
-            let s = store().await?;
-            s.remove(RUN).await?;
-            for (i, png) in pngs.iter().enumerate() {
-                s.write(&format!("{RUN}/photo-{i}.png"), png).await?;
-            }
             let record = RunRecord {
                 config: config.clone(),
                 model_id,
@@ -177,12 +152,12 @@ pub fn start(
                 photos: pngs.len(),
                 step: 0,
             };
-            write_record(&s, &record).await?;
+            Run::current(&store().await?).begin(&record, &pngs).await?;
             Ok::<_, UiError>(pngs)
         }
         .await;
         match result {
-            Ok(pngs) => run(ctx, config, pngs, None, 0),
+            Ok(pngs) => send(ctx, config, pngs, None, 0),
             Err(e) => {
                 release_run();
                 ctx.train.update(|t| t.error = Some(e));
@@ -192,7 +167,13 @@ pub fn start(
 }
 
 /// Sends a run to the worker.
-fn run(ctx: Ctx, config: TrainConfig, photos: Vec<Vec<u8>>, resume: Option<Vec<u8>>, start: usize) {
+fn send(
+    ctx: Ctx,
+    config: TrainConfig,
+    photos: Vec<Vec<u8>>,
+    resume: Option<Vec<u8>>,
+    start: usize,
+) {
     ctx.train.update(|t| {
         let underlay = photos.first().map(|p| blob_url(p, "image/png"));
         if let Some(old) = t.start(&config, start, underlay) {
@@ -219,17 +200,11 @@ async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
 }
 
 async fn continue_taken(ctx: Ctx) -> Result<(), UiError> {
-    let s = store().await?;
-    let text = s
-        .read_text(&format!("{RUN}/run.json"))
+    let stored = Run::current(&store().await?)
+        .load()
         .await?
         .ok_or_else(|| UiError::new(ErrorKind::Storage, "the stored run is gone"))?;
-    let record: RunRecord = serde_json::from_str(&text).map_err(|e| {
-        UiError::new(
-            ErrorKind::Storage,
-            format!("the stored run is damaged: {e}"),
-        )
-    })?;
+    let record = stored.record;
     match ctx.model.get_untracked() {
         ModelState::Ready(i) if i.id == record.model_id => {}
         _ => {
@@ -242,21 +217,21 @@ async fn continue_taken(ctx: Ctx) -> Result<(), UiError> {
             ));
         }
     }
-    let mut photos = Vec::new();
-    for i in 0..record.photos {
-        photos.push(s.read(&format!("{RUN}/photo-{i}.png")).await?);
-    }
-    let checkpoint = s.read(&format!("{RUN}/checkpoint.safetensors")).await.ok();
     ctx.train.update(|t| t.offer = None);
-    let start = if checkpoint.is_some() { record.step } else { 0 };
-    run(ctx, record.config, photos, checkpoint, start);
+    send(
+        ctx,
+        record.config,
+        stored.photos,
+        stored.checkpoint,
+        record.step,
+    );
     Ok(())
 }
 
 /// Removes the stored run, unless another tab is training it.
 async fn discard_run() -> Result<(), UiError> {
     take_run().await?;
-    let removed = async { store().await?.remove(RUN).await.map_err(UiError::from) }.await;
+    let removed = async { Ok(Run::current(&store().await?).remove().await?) }.await;
     release_run();
     removed
 }
