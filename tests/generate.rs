@@ -273,3 +273,78 @@ fn bad_requests_are_clear_errors() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("[1, 4, 8, 8]"), "{}", stderr(&o));
 }
+
+/// Images made by other tools (Pillow's `PngInfo`, as the popular web UIs write them): their
+/// settings read back as written, from `tEXt`, compressed `zTXt` and `iTXt` chunks.
+#[test]
+fn parameters_written_by_other_tools_read_back() {
+    use sefi::pipeline::GenerateRequest;
+    use sefi::pipeline::png::{Parameters, PngError, read_parameters};
+    use sefi::schedule::Sampler;
+
+    let read = |name: &str| {
+        let bytes = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/png")
+                .join(name),
+        )
+        .unwrap();
+        read_parameters(name, &bytes).map(|t| Parameters::parse(&t))
+    };
+    let taken = |p: &Parameters| {
+        let mut req = GenerateRequest::default();
+        let unused = p.apply(&mut req);
+        (req, unused)
+    };
+
+    let p = read("webui.png").unwrap();
+    assert_eq!(
+        p.prompt,
+        "a photo of <alice> holding a basketball, in front of the Eiffel Tower\ngolden hour"
+    );
+    assert_eq!(p.negative_prompt, "blurry, lowres");
+    assert_eq!(p.get("Lora hashes"), Some("alice: 0a1b2c3d, bob: 4e5f6a7b"));
+    assert_eq!(p.get("Version"), Some("v1.10.1"));
+    let (req, unused) = taken(&p);
+    assert!(unused.is_empty(), "{unused:?}");
+    assert_eq!(
+        (
+            req.steps,
+            req.sampler,
+            req.guidance,
+            req.seed,
+            req.width,
+            req.height
+        ),
+        (30, Sampler::DpmPp2mKarras, 6.5, 1234567890, 512, 768)
+    );
+
+    let p = read("webui-old-compressed.png").unwrap();
+    assert_eq!(
+        (p.prompt.as_str(), p.negative_prompt.as_str()),
+        ("portrait of <bob>, oil painting", "")
+    );
+    let (req, unused) = taken(&p);
+    assert!(unused.is_empty(), "{unused:?}");
+    assert_eq!(
+        (req.steps, req.sampler, req.guidance, req.seed),
+        (20, Sampler::EulerAncestral, 7.0, 42)
+    );
+
+    let p = read("webui-unicode.png").unwrap();
+    assert_eq!(p.prompt, "ein Foto von <alice> am Meer — 夕日");
+    let (req, _) = taken(&p);
+    assert_eq!(
+        (req.sampler, req.width, req.height),
+        (Sampler::Ddim, 768, 512)
+    );
+
+    assert!(matches!(
+        read("plain.png"),
+        Err(PngError::NoParameters { .. })
+    ));
+    assert!(matches!(
+        read_parameters("a.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      "),
+        Err(PngError::NotPng { .. })
+    ));
+}

@@ -19,6 +19,9 @@ use sefi::config::{TextConfig, UNetConfig, VaeConfig, from_json};
 use sefi::identity::settings::TrainConfig;
 use sefi::identity::train::decode_photo;
 use sefi::identity::{Fingerprint, Identity};
+use sefi::pipeline::png::{MAX_PARAMETERS, Parameters, encode, parameters_text, read_parameters};
+use sefi::pipeline::{GenerateRequest, RgbImage};
+use sefi::schedule::Sampler;
 use sefi::weights::Family;
 use sefi::weights::{MemorySource, SafetensorsFile};
 
@@ -32,6 +35,24 @@ static RUN_RECORD: LazyLock<Vec<u8>> = LazyLock::new(|| {
         step: 30,
     })
     .unwrap()
+});
+
+/// A generated image as SeFi Studio writes it: with an ASCII prompt, and with a non-ASCII one.
+static GENERATED_PNG: LazyLock<(Vec<u8>, Vec<u8>)> = LazyLock::new(|| {
+    let image = RgbImage {
+        width: 8,
+        height: 8,
+        data: (0..192).map(|i| i as u8).collect(),
+    };
+    let mut req = GenerateRequest {
+        prompt: "a photo of <alice>, smiling".into(),
+        negative_prompt: "blurry".into(),
+        ..GenerateRequest::default()
+    };
+    let ascii = encode(&image, &parameters_text(&req, 42, "tiny-sd1")).unwrap();
+    req.prompt = "ein Foto von <alice> am Mittelmeer, Sonnenuntergang — 夕日".into();
+    let utf8 = encode(&image, &parameters_text(&req, 42, "tiny-sd1")).unwrap();
+    (ascii, utf8)
 });
 
 /// Built once: the vocabulary takes a while to read.
@@ -179,6 +200,67 @@ proptest! {
                 prop_assert_eq!(image.data.len(), image.width * image.height * 3);
             }
         }
+    }
+
+    /// PNG `parameters` reading: damaged copies of a generated image (text in `tEXt`, and in
+    /// `iTXt` for non-ASCII prompts), and random bytes. A text read is never beyond its bound.
+    #[test]
+    fn png_parameters(
+        ascii in mutated(GENERATED_PNG.0.clone()),
+        utf8 in mutated(GENERATED_PNG.1.clone()),
+        random in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        for bytes in [ascii, utf8, random] {
+            if let Ok(text) = read_parameters("hostile.png", &bytes) {
+                prop_assert!(text.len() <= MAX_PARAMETERS);
+                let mut req = GenerateRequest::default();
+                Parameters::parse(&text).apply(&mut req);
+            }
+        }
+    }
+
+    /// Any `parameters` text reads, and what it applies to a request is a request that can run.
+    #[test]
+    fn any_parameters_text(text in "(.{0,40}(\n|, |: |\"|Steps: |Size: |Negative prompt: )?){0,8}") {
+        let mut req = GenerateRequest::default();
+        Parameters::parse(&text).apply(&mut req);
+        prop_assert!(req.steps >= 1 && req.width % 8 == 0 && req.height % 8 == 0);
+        prop_assert!(req.guidance.is_finite());
+    }
+
+    /// What an image's parameters say is what made it: the prompts and every setting come back.
+    #[test]
+    fn parameters_round_trip(
+        prompt in "[^\n]{0,60}(\n[^\n]{1,30}){0,2}",
+        negative in "[^\n]{0,30}",
+        model in ".{1,20}",
+        steps in 1usize..200,
+        guidance in 0.0f64..30.0,
+        sampler in prop::sample::select(Sampler::ALL.to_vec()),
+        seed in any::<u64>(),
+        (w, h) in (1usize..128, 1usize..128),
+    ) {
+        // The format cannot tell a prompt line that starts as the negative prompt does.
+        prop_assume!(!prompt.lines().any(|l| l.starts_with("Negative prompt:")));
+        let model = model.replace(['\n', '\r'], " ");
+        let req = GenerateRequest {
+            prompt: prompt.trim().into(),
+            negative_prompt: negative.trim().into(),
+            steps,
+            guidance,
+            sampler,
+            seed,
+            width: w * 8,
+            height: h * 8,
+            ..GenerateRequest::default()
+        };
+        let image = RgbImage { width: 1, height: 1, data: vec![0; 3] };
+        let png = encode(&image, &parameters_text(&req, seed, &model)).unwrap();
+        let p = Parameters::parse(&read_parameters("round-trip.png", &png).unwrap());
+        let mut back = GenerateRequest::default();
+        prop_assert_eq!(p.apply(&mut back), Vec::<String>::new());
+        prop_assert_eq!(back, req);
+        prop_assert_eq!(p.get("Model"), Some(model.as_str()));
     }
 
     /// The tokenizer on arbitrary Unicode: always 77 ids from the vocabulary, ending where

@@ -29,6 +29,8 @@ pub enum ErrorKind {
     NoWebGpu,
     /// A photo could not be decoded.
     BadPhoto,
+    /// An image holds no generation parameters that can be read.
+    BadImage,
     /// An identity file is damaged or made for another model.
     BadIdentity,
     /// The work needs a loaded model.
@@ -49,7 +51,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 17] = [
+    pub const ALL: [ErrorKind; 18] = [
         ErrorKind::BlockedHost,
         ErrorKind::Network,
         ErrorKind::BadModel,
@@ -59,6 +61,7 @@ impl ErrorKind {
         ErrorKind::DeviceLost,
         ErrorKind::NoWebGpu,
         ErrorKind::BadPhoto,
+        ErrorKind::BadImage,
         ErrorKind::BadIdentity,
         ErrorKind::NoModel,
         ErrorKind::Exists,
@@ -81,6 +84,7 @@ impl ErrorKind {
             ErrorKind::DeviceLost => "device-lost",
             ErrorKind::NoWebGpu => "no-webgpu",
             ErrorKind::BadPhoto => "bad-photo",
+            ErrorKind::BadImage => "bad-image",
             ErrorKind::BadIdentity => "bad-identity",
             ErrorKind::NoModel => "no-model",
             ErrorKind::Exists => "exists",
@@ -104,6 +108,7 @@ impl ErrorKind {
             ErrorKind::DeviceLost => "The GPU stopped",
             ErrorKind::NoWebGpu => "WebGPU is not available",
             ErrorKind::BadPhoto => "This photo cannot be read",
+            ErrorKind::BadImage => "No settings in this image",
             ErrorKind::BadIdentity => "This identity cannot be used",
             ErrorKind::NoModel => "No model yet",
             ErrorKind::Exists => "That name is taken",
@@ -502,7 +507,10 @@ mod tests {
         titles.dedup();
         names.sort();
         names.dedup();
-        assert_eq!((titles.len(), names.len()), (17, 17));
+        assert_eq!(
+            (titles.len(), names.len()),
+            (ErrorKind::ALL.len(), ErrorKind::ALL.len())
+        );
         for kind in [ErrorKind::Exists, ErrorKind::Storage] {
             assert_ne!(kind.title(), ErrorKind::Other.title(), "{kind:?}");
         }

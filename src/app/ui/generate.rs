@@ -6,16 +6,23 @@ use leptos::task::spawn_local;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
-use super::widgets::{ErrorBox, NumberField, UiError, blob_url, blob_url_of, random_seed, revoke};
+use super::widgets::{
+    ErrorBox, ErrorKind, NumberField, UiError, blob_url, blob_url_of, input_files, random_seed,
+    revoke,
+};
 use super::{Ctx, ModelState, library, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
 pub use crate::app::view::GenView;
 use crate::clip::tokenizer::placeholders;
 use crate::pipeline::GenerateRequest;
+use crate::pipeline::png::{Parameters, read_parameters};
 use crate::schedule::Sampler;
 use crate::weights::Family;
 
 /// Square sizes offered, and two portrait/landscape ones.
+/// Bytes read from the start of an image for its settings.
+const IMAGE_HEAD: usize = 1 << 20;
+
 const SIZES: &[(&str, usize, usize)] = &[
     ("64", 64, 64),
     ("128", 128, 128),
@@ -175,6 +182,41 @@ impl GenSettings {
         }
     }
 
+    /// Takes what an image's parameters say into the form (and the prompts and seed), and
+    /// returns what could not be taken, one sentence each.
+    fn take(&self, ctx: Ctx, p: &Parameters) -> Vec<String> {
+        let (width, height) = self.size();
+        let mut req = GenerateRequest {
+            steps: self.steps.get_untracked(),
+            guidance: self.guidance.get_untracked(),
+            sampler: self.sampler.get_untracked(),
+            seed: ctx.seed.get_untracked(),
+            width,
+            height,
+            ..GenerateRequest::default()
+        };
+        let mut unused = p.apply(&mut req);
+        ctx.prompt.set(req.prompt);
+        ctx.negative.set(req.negative_prompt);
+        self.steps.set(req.steps);
+        self.guidance.set(req.guidance);
+        self.sampler.set(req.sampler);
+        // The seed field holds what a JavaScript number holds exactly.
+        if req.seed < 1 << 53 {
+            ctx.seed.set(req.seed);
+        } else {
+            unused.push(format!("The seed {} is too large for this page.", req.seed));
+        }
+        match SIZES.iter().find(|s| (s.1, s.2) == (req.width, req.height)) {
+            Some(s) => self.size.set(s.0.into()),
+            None => unused.push(format!(
+                "The size {} × {} is not offered; {width} × {height} is kept.",
+                req.width, req.height
+            )),
+        }
+        unused
+    }
+
     /// The chosen size, width by height.
     fn size(&self) -> (usize, usize) {
         let name = self.size.get_untracked();
@@ -206,6 +248,38 @@ pub fn GeneratePanel() -> impl IntoView {
             });
         }
     });
+
+    // Settings from an image's `parameters` text: ours, or the popular web UIs'.
+    let image_error = RwSignal::new(None::<UiError>);
+    let image_notes = RwSignal::new(Vec::<String>::new());
+    let from_image = move |files: Vec<web_sys::File>| {
+        spawn_local(async move {
+            let Some(file) = files.into_iter().next() else {
+                return;
+            };
+            let read = async {
+                // The text sits before the image data: the file's start holds it.
+                let head = file
+                    .slice_with_f64_and_f64(0.0, IMAGE_HEAD as f64)
+                    .map_err(|_| UiError::new(ErrorKind::BadImage, "the file cannot be read"))?;
+                let bytes = crate::store::read_blob(&file.name(), &head)
+                    .await
+                    .map_err(|e| UiError::new(ErrorKind::Storage, e.to_string()))?;
+                read_parameters(&file.name(), &bytes)
+                    .map_err(|e| UiError::new(ErrorKind::BadImage, e.to_string()))
+            };
+            match read.await {
+                Ok(text) => {
+                    image_error.set(None);
+                    image_notes.set(settings.take(ctx, &Parameters::parse(&text)));
+                }
+                Err(e) => {
+                    image_notes.set(Vec::new());
+                    image_error.set(Some(e));
+                }
+            }
+        })
+    };
 
     let generate = move |_| {
         let ModelState::Ready(info) = ctx.model.get_untracked() else {
@@ -251,6 +325,24 @@ pub fn GeneratePanel() -> impl IntoView {
             <h2><span class="num">"3"</span>" Generate"</h2>
             <PromptBox />
             <GenerateSettings settings />
+            <label class="link">
+                "Take the settings of an image (PNG)"
+                <input
+                    type="file"
+                    class="hidden"
+                    accept="image/png"
+                    data-testid="settings-from-image"
+                    on:change=move |ev| from_image(input_files(&ev))
+                />
+            </label>
+            {move || image_error.get().map(|error| view! { <ErrorBox error testid="settings-error" /> })}
+            {move || {
+                image_notes
+                    .get()
+                    .into_iter()
+                    .map(|n| view! { <p class="warning" data-testid="settings-note">{n}</p> })
+                    .collect_view()
+            }}
             <div class="row">
                 <button
                     class="primary"
@@ -390,7 +482,7 @@ fn GenerateSettings(settings: GenSettings) -> impl IntoView {
                     {Sampler::ALL
                         .map(|s| {
                             view! {
-                                <option value=s.name() selected=move || sampler.get() == s>
+                                <option value=s.name() prop:selected=move || sampler.get() == s>
                                     {s.webui_name()}
                                 </option>
                             }
@@ -405,7 +497,7 @@ fn GenerateSettings(settings: GenSettings) -> impl IntoView {
                         .iter()
                         .map(|&(value, w, h)| {
                             view! {
-                                <option value=value selected=move || size.get() == value>
+                                <option value=value prop:selected=move || size.get() == value>
                                     {format!("{w} × {h}")}
                                 </option>
                             }
