@@ -256,7 +256,17 @@ impl TrainView {
     /// A checkpoint was written to storage (or could not be).
     pub fn checkpoint_saved(&mut self, step: usize, saved: Result<(), UiError>) {
         match saved {
-            Ok(()) => self.checkpoint_step = Some(step),
+            Ok(()) => {
+                self.checkpoint_step = Some(step);
+                // Storage works again: a checkpoint that could not be stored is history.
+                if self
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| matches!(e.kind, ErrorKind::StorageFull | ErrorKind::Storage))
+                {
+                    self.error = None;
+                }
+            }
             Err(e) => self.error = Some(e),
         }
     }
@@ -552,6 +562,12 @@ mod tests {
         t.checkpoint_saved(3, Err(UiError::new(ErrorKind::StorageFull, "full")));
         assert_eq!(t.checkpoint_step, Some(2));
         assert_eq!(t.error.as_ref().unwrap().kind, ErrorKind::StorageFull);
+        t.checkpoint_saved(4, Ok(()));
+        assert_eq!(
+            (t.checkpoint_step, &t.error),
+            (Some(4), &None),
+            "space was freed"
+        );
 
         t.offer = Some(RunRecord {
             config: config.clone(),

@@ -34,6 +34,8 @@ const SHORT_TIMEOUT = 30 * SECOND;
 const TEST_TIMEOUT = 30 * MINUTE;
 
 const PHOTO = path.join(PHOTOS_DIR, "astronaut.png");
+/// Images whose settings other tools wrote (tests/fixtures/png).
+const PNG_FIXTURES = path.resolve(PHOTOS_DIR, "../png");
 const TOKEN = "alice";
 const CLASS_WORD = "person";
 /// Enough steps to reload the page in the middle of the run. The software adapter takes most of
@@ -683,6 +685,34 @@ test("an image is generated with the identity and carries its parameters", { tim
   await waitForValue(page, "prompt", `<${TOKEN}> holding a basketball`);
   await waitForValue(page, "negative-prompt", "blurry");
 
+  // The settings of an image come back from its PNG: this one's, then another tool's.
+  await page.getByTestId("prompt").fill("something else");
+  await page.getByTestId("gen-steps").fill("9");
+  await page.getByTestId("seed").fill("7");
+  await page.getByTestId("settings-from-image").setInputFiles({ name: png.name, mimeType: "image/png", buffer: png.bytes });
+  await waitForValue(page, "prompt", `<${TOKEN}> holding a basketball`);
+  await waitForValue(page, "negative-prompt", "blurry");
+  await waitForValue(page, "gen-steps", "4");
+  await waitForValue(page, "seed", "42");
+  await waitForValue(page, "gen-size", "64");
+  assert.equal(await page.getByTestId("settings-note").count(), 0, "settings of our own image were left out");
+  await page.getByTestId("settings-from-image").setInputFiles(path.join(PNG_FIXTURES, "webui.png"));
+  await waitForValue(page, "prompt", "a photo of <alice> holding a basketball, in front of the Eiffel Tower\ngolden hour");
+  await waitForValue(page, "negative-prompt", "blurry, lowres");
+  await waitForValue(page, "gen-steps", "30");
+  await waitForValue(page, "gen-guidance", "6.5");
+  await waitForValue(page, "gen-sampler", "dpmpp-2m-karras");
+  await waitForValue(page, "seed", "1234567890");
+  await waitForValue(page, "gen-size", "512x768");
+  // An image without settings says so, and changes nothing.
+  await page.getByTestId("settings-from-image").setInputFiles(path.join(PNG_FIXTURES, "plain.png"));
+  const refused = page.getByTestId("settings-error");
+  await refused.waitFor({ timeout: SHORT_TIMEOUT });
+  assert.equal(await refused.getAttribute("data-kind"), "bad-image", await refused.innerText());
+  await waitForValue(page, "gen-steps", "30");
+  await page.getByTestId("gen-steps").fill("4");
+  await page.getByTestId("gen-size").selectOption("64");
+
   await screenshots(t, page, "3-generated");
   assertConsoleClean(app, since);
 });
@@ -1227,6 +1257,168 @@ test("a tab closed at any moment of a download leaves no model presented as comp
     assert.ok(ready.cached.some((m) => m.complete), "the finished model is not listed as complete");
   } finally {
     server.throttle(null);
+    await context.close();
+  }
+});
+
+test("storage that fills up during training: the checkpoint that cannot be stored is reported, the run goes on, and checkpoints are stored again once space is freed", { timeout: TEST_TIMEOUT }, async (t) => {
+  const context = await freshContext();
+  try {
+    const opened = await openPage(browser, server.url, { context });
+    const { page } = opened;
+    const cdp = await context.newCDPSession(page);
+    await loadAddress(page, modelUrl);
+    await waitFor(page, "the model", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
+
+    await fillTraining(page, "mira", 200);
+    await waitFor(page, "train-start", (s) => s.trainStart === true);
+    await page.getByTestId("train-start").click();
+    const saved = await waitFor(page, "a checkpoint", (s) => s.train?.checkpoint >= 1, { timeout: TRAIN_TIMEOUT });
+
+    // The stored model alone is far over 1 MB: every write fails from now on.
+    const fullSince = Date.now();
+    await cdp.send("Storage.overrideQuotaForOrigin", { origin: server.origin, quotaSize: 1_000_000 });
+    const stillFull = failUnless([/\[storage-full\]/]);
+    let freed = false;
+    let full;
+    try {
+      full = await waitFor(page, "the checkpoint that cannot be stored to be reported", (s) => s.trainError, {
+        timeout: TRAIN_TIMEOUT,
+        fail: stillFull,
+      });
+      t.diagnostic(
+        `storage full at step ${saved.train.step} (checkpoint ${saved.train.checkpoint}); ` +
+          `reported ${((Date.now() - fullSince) / SECOND).toFixed(0)} s later at step ${full.train.step}: ${full.trainError.text}`,
+      );
+      assert.equal(full.trainError.kind, "storage-full", `train-error: ${full.trainError.text}`);
+      assert.match(full.trainError.text, /storage|space/i, `the explanation should be about storage: ${full.trainError.text}`);
+      assert.ok(await page.getByTestId("train-pause").isVisible(), "the run stopped when a checkpoint could not be stored");
+
+      // The run goes on (a checkpoint is due at every step here: they take over 20 s), and no
+      // checkpoint is stored.
+      const going = await waitFor(page, "the run to go on while storage is full", (s) => s.train?.step >= full.train.step + 1, {
+        timeout: TRAIN_TIMEOUT,
+        fail: (s) =>
+          stillFull(s) ??
+          (s.train?.checkpoint !== full.train.checkpoint
+            ? `checkpoint ${s.train?.checkpoint} stored while storage is full (was ${full.train.checkpoint})`
+            : null),
+      });
+      assert.equal(going.trainError?.kind, "storage-full", `train-error: ${going.trainError?.text}`);
+      t.diagnostic(`while full: steps ${full.train.step} → ${going.train.step}, checkpoint stays ${going.train.checkpoint}`);
+
+      // Without a size the override is lifted.
+      await cdp.send("Storage.overrideQuotaForOrigin", { origin: server.origin });
+      freed = true;
+      const freedSince = Date.now();
+      const again = await waitFor(
+        page,
+        "a checkpoint to be stored once space is freed",
+        (s) => s.train?.checkpoint > going.train.checkpoint,
+        { timeout: TRAIN_TIMEOUT, fail: stillFull },
+      );
+      t.diagnostic(
+        `space freed at step ${going.train.step}; checkpoint ${again.train.checkpoint} stored ` +
+          `${((Date.now() - freedSince) / SECOND).toFixed(0)} s later (at step ${again.train.step})`,
+      );
+      // A stored checkpoint ends the error: storage works again.
+      await waitFor(page, "the storage error to go once a checkpoint is stored", (s) => !s.trainError, { fail: stillFull });
+    } finally {
+      if (!freed) await cdp.send("Storage.overrideQuotaForOrigin", { origin: server.origin });
+    }
+
+    const pauseSince = Date.now();
+    await page.getByTestId("train-pause").click();
+    await page.getByTestId("train-resume").waitFor({ timeout: TRAIN_TIMEOUT });
+    const paused = await page.evaluate(snapshot);
+    t.diagnostic(
+      `paused ${((Date.now() - pauseSince) / SECOND).toFixed(0)} s after the click at step ${paused.train?.step}; ` +
+        `train-error shown: ${paused.trainError?.kind ?? "none"}`,
+    );
+    assert.ok(!paused.trainError, `train-error after space was freed: ${paused.trainError?.text}`);
+    assert.ok(paused.modelReady, "the model should stay usable");
+    assertConsoleClean(opened, 0, [/quota|storage|space/i]);
+  } finally {
+    await context.close();
+  }
+});
+
+test("a GPU lost during generation is reported, the model loads again on a new worker, and the next generation finishes", { timeout: TEST_TIMEOUT }, async (t) => {
+  const context = await freshContext();
+  try {
+    const opened = await openPage(browser, server.url, { context });
+    const { page } = opened;
+    await loadAddress(page, modelUrl);
+    await waitFor(page, "the model", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
+
+    await page.getByTestId("prompt").fill("a photo of a person");
+    await page.getByTestId("gen-steps").fill("50");
+    await page.getByTestId("gen-size").selectOption("64");
+    await page.getByTestId("gen-count").fill("1");
+    await page.getByTestId("generate").click();
+    // Step changes as the page shows them, with when they were seen.
+    const steps = [];
+    const track = (s) => {
+      if (s.gen && s.gen.step !== steps.at(-1)?.step) steps.push({ step: s.gen.step, at: Date.now() });
+    };
+    await waitFor(
+      page,
+      "generation to report two steps",
+      (s) => {
+        track(s);
+        return s.gen?.step >= 2;
+      },
+      { timeout: GENERATE_TIMEOUT },
+    );
+
+    const workers = opened.workerUrls.length;
+    const readyBefore = await appeared(page, "model-ready");
+    const lostSince = Date.now();
+    await (await gpuWorker(page)).evaluate(() => {
+      self.__sefiFault = "lose-device";
+    });
+    const lostOnly = failUnless([/\[device-lost\]/]);
+    const lost = await waitFor(
+      page,
+      "the lost device to be reported",
+      (s) => {
+        track(s);
+        return s.genError;
+      },
+      { timeout: GENERATE_TIMEOUT, fail: lostOnly },
+    );
+    assert.equal(lost.genError.kind, "device-lost", `gen-error: ${lost.genError.text}`);
+    assert.equal(lost.results.length, 0, "an image was made although the device was lost");
+    const seconds = (ms) => (ms / SECOND).toFixed(0);
+    t.diagnostic(
+      `steps seen (s after the fault): ${steps.map((s) => `${s.step}@${seconds(s.at - lostSince)}`).join(", ")}; ` +
+        `gen-error ${seconds(Date.now() - lostSince)} s after the fault: ${lost.genError.text}`,
+    );
+
+    // Without anything done on the page, a new worker takes the model back.
+    const reloadSince = Date.now();
+    await waitFor(
+      page,
+      "the model back on a new worker",
+      (s) => s.gpu?.state === "ok" && s.modelReady && s.appeared["model-ready"] > readyBefore,
+      { timeout: MODEL_TIMEOUT, fail: lostOnly },
+    );
+    assert.ok(opened.workerUrls.length > workers, `no new worker was started after the device was lost: ${opened.workerUrls}`);
+    t.diagnostic(`model loaded again ${((Date.now() - reloadSince) / SECOND).toFixed(0)} s after the error`);
+
+    const errors = await appeared(page, "gen-error");
+    await page.getByTestId("gen-steps").fill("2");
+    await page.getByTestId("generate").click();
+    const genSince = Date.now();
+    const made = await waitFor(page, "the next image", (s) => s.results.length > 0 && s.results[0].loaded, {
+      timeout: GENERATE_TIMEOUT,
+      fail: (s) =>
+        lostOnly(s) ?? ((s.appeared["gen-error"] ?? 0) > errors ? `gen-error [${s.genError?.kind}]: ${s.genError?.text}` : null),
+    });
+    assert.deepEqual([made.results[0].width, made.results[0].height], [64, 64], "the image should be 64x64");
+    t.diagnostic(`the next generation (2 steps) took ${((Date.now() - genSince) / SECOND).toFixed(0)} s`);
+    assertConsoleClean(opened, 0, [/lost|destroy|panicked|wgpu|device/i]);
+  } finally {
     await context.close();
   }
 });
