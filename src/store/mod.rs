@@ -138,6 +138,15 @@ impl Drop for Writer {
 }
 
 impl Writer {
+    /// Opens the file behind `h` for writing from its start.
+    async fn open(path: &str, h: &FileSystemFileHandle) -> Result<Self, StoreError> {
+        let stream = wait(path, h.create_writable()).await?;
+        Ok(Self {
+            path: path.into(),
+            stream: Some(stream.unchecked_into()),
+        })
+    }
+
     /// Appends bytes.
     pub async fn write_js(&mut self, bytes: &Uint8Array) -> Result<(), StoreError> {
         let p = self
@@ -175,11 +184,7 @@ impl Writer {
 
 /// Writes `bytes` as the whole content of the file behind `h`, committing them on close.
 async fn fill(path: &str, h: &FileSystemFileHandle, bytes: &[u8]) -> Result<(), StoreError> {
-    let stream = wait(path, h.create_writable()).await?;
-    let mut w = Writer {
-        path: path.into(),
-        stream: Some(stream.unchecked_into()),
-    };
+    let mut w = Writer::open(path, h).await?;
     match w.write_js(&Uint8Array::from(bytes)).await {
         Ok(()) => w.close().await,
         Err(e) => {
@@ -272,12 +277,7 @@ impl Store {
 
     /// Opens `path` for writing from its start (made if missing).
     pub async fn writer(&self, path: &str) -> Result<Writer, StoreError> {
-        let h = self.handle(path, true).await?;
-        let stream = wait(path, h.create_writable()).await?;
-        Ok(Writer {
-            path: path.into(),
-            stream: Some(stream.unchecked_into()),
-        })
+        Writer::open(path, &self.handle(path, true).await?).await
     }
 
     /// Writes a whole file at once: a tab that dies at any moment of it leaves the old file, or
@@ -286,30 +286,26 @@ impl Store {
     pub async fn write(&self, path: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let temp = format!("{path}{UNFINISHED}");
         let h = self.handle(&temp, true).await?;
-        // `move` (Chromium, Firefox) replaces the target in one step; without it (or if it
-        // fails), writing in place is atomic for a file that exists already.
-        let Some(mv) = Reflect::get(&h, &"move".into())
+        // `move` (Chromium, Firefox) replaces the target in one step.
+        if let Some(mv) = Reflect::get(&h, &"move".into())
             .ok()
             .and_then(|f| f.dyn_into::<js_sys::Function>().ok())
-        else {
-            let _ = self.remove(&temp).await;
-            return fill(path, &self.handle(path, true).await?, bytes).await;
-        };
-        if let Err(e) = fill(&temp, &h, bytes).await {
-            // Frees what the unfinished copy took (the usual failure is a full storage).
-            let _ = self.remove(&temp).await;
-            return Err(e);
+        {
+            if let Err(e) = fill(&temp, &h, bytes).await {
+                // Frees what the unfinished copy took (the usual failure is a full storage).
+                let _ = self.remove(&temp).await;
+                return Err(e);
+            }
+            let (_, name) = split(path);
+            if let Ok(p) = mv.call1(&h, &name.into())
+                && wait(path, p.unchecked_into()).await.is_ok()
+            {
+                return Ok(());
+            }
         }
-        let (_, name) = split(path);
-        let moved = match mv.call1(&h, &name.into()) {
-            Ok(p) => wait(path, p.unchecked_into()).await.map(drop),
-            Err(e) => Err(classify(path, e)),
-        };
-        if moved.is_err() {
-            let _ = self.remove(&temp).await;
-            return fill(path, &self.handle(path, true).await?, bytes).await;
-        }
-        Ok(())
+        // Without `move`, or when it failed: in place, which is atomic for a file that exists.
+        let _ = self.remove(&temp).await;
+        fill(path, &self.handle(path, true).await?, bytes).await
     }
 
     /// Removes a file or a folder with everything in it; absent is fine.

@@ -1005,6 +1005,21 @@ test("an SDXL model with sharded weights and another VAE loads, learns an identi
 // Reliability: other tabs, lost GPUs, hung steps, full storage, stale workers
 // ---------------------------------------------------------------------------------------------
 
+/// Starts a generation long enough to act on in its middle (50 steps at 64 px) and returns
+/// the log of the steps the page shows: `track(snapshot)` adds a new step with when it was seen.
+async function startLongGeneration(page) {
+  await page.getByTestId("prompt").fill("a photo of a person");
+  await page.getByTestId("gen-steps").fill("50");
+  await page.getByTestId("gen-size").selectOption("64");
+  await page.getByTestId("gen-count").fill("1");
+  await page.getByTestId("generate").click();
+  const steps = [];
+  const track = (s) => {
+    if (s.gen && s.gen.step !== steps.at(-1)?.step) steps.push({ step: s.gen.step, at: Date.now() });
+  };
+  return { steps, track };
+}
+
 /// A fresh context (its own, empty storage) with the probes installed.
 async function freshContext(options = {}) {
   const context = await browser.newContext({ viewport: VIEWPORTS.laptop, ...options });
@@ -1112,19 +1127,14 @@ test("a worker that stops answering is stopped by the watchdog; a lost GPU is re
     await waitFor(page, "the model", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
 
     // A hung step: the worker spins in a generation step (test hook), as on a deadlocked driver.
-    await page.getByTestId("prompt").fill("a photo of a person");
-    await page.getByTestId("gen-steps").fill("50");
-    await page.getByTestId("gen-size").selectOption("64");
-    await page.getByTestId("gen-count").fill("1");
-    await page.getByTestId("generate").click();
     // The watchdog's limit follows the measured step time (about 17 s per step on the software
     // adapter): measure it as the page sees it.
-    const seen = [];
+    const { steps: seen, track } = await startLongGeneration(page);
     await waitFor(
       page,
       "generation to report four steps",
       (s) => {
-        if (s.gen && s.gen.step !== seen.at(-1)?.step) seen.push({ step: s.gen.step, at: Date.now() });
+        track(s);
         return s.gen?.step >= 4;
       },
       { timeout: GENERATE_TIMEOUT },
@@ -1351,16 +1361,7 @@ test("a GPU lost during generation is reported, the model loads again on a new w
     await loadAddress(page, modelUrl);
     await waitFor(page, "the model", (s) => s.modelReady, { timeout: MODEL_TIMEOUT });
 
-    await page.getByTestId("prompt").fill("a photo of a person");
-    await page.getByTestId("gen-steps").fill("50");
-    await page.getByTestId("gen-size").selectOption("64");
-    await page.getByTestId("gen-count").fill("1");
-    await page.getByTestId("generate").click();
-    // Step changes as the page shows them, with when they were seen.
-    const steps = [];
-    const track = (s) => {
-      if (s.gen && s.gen.step !== steps.at(-1)?.step) steps.push({ step: s.gen.step, at: Date.now() });
-    };
+    const { steps, track } = await startLongGeneration(page);
     await waitFor(
       page,
       "generation to report two steps",

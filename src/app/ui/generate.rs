@@ -19,10 +19,10 @@ use crate::pipeline::png::{Parameters, read_parameters};
 use crate::schedule::Sampler;
 use crate::weights::Family;
 
-/// Square sizes offered, and two portrait/landscape ones.
 /// Bytes read from the start of an image for its settings.
 const IMAGE_HEAD: usize = 1 << 20;
 
+/// Square sizes offered, and two portrait/landscape ones.
 const SIZES: &[(&str, usize, usize)] = &[
     ("64", 64, 64),
     ("128", 128, 128),
