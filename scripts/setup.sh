@@ -92,7 +92,8 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with r
 
 if [ "$purpose" = test ]; then
   # Mesa's lavapipe gives wgpu a Vulkan device without a GPU; Chromium drives the browser tests.
-  apt_install mesa-vulkan-drivers libvulkan1 chromium chromium-driver
+  # QEMU's user-mode emulator runs the half-precision tests on an emulated AVX2-only CPU.
+  apt_install mesa-vulkan-drivers libvulkan1 chromium chromium-driver qemu-user
   command -v npm >/dev/null || apt_install nodejs npm
 fi
 

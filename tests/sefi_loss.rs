@@ -29,40 +29,71 @@ fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     block_on(read_f32(t)).unwrap()
 }
 
-/// Relative tolerances: contexts, loss, attention loss, total gradients, attention-term
-/// gradients.
-struct Tol {
-    context: f32,
-    loss: f32,
-    attn: f32,
-    grad: f32,
-    attn_grad: f32,
-    attn_grad_cosine: f32,
+/// What each golden is allowed to differ by: a relative error (max |a - b| / max |b|) and, for
+/// gradients, a smallest cosine.
+enum Tolerance {
+    /// Float32 against PyTorch's float32: differences come from summation order alone (~1e-6).
+    F32,
+    /// Float16 weights and activations against PyTorch's float32, bounded by the noise floor in
+    /// `tests/fixtures/sefi/half.json`.
+    Half(serde_json::Value),
 }
 
-const F32: Tol = Tol {
-    context: 1e-4,
-    loss: 1e-4,
-    attn: 1e-3,
-    grad: 1e-3,
-    attn_grad: 2e-3,
-    attn_grad_cosine: 0.999_99,
-};
+/// Float16 rounds every weight and activation by up to 2^-11; how far that moves a golden
+/// depends on the case: gradients that cancel amplify it (tiny-sd1's case `two` moves its key
+/// gradient by up to 26% from rounding alone). Kernels round in other places on other CPUs
+/// (AVX2 and AVX-512 hosts give different float16 results), so one host's error is one draw.
+/// The floor is the worst of eight PyTorch runs of the case over eight float16 roundings of the
+/// model (to nearest, and seven stochastic roundings), with float16 storage of every module's
+/// output and float32 arithmetic: a property of the case, not of a host. Our float16 kernels
+/// also store what the floor's runs keep in float32 (residual sums, norms' statistics, softmax
+/// inside attention), which costs more: measured at up to 2.7 times the floor's error and 8.7
+/// times its 1 - cosine on an AVX-512 host, 2.6 and 7.9 on an AVX2 one (`scripts/test.sh` runs
+/// this test on both). So HALF_MARGIN times the floor is allowed, and a cosine as far from 1 as
+/// HALF_MARGIN² times the floor's (1 - cos grows with the square of a small error).
+const HALF_MARGIN: f32 = 4.0;
 
-/// F16 weights and activations against PyTorch's F32: the learned vectors, the loss and the
-/// gradients stay F32, so only the model's rounding shows. The attention term's value gradient
-/// cancels heavily (PyTorch's own F32 and F64 differ by 2e-4 there) and amplifies F16 rounding
-/// the same way, so for it the direction is what is checked.
-const F16: Tol = Tol {
-    context: 5e-3,
-    loss: 1e-2,
-    attn: 5e-2,
-    grad: 5e-2,
-    attn_grad: 5e-1,
-    attn_grad_cosine: 0.9,
-};
+impl Tolerance {
+    fn half() -> Self {
+        let text = std::fs::read_to_string(common::fixture("sefi/half.json")).unwrap();
+        Self::Half(serde_json::from_str(&text).unwrap())
+    }
 
-fn check(model: &str, dtype: DType, tol: Tol) {
+    /// The largest relative error of golden `name` (`c_k`, `loss`, `grad_key`, ...).
+    fn error(&self, model: &str, case: &str, name: &str) -> f32 {
+        match self {
+            Self::F32 => match name {
+                "c_k" | "loss" | "noise_loss" => 1e-4,
+                "attn_loss" | "attn_layers" | "grad_key" | "grad_value" => 1e-3,
+                _ => 2e-3,
+            },
+            Self::Half(floors) => HALF_MARGIN * Self::floor(floors, model, case, name),
+        }
+    }
+
+    /// The smallest cosine between gradient `name` and its golden.
+    fn cosine(&self, model: &str, case: &str, name: &str) -> f32 {
+        match self {
+            // The attention term's value gradient cancels heavily: PyTorch's own float32 and
+            // float64 differ by 2e-4 there, so its direction is checked besides its size.
+            Self::F32 if name.starts_with("attn_grad") => 0.999_99,
+            Self::F32 => -1.0,
+            Self::Half(floors) => {
+                let floor = Self::floor(floors, model, case, &format!("{name}_cosine"));
+                1.0 - HALF_MARGIN * HALF_MARGIN * (1.0 - floor)
+            }
+        }
+    }
+
+    fn floor(floors: &serde_json::Value, model: &str, case: &str, name: &str) -> f32 {
+        floors["models"][model][case]["floor"][name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("half.json has no floor for {model} {case} {name}"))
+            as f32
+    }
+}
+
+fn check(model: &str, dtype: DType, tol: &Tolerance) {
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model_in(model, &device, dtype);
     let g = Goldens::open(&format!("sefi/{model}.safetensors"));
@@ -74,6 +105,19 @@ fn check(model: &str, dtype: DType, tol: Tol) {
     for case in ["one", "two", "zero"] {
         let name = |n: &str| format!("{case}.{n}");
         let what = format!("{model} {case} {dtype:?}");
+        // One golden against its tolerance; gradients (`grad` true) by direction too.
+        let compare = |n: &str, got: &[f32], grad: bool| {
+            let want = g.f32(&name(n)).0;
+            let (err, max) = (rel(got, &want), tol.error(model, case, n));
+            if grad {
+                let (cos, min) = (cosine(got, &want), tol.cosine(model, case, n));
+                eprintln!("{what}: {n} relative error {err:e} (< {max:e}), cosine {cos} (> {min})");
+                assert!(cos > min, "{what}: {n} points elsewhere ({cos} <= {min})");
+            } else {
+                eprintln!("{what}: {n} relative error {err:e} (< {max:e})");
+            }
+            assert!(err < max, "{what}: {n} off by {err:e} (>= {max:e})");
+        };
         let prompt = TrainPrompt {
             ids: g.ints(&name("ids")).into_iter().map(|i| i as u32).collect(),
             positions: g
@@ -98,8 +142,7 @@ fn check(model: &str, dtype: DType, tol: Tol) {
             &device,
         )
         .states;
-        let err = rel(&values(c_k), &g.f32(&name("c_k")).0);
-        assert!(err < tol.context, "{what}: c_k off by {err:e}");
+        compare("c_k", &values(c_k), false);
 
         // Loss and gradients of the whole objective.
         let (key, value) = (leaf("key"), leaf("value"));
@@ -112,40 +155,25 @@ fn check(model: &str, dtype: DType, tol: Tol) {
             &inputs,
             &device,
         );
-        for (n, t) in [
-            ("loss", loss.total.clone()),
-            ("noise_loss", loss.noise.clone()),
-        ] {
-            let err = rel(&values(t), &g.f32(&name(n)).0);
-            eprintln!("{what}: {n} relative error {err:e}");
-            assert!(err < tol.loss, "{what}: {n} off by {err:e}");
-        }
-        let want_attn = g.f32(&name("attn_loss")).0[0];
-        let got_attn = values(loss.attention.clone())[0];
+        compare("loss", &values(loss.total.clone()), false);
+        compare("noise_loss", &values(loss.noise.clone()), false);
+        let got_attn = values(loss.attention.clone());
         if case == "zero" {
             assert_eq!(
-                got_attn, 0.0,
+                got_attn[0], 0.0,
                 "{what}: the attention loss starts at exactly zero"
             );
         } else {
-            let err = (got_attn - want_attn).abs() / want_attn.abs();
-            eprintln!("{what}: attention loss {got_attn:e} vs {want_attn:e} ({err:e})");
-            assert!(err < tol.attn, "{what}: attention loss off by {err:e}");
+            compare("attn_loss", &got_attn, false);
             let layers: Vec<f32> = loss.layers.iter().map(|l| values(l.clone())[0]).collect();
-            let err = rel(&layers, &g.f32(&name("attn_layers")).0);
-            assert!(
-                err < tol.attn,
-                "{what}: per-layer attention losses off by {err:e}"
-            );
+            compare("attn_layers", &layers, false);
         }
         let scale = loss_scale(dtype);
         let grads = loss.total.mul_scalar(scale).backward();
         for (n, t) in [("grad_key", &key), ("grad_value", &value)] {
             let grad = t.grad(&grads).unwrap().div_scalar(scale);
             assert_eq!(grad.dtype(), DType::F32, "{what}: {n} is kept in F32");
-            let err = rel(&values(grad), &g.f32(&name(n)).0);
-            eprintln!("{what}: {n} relative error {err:e}");
-            assert!(err < tol.grad, "{what}: {n} off by {err:e}");
+            compare(n, &values(grad), true);
         }
 
         // Gradients of the attention term alone (it is ~1e-8 of the total in f32, invisible in
@@ -164,16 +192,7 @@ fn check(model: &str, dtype: DType, tol: Tol) {
             );
             let grads = loss.attention.mul_scalar(scale).backward();
             for (n, t) in [("attn_grad_key", &key), ("attn_grad_value", &value)] {
-                let got = values(t.grad(&grads).unwrap().div_scalar(scale));
-                let want = g.f32(&name(n)).0;
-                let err = rel(&got, &want);
-                let cos = cosine(&got, &want);
-                eprintln!("{what}: {n} relative error {err:e}, cosine {cos}");
-                assert!(
-                    cos > tol.attn_grad_cosine,
-                    "{what}: {n} points elsewhere ({cos})"
-                );
-                assert!(err < tol.attn_grad, "{what}: {n} off by {err:e}");
+                compare(n, &values(t.grad(&grads).unwrap().div_scalar(scale)), true);
             }
         }
     }
@@ -181,24 +200,25 @@ fn check(model: &str, dtype: DType, tol: Tol) {
 
 #[test]
 fn tiny_sd1_loss_and_gradients_match_pytorch() {
-    check("tiny-sd1", DType::F32, F32);
+    check("tiny-sd1", DType::F32, &Tolerance::F32);
 }
 
 #[test]
 fn tiny_sd2_loss_and_gradients_match_pytorch() {
-    check("tiny-sd2", DType::F32, F32);
+    check("tiny-sd2", DType::F32, &Tolerance::F32);
 }
 
 /// SDXL: vectors for both text encoders, the pooled embedding from the value prompt, the
 /// training size as micro-conditioning, 28 cross-attention layers.
 #[test]
 fn tiny_sdxl_loss_and_gradients_match_pytorch() {
-    check("tiny-sdxl", DType::F32, F32);
+    check("tiny-sdxl", DType::F32, &Tolerance::F32);
 }
 
 #[test]
 fn half_precision_weights_give_close_losses_and_gradients() {
-    check("tiny-sd1", DType::F16, F16);
-    check("tiny-sd2", DType::F16, F16);
-    check("tiny-sdxl", DType::F16, F16);
+    let tol = Tolerance::half();
+    for model in ["tiny-sd1", "tiny-sd2", "tiny-sdxl"] {
+        check(model, DType::F16, &tol);
+    }
 }
