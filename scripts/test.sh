@@ -19,6 +19,10 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 step "native tests (cpu, wgpu on lavapipe)"
 cargo test
 
+step "the cuda feature: every target compiles; the CLI links and, without a driver, says what is missing"
+cargo check --features cuda --all-targets
+cargo test --features cuda --test device
+
 # The CPU backend's float16 and bfloat16 kernels round differently on AVX2 and AVX-512 hosts
 # (gemm and the element-wise kernels pick their code by CPU). On an AVX-512 host, the tests
 # whose results depend on that run again on an emulated AVX2-only AMD EPYC (QEMU's EPYC-Milan),
@@ -32,10 +36,6 @@ if grep -qw avx512f /proc/cpuinfo; then
   CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="qemu-x86_64 -cpu $milan" \
     cargo test --test sefi_loss --test models half_precision
 fi
-
-step "the cuda feature: every target compiles; the CLI links and, without a driver, says what is missing"
-cargo check --features cuda --all-targets
-cargo test --features cuda --test device
 
 step "the GPU script, packed and run on the CPU: pack, unpack, checks, parity, benchmark"
 bench/gpu/pack.sh --dev
