@@ -4,7 +4,7 @@
 //! Every step draws its randomness (photo, flip, timestep, noise) from a generator seeded by
 //! (seed, step), so a run resumed from a checkpoint continues exactly as the uninterrupted run.
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use image::{RgbImage as Image, imageops::FilterType};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
@@ -384,7 +384,7 @@ impl<'a> Trainer<'a> {
         // Loss scaling for F16 models, halved (and the pass redone: a backward pass consumes
         // its graph) while the scaled gradients overflow.
         let mut scale = loss_scale(self.sd.unet.dtype());
-        let (loss, key_grad, value_grad) = loop {
+        loop {
             let (loss, key, value) = self.loss(state, draw, true);
             let objective = match term {
                 Term::Total => loss.total.clone(),
@@ -392,28 +392,40 @@ impl<'a> Trainer<'a> {
             };
             let grads = objective.mul_scalar(scale).backward();
             let missing = || TrainError::Read("no gradient reached the identity vectors".into());
-            let mut k = read(key.grad(&grads).ok_or_else(missing)?).await?;
-            let mut v = read(value.grad(&grads).ok_or_else(missing)?).await?;
+            let flat = |t: Tensor<2>| t.flatten::<1>(0, 1).cast(DType::F32);
+            let scalar = |t: Tensor<1>| t.without_autodiff().cast(DType::F32);
+            let key_grad = flat(key.grad(&grads).ok_or_else(missing)?);
+            let n = key_grad.dims()[0];
+            // One readback a step (a sync with the GPU): both gradients and the three losses.
+            let mut k = read(Tensor::cat(
+                vec![
+                    key_grad,
+                    flat(value.grad(&grads).ok_or_else(missing)?),
+                    scalar(loss.total),
+                    scalar(loss.noise),
+                    scalar(loss.attention),
+                ],
+                0,
+            ))
+            .await?;
+            let mut v = k.split_off(n);
+            let losses = v.split_off(v.len() - 3);
             if k.iter().chain(&v).all(|g| g.is_finite()) {
                 k.iter_mut().chain(&mut v).for_each(|g| *g /= scale);
-                break (loss, k, v);
+                return Ok(Gradients {
+                    stage,
+                    loss: f64::from(losses[0]),
+                    noise_loss: f64::from(losses[1]),
+                    attn_loss: f64::from(losses[2]),
+                    key: k,
+                    value: v,
+                });
             }
             if scale <= 1.0 {
                 return Err(TrainError::NonFinite);
             }
             scale /= 2.0;
-        };
-        let scalar = |t: Tensor<1>| async move {
-            Ok::<f64, TrainError>(f64::from(read(t.detach()).await?[0]))
-        };
-        Ok(Gradients {
-            stage,
-            loss: scalar(loss.total.detach()).await?,
-            noise_loss: scalar(loss.noise.detach()).await?,
-            attn_loss: scalar(loss.attention.detach()).await?,
-            key: key_grad,
-            value: value_grad,
-        })
+        }
     }
 
     /// The identity token's attention map beside the class word's (the target), for the first
