@@ -15,7 +15,7 @@ before(async () => {
 });
 after(() => server?.close());
 
-// The same inputs and maths as src/check.rs, written again so that the page is checked
+// The same inputs and maths as src/check/mod.rs, written again so that the page is checked
 // against an implementation that shares no code with it.
 function reference() {
   const [M, K, N] = [8, 16, 4];
