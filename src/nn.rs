@@ -6,7 +6,7 @@
 //! gradients and need no optimizer state.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use burn::tensor::{
     DType, Device, Int, Tensor, TensorCreationOptions, TensorData,
@@ -15,14 +15,16 @@ use burn::tensor::{
     ops::ConvOptions,
 };
 
+use crate::device::binding_limit;
 use crate::weights::{Checkpoint, Component, HostData, WeightsError};
 
 /// Where tensors come from while a model is built.
 enum Mode {
     /// Record the names and shapes the model asks for; hand out zero-cost placeholders.
     Shapes,
-    /// Hand out loaded tensors (flat, reshaped on request).
-    Loaded(RefCell<HashMap<String, Tensor<1>>>),
+    /// Hand out loaded tensors (flat, reshaped on request); one larger than the device's
+    /// binding limit is held in row chunks, for [`Vars::get_rows`].
+    Loaded(RefCell<HashMap<String, Vec<Tensor<1>>>>),
     /// Hand out random weights of the right scale (benchmarks: speed does not depend on the
     /// values).
     Random(DType),
@@ -33,6 +35,8 @@ pub struct VarStore {
     device: Device,
     mode: Mode,
     requested: RefCell<BTreeMap<String, Vec<usize>>>,
+    /// Those of `requested` asked for in row chunks ([`Vars::get_rows`]).
+    in_rows: RefCell<BTreeSet<String>>,
     path: String,
     component: Component,
 }
@@ -45,6 +49,7 @@ impl VarStore {
             device: device.clone(),
             mode: Mode::Shapes,
             requested: Default::default(),
+            in_rows: Default::default(),
             path: String::new(),
             component,
         }
@@ -57,6 +62,7 @@ impl VarStore {
             device: device.clone(),
             mode: Mode::Random(dtype),
             requested: Default::default(),
+            in_rows: Default::default(),
             path: "random weights".into(),
             component,
         }
@@ -73,6 +79,19 @@ impl VarStore {
     /// Names and shapes asked for so far.
     pub fn requested(&self) -> BTreeMap<String, Vec<usize>> {
         self.requested.borrow().clone()
+    }
+
+    /// Elements of the largest tensor asked for so far that must be one buffer (token tables,
+    /// asked for in row chunks, are not).
+    pub fn largest_whole(&self) -> u64 {
+        let in_rows = self.in_rows.borrow();
+        self.requested
+            .borrow()
+            .iter()
+            .filter(|(name, _)| !in_rows.contains(*name))
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Number of parameters asked for so far.
@@ -141,28 +160,102 @@ impl<'a> Vars<'a> {
                 )
                 .cast(*dtype))
             }
-            Mode::Loaded(map) => {
-                let flat = map
-                    .borrow_mut()
-                    .remove(&full)
-                    .ok_or_else(|| WeightsError::Missing {
-                        path: self.store.path.clone(),
-                        component: self.store.component,
-                        name: full.clone(),
-                    })?;
-                if flat.dims()[0] != shape.iter().product::<usize>() {
-                    return Err(WeightsError::Shape {
-                        path: self.store.path.clone(),
+            Mode::Loaded(_) => {
+                let mut parts = self.take(&full, &shape)?;
+                if parts.len() > 1 {
+                    let bytes = parts
+                        .iter()
+                        .map(|p| (p.dims()[0] * p.dtype().size()) as u64)
+                        .sum();
+                    return Err(WeightsError::TooLarge {
                         component: self.store.component,
                         name: full,
-                        expected: shape.to_vec(),
-                        found: flat.dims().to_vec(),
+                        bytes,
+                        limit: binding_limit(&self.store.device).unwrap_or(u64::MAX),
                     });
                 }
-                Ok(flat.reshape(shape))
+                Ok(parts.remove(0).reshape(shape))
             }
         }
     }
+
+    /// The matrix `name` under this path, `[rows, width]`, as consecutive row chunks, each
+    /// within the device's binding limit (one chunk where it fits): a token table that a
+    /// small GPU cannot bind whole.
+    pub fn get_rows(&self, name: &str, shape: [usize; 2]) -> Result<Vec<Tensor<2>>, WeightsError> {
+        let full = self.pp(name).prefix;
+        let [rows, width] = shape;
+        self.store.in_rows.borrow_mut().insert(full.clone());
+        match &self.store.mode {
+            Mode::Loaded(_) => Ok(self
+                .take(&full, &shape)?
+                .into_iter()
+                .map(|p| {
+                    let n = p.dims()[0];
+                    p.reshape([n / width, width])
+                })
+                .collect()),
+            Mode::Random(dtype) => {
+                let limit = binding_limit(&self.store.device);
+                row_chunks(rows, width * dtype.size(), limit)
+                    .map(|r| {
+                        let vars =
+                            VarStore::random(&self.store.device, self.store.component, *dtype);
+                        vars.root().get("chunk", [r.len(), width])
+                    })
+                    .collect::<Result<_, _>>()
+                    .inspect(|_| {
+                        self.store
+                            .requested
+                            .borrow_mut()
+                            .insert(full.clone(), shape.to_vec());
+                    })
+            }
+            Mode::Shapes => Ok(vec![self.get(name, shape)?]),
+        }
+    }
+
+    /// The loaded parts of `full`, checked against `shape`'s size.
+    fn take(&self, full: &str, shape: &[usize]) -> Result<Vec<Tensor<1>>, WeightsError> {
+        let Mode::Loaded(map) = &self.store.mode else {
+            unreachable!("only loaded stores hold parts")
+        };
+        self.store
+            .requested
+            .borrow_mut()
+            .insert(full.to_string(), shape.to_vec());
+        let parts = map
+            .borrow_mut()
+            .remove(full)
+            .ok_or_else(|| WeightsError::Missing {
+                path: self.store.path.clone(),
+                component: self.store.component,
+                name: full.to_string(),
+            })?;
+        let found: usize = parts.iter().map(|p| p.dims()[0]).sum();
+        if found != shape.iter().product::<usize>() {
+            return Err(WeightsError::Shape {
+                path: self.store.path.clone(),
+                component: self.store.component,
+                name: full.to_string(),
+                expected: shape.to_vec(),
+                found: vec![found],
+            });
+        }
+        Ok(parts)
+    }
+}
+
+/// Row ranges of a `[rows, ...]` tensor whose rows have `row_bytes` bytes, each range as many
+/// rows as fit `limit` bytes (at least one): one range without a limit or where all fit.
+pub fn row_chunks(
+    rows: usize,
+    row_bytes: usize,
+    limit: Option<u64>,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let per = limit.map_or(rows, |l| (l / row_bytes.max(1) as u64).max(1) as usize);
+    let per = per.clamp(1, rows.max(1));
+    (0..rows.div_ceil(per).max(1)).map(move |i| i * per..((i + 1) * per).min(rows))
 }
 
 /// Progress of a model load.
@@ -193,15 +286,24 @@ pub async fn load<M>(
     let order = checkpoint.read_order(component);
     let mut map = HashMap::with_capacity(order.len());
     let options = TensorCreationOptions::new(device.clone()).with_dtype(dtype);
+    let limit = binding_limit(device);
     for (i, name) in order.iter().enumerate() {
         let host = checkpoint.read(component, name).await?;
-        let n = host.shape.iter().product::<usize>();
-        let data = match host.data {
-            HostData::F32(v) => TensorData::new(v, [n]),
-            HostData::F16(v) => TensorData::new(v, [n]),
-            HostData::BF16(v) => TensorData::new(v, [n]),
-        };
-        map.insert(name.clone(), Tensor::<1>::from_data(data, options.clone()));
+        let rows = host.shape.first().copied().unwrap_or(1);
+        let width = host.shape.iter().skip(1).product::<usize>();
+        // A tensor over the binding limit goes up in row chunks (each its own buffer).
+        let parts = row_chunks(rows, width * dtype.size(), limit)
+            .map(|r| {
+                let (start, end) = (r.start * width, r.end * width);
+                let data = match &host.data {
+                    HostData::F32(v) => TensorData::new(v[start..end].to_vec(), [end - start]),
+                    HostData::F16(v) => TensorData::new(v[start..end].to_vec(), [end - start]),
+                    HostData::BF16(v) => TensorData::new(v[start..end].to_vec(), [end - start]),
+                };
+                Tensor::<1>::from_data(data, options.clone())
+            })
+            .collect();
+        map.insert(name.clone(), parts);
         progress(LoadProgress {
             component,
             tensors_done: i + 1,
@@ -212,6 +314,7 @@ pub async fn load<M>(
         device: device.clone(),
         mode: Mode::Loaded(RefCell::new(map)),
         requested: Default::default(),
+        in_rows: Default::default(),
         path: checkpoint.path.clone(),
         component,
     };
@@ -370,24 +473,73 @@ impl LayerNorm {
     }
 }
 
-/// `torch.nn.Embedding`.
+/// `torch.nn.Embedding`, its table held in row chunks where it is larger than the device
+/// binds (SD 1.5's f32 token table is 145 MiB; WebGPU's default binding limit is 128 MiB).
 #[derive(Clone, Debug)]
 pub struct Embedding {
-    /// The lookup table, `[count, dim]`: one row per id.
-    pub weight: Tensor<2>,
+    /// The lookup table, `[count, dim]`, as consecutive row chunks: one row per id.
+    chunks: Vec<Tensor<2>>,
 }
 
 impl Embedding {
     /// Reads `weight` under `vars`: `count` vectors of `dim` values.
     pub fn new(vars: Vars, count: usize, dim: usize) -> Result<Self, WeightsError> {
         Ok(Self {
-            weight: vars.get("weight", [count, dim])?,
+            chunks: vars.get_rows("weight", [count, dim])?,
         })
+    }
+
+    /// Number of rows (ids).
+    pub fn count(&self) -> usize {
+        self.chunks.iter().map(|c| c.dims()[0]).sum()
+    }
+
+    /// Width of a row.
+    pub fn dim(&self) -> usize {
+        self.chunks[0].dims()[1]
+    }
+
+    /// The row of `id`, `[1, dim]`, in the table's dtype.
+    pub fn row(&self, id: usize) -> Tensor<2> {
+        let mut start = 0;
+        for chunk in &self.chunks {
+            let rows = chunk.dims()[0];
+            if id < start + rows {
+                return chunk.clone().narrow(0, id - start, 1);
+            }
+            start += rows;
+        }
+        panic!("embedding row {id} of {start}")
     }
 
     /// `[batch, seq]` ids -> `[batch, seq, dim]`.
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        embedding(self.weight.clone(), ids)
+        if let [table] = self.chunks.as_slice() {
+            return embedding(table.clone(), ids);
+        }
+        // Each chunk looks up the ids in its range (others clamped, then zeroed); the sum
+        // holds every id's row. Ids stay on the device: no readback.
+        let [b, s] = ids.dims();
+        let mut start = 0;
+        let mut out: Option<Tensor<3>> = None;
+        for chunk in &self.chunks {
+            let rows = chunk.dims()[0];
+            let local = ids.clone().sub_scalar(start as i64);
+            let outside = local
+                .clone()
+                .lower_elem(0)
+                .bool_or(local.clone().greater_equal_elem(rows as i64));
+            let rows_here = embedding(chunk.clone(), local.clamp(0, rows as i64 - 1)).mask_fill(
+                outside.unsqueeze_dim::<3>(2).expand([b, s, self.dim()]),
+                0.0,
+            );
+            out = Some(match out {
+                Some(sum) => sum + rows_here,
+                None => rows_here,
+            });
+            start += rows;
+        }
+        out.expect("at least one chunk")
     }
 }
 

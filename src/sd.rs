@@ -93,6 +93,33 @@ pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 4], Weig
     ])
 }
 
+/// Elements of the largest tensor of a config's models that loads as one buffer (the token
+/// tables load in row chunks), computed without allocating weights: what a GPU's binding
+/// limit must hold.
+pub fn largest_whole_tensor(config: &SdConfig, device: &Device) -> Result<u64, WeightsError> {
+    let largest = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
+        let store = VarStore::shapes(device, component);
+        build(store.root()).map(|()| store.largest_whole())
+    };
+    let mut all = vec![
+        largest(Component::Unet, &|v| {
+            UNet2DConditionModel::new(v, &config.unet).map(drop)
+        })?,
+        largest(Component::TextEncoder, &|v| {
+            ClipTextModel::new(v, &config.text_encoder).map(drop)
+        })?,
+        largest(Component::Vae, &|v| {
+            AutoencoderKL::new(v, &config.vae).map(drop)
+        })?,
+    ];
+    if let Some(c) = &config.text_encoder_2 {
+        all.push(largest(Component::TextEncoder2, &|v| {
+            ClipTextModel::with_projection(v, c).map(drop)
+        })?);
+    }
+    Ok(all.into_iter().max().unwrap_or(0))
+}
+
 /// Checks, without reading any weights, that a checkpoint holds exactly the tensors that
 /// the models of its config need, with the right shapes.
 /// `device` only holds a one-element placeholder.
@@ -230,10 +257,11 @@ impl StableDiffusion {
     /// The token-embedding row of `id` of every encoder side by side, `[1, sum of
     /// token_widths]`: where a new identity's vectors start.
     pub fn token_embedding(&self, id: u32) -> Tensor<2> {
-        let row = |table: Tensor<2>| table.narrow(0, id as usize, 1).cast(DType::F32);
-        let l = row(self.text_encoder.token_embedding_table());
+        let row =
+            |encoder: &ClipTextModel| encoder.token_embedding_row(id as usize).cast(DType::F32);
+        let l = row(&self.text_encoder);
         match &self.text_encoder_2 {
-            Some(g) => Tensor::cat(vec![l, row(g.token_embedding_table())], 1),
+            Some(g) => Tensor::cat(vec![l, row(g)], 1),
             None => l,
         }
     }

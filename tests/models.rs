@@ -4,11 +4,10 @@
 
 use std::path::Path;
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device};
 use sefi::block_on;
 use sefi::config::SdConfig;
 use sefi::sd::StableDiffusion;
-use sefi::unet::{AttentionCapture, Context};
 use sefi::weights::open::Variant;
 use sefi::weights::{Checkpoint, Family, Format};
 
@@ -16,7 +15,7 @@ use sefi::weights::{Checkpoint, Family, Format};
 const TOL_CPU: f32 = 1e-4;
 
 mod common;
-use common::{Goldens, assert_close, sd_fixture as fixture};
+use common::{check_parity, sd_fixture as fixture};
 
 fn open(path: &Path, variant: Variant, config: Option<SdConfig>) -> Checkpoint {
     block_on(Checkpoint::open_path(path, variant, config))
@@ -34,101 +33,6 @@ fn load_in(ckpt: &Checkpoint, device: &Device, dtype: DType) -> StableDiffusion 
         [dtype; 3]
     );
     sd
-}
-
-/// Every golden of one tiny model against the loaded model.
-fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32) {
-    let g = Goldens::open(&format!("sd/{model}/goldens.safetensors"));
-    let what = |s: &str| format!("{model} {s}");
-
-    // Text encoder, from ids and from spliced embeddings.
-    let ids = g.ids("text.input_ids", device);
-    let out = sd.text_encoder.forward(ids.clone());
-    assert_close(
-        out.last_hidden_state,
-        g.f32("text.last_hidden_state"),
-        tol,
-        &what("text last_hidden_state"),
-    );
-    assert_close(
-        out.penultimate,
-        g.f32("text.penultimate"),
-        tol,
-        &what("text penultimate"),
-    );
-    assert_close(out.pooled, g.f32("text.pooled"), tol, &what("text pooled"));
-    let mut embeds = sd.text_encoder.embed_tokens(ids.clone());
-    let d = embeds.dims()[2];
-    let vector: Tensor<1> = g.tensor("text.from_embeds.vector", device);
-    embeds = embeds.slice_assign([0..1, 4..5, 0..d], vector.reshape([1, 1, d]));
-    let eos = ids.argmax(1).reshape([2]);
-    let spliced = sd.text_encoder.forward_embeds(embeds, eos);
-    assert_close(
-        spliced.last_hidden_state,
-        g.f32("text.from_embeds.last_hidden_state"),
-        tol,
-        &what("text from embeds"),
-    );
-
-    // UNet at several timesteps, with split key/value contexts, and its attention maps.
-    let sample: Tensor<4> = g.tensor("unet.sample", device);
-    let context = Context::new(g.tensor("unet.context", device));
-    let t: Tensor<1> = g.tensor("unet.timesteps", device);
-    let out = sd.unet.forward(sample.clone(), t.clone(), &context, None);
-    assert_close(out, g.f32("unet.out"), tol, &what("unet out (t=999,1)"));
-    let t500: Tensor<1> = g.tensor("unet.timesteps_t500", device);
-    assert_close(
-        sd.unet.forward(sample.clone(), t500, &context, None),
-        g.f32("unet.out_t500"),
-        tol,
-        &what("unet out (t=500,250)"),
-    );
-    let kv = Context::split(context.key.clone(), g.tensor("unet.value_context", device));
-    assert_close(
-        sd.unet.forward(sample.clone(), t.clone(), &kv, None),
-        g.f32("unet.out_kv"),
-        tol,
-        &what("unet out, split K/V"),
-    );
-    let positions = Tensor::<1, Int>::from_data(TensorData::new(vec![2i64, 5], [2]), device);
-    let mut capture = AttentionCapture::new(positions);
-    let captured = sd.unet.forward(sample, t, &context, Some(&mut capture));
-    assert_close(
-        captured,
-        g.f32("unet.out"),
-        tol,
-        &what("unet out while capturing"),
-    );
-    assert_eq!(capture.maps.len(), 16, "one map per cross-attention layer");
-    for (i, map) in capture.maps.into_iter().enumerate() {
-        assert_close(
-            map,
-            g.f32(&format!("attn.{i}")),
-            tol,
-            &what(&format!("attention probabilities {i}")),
-        );
-    }
-
-    // VAE.
-    let posterior = sd.vae.encode(g.tensor("vae.image", device));
-    assert_close(
-        posterior.mean,
-        g.f32("vae.posterior_mean"),
-        tol,
-        &what("vae posterior mean"),
-    );
-    assert_close(
-        posterior.logvar,
-        g.f32("vae.posterior_logvar"),
-        tol,
-        &what("vae posterior logvar"),
-    );
-    assert_close(
-        sd.vae.decode(g.tensor("vae.latents", device)),
-        g.f32("vae.decoded"),
-        tol,
-        &what("vae decode"),
-    );
 }
 
 #[test]

@@ -579,13 +579,9 @@ fn presets_state_their_models_sizes() {
         let counts = param_counts(&config, &Device::flex()).unwrap();
         assert_eq!(p.params, counts.iter().sum::<u64>(), "{}", p.name);
         assert_eq!(p.unet_params, counts[0], "{}", p.name);
-        let widest = config
-            .text_encoder_2
-            .as_ref()
-            .map_or(config.text_encoder.hidden_size, |t| t.hidden_size);
         assert_eq!(
             p.largest_tensor,
-            (config.text_encoder.vocab_size * widest) as u64,
+            sefi::sd::largest_whole_tensor(&config, &Device::flex()).unwrap(),
             "{}",
             p.name
         );

@@ -26,7 +26,8 @@ pub struct Preset {
     pub params: u64,
     /// Parameters of its UNet.
     pub unet_params: u64,
-    /// Elements of its largest tensor (the largest token-embedding table).
+    /// Elements of its largest tensor that loads as one buffer (the UNet's first up block's
+    /// 2560-to-1280 3x3 convolution; the token tables load in row chunks).
     pub largest_tensor: u64,
     /// A VAE offered in place of the model's: SDXL's own overflows in f16 and is run in f32;
     /// the fp16-fix VAE runs in f16 (less memory, faster decoding).
@@ -44,7 +45,7 @@ pub const PRESETS: &[Preset] = &[
         resolution: 512,
         params: 1_066_235_307,
         unet_params: 859_520_964,
-        largest_tensor: 49_408 * 768,
+        largest_tensor: 1280 * 2560 * 3 * 3,
         vae: None,
     },
     Preset {
@@ -56,7 +57,7 @@ pub const PRESETS: &[Preset] = &[
         resolution: 512,
         params: 1_289_952_427,
         unet_params: 865_910_724,
-        largest_tensor: 49_408 * 1024,
+        largest_tensor: 1280 * 2560 * 3 * 3,
         vae: None,
     },
     Preset {
@@ -68,7 +69,7 @@ pub const PRESETS: &[Preset] = &[
         resolution: 1024,
         params: 3_468_837_867,
         unet_params: 2_567_463_684,
-        largest_tensor: 49_408 * 1280,
+        largest_tensor: 1280 * 2560 * 3 * 3,
         vae: Some("madebyollin/sdxl-vae-fp16-fix"),
     },
 ];

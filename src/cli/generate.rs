@@ -164,6 +164,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         "device: {} ({}), weights in {precision}",
         dev.info.adapter, dev.info.backend
     );
+    let work = super::Work::Generate {
+        width: req.width,
+        height: req.height,
+        images: req.num_images,
+    };
+    super::check_fit(&ckpt, &dev, precision.dtype(), &work)?;
     let load_bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg:12} [{bar:30}] {pos}/{len}").expect("template"),
     );

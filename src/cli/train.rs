@@ -134,6 +134,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         "device: {} ({}), weights in {precision}",
         dev.info.adapter, dev.info.backend
     );
+    let resolution = args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8);
+    super::check_fit(
+        &ckpt,
+        &dev,
+        precision.dtype(),
+        &super::Work::Train { resolution },
+    )?;
     let device = dev.device.clone().autodiff();
     let device = if args.gradient_checkpointing {
         device.gradient_checkpointing()
@@ -147,11 +154,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         &mut |_| {},
     ))?;
 
-    let mut tc = TrainConfig::new(
-        &args.token,
-        &args.class_word,
-        args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8),
-    );
+    let mut tc = TrainConfig::new(&args.token, &args.class_word, resolution);
     tc.steps = args.steps;
     tc.lr = args.lr;
     tc.attn_weight = args.attn_weight;

@@ -160,9 +160,14 @@ impl ClipTextModel {
         })
     }
 
-    /// The token-embedding table, `[vocab, hidden]`.
-    pub fn token_embedding_table(&self) -> Tensor<2> {
-        self.token_embedding.weight.clone()
+    /// The token-embedding table: its size, `[vocab, hidden]`.
+    pub fn token_embedding_dims(&self) -> [usize; 2] {
+        [self.token_embedding.count(), self.token_embedding.dim()]
+    }
+
+    /// The token embedding of `id`, `[1, hidden]`, in the weights' dtype.
+    pub fn token_embedding_row(&self, id: usize) -> Tensor<2> {
+        self.token_embedding.row(id)
     }
 
     /// Token embeddings of `ids` (`[batch, seq]` -> `[batch, seq, hidden]`, F32), before

@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "compute")]
 mod open;
-#[cfg(feature = "compute")]
-pub use open::ComputeDevice;
 #[cfg(all(feature = "wgpu", target_family = "wasm"))]
 pub use open::lost;
+#[cfg(feature = "wgpu")]
+pub use open::request_wgpu_binding_limit;
+#[cfg(feature = "compute")]
+pub use open::{ComputeDevice, binding_limit, cap_bindings};
 
 /// A compute backend this crate knows how to drive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -17,6 +17,66 @@ impl super::Precision {
     }
 }
 
+/// The largest buffer one kernel may bind, per opened device, and a cap that lowers it on
+/// every device. Models split what would be larger (token tables in row chunks, attention in
+/// query chunks), so a device that grants only WebGPU's default 128 MiB still runs them.
+mod bindings {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use burn::tensor::Device;
+
+    static LIMITS: Mutex<Vec<(Device, u64)>> = Mutex::new(Vec::new());
+    static CAP: AtomicU64 = AtomicU64::new(u64::MAX);
+
+    pub(super) fn register(device: &Device, bytes: u64) {
+        let mut limits = LIMITS.lock().unwrap_or_else(|e| e.into_inner());
+        limits.retain(|(d, _)| d != device);
+        limits.push((device.clone(), bytes));
+    }
+
+    /// The binding limit of `device` (autodiff or not), lowered to the cap; `None` where
+    /// neither limits it (the CPU, CUDA).
+    pub fn binding_limit(device: &Device) -> Option<u64> {
+        let own = LIMITS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(d, _)| d == device)
+            .map(|&(_, bytes)| bytes);
+        let cap = CAP.load(Ordering::Relaxed);
+        match own {
+            Some(bytes) => Some(bytes.min(cap)),
+            None => (cap != u64::MAX).then_some(cap),
+        }
+    }
+
+    #[cfg(feature = "wgpu")]
+    static WGPU: AtomicU64 = AtomicU64::new(u64::MAX);
+
+    /// Makes the first wgpu open request a device that binds at most `bytes` per buffer
+    /// (WebGPU's default is 128 MiB), whatever the adapter grants: the device a phone or an
+    /// integrated GPU gives, on any GPU. No effect once wgpu is open.
+    #[cfg(feature = "wgpu")]
+    pub fn request_wgpu_binding_limit(bytes: u64) {
+        WGPU.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    #[cfg(feature = "wgpu")]
+    pub(super) fn requested_wgpu() -> Option<u64> {
+        Some(WGPU.load(Ordering::Relaxed)).filter(|&b| b != u64::MAX)
+    }
+
+    /// Plans every later model load and attention for buffers of at most `bytes` on every
+    /// device, as if each granted no more: to run, and test, what a small GPU runs.
+    pub fn cap_bindings(bytes: u64) {
+        CAP.store(bytes.max(1), Ordering::Relaxed);
+    }
+}
+#[cfg(feature = "wgpu")]
+pub use bindings::request_wgpu_binding_limit;
+pub use bindings::{binding_limit, cap_bindings};
+
 /// A ready device and what it is.
 #[derive(Clone, Debug)]
 pub struct ComputeDevice {
@@ -108,14 +168,30 @@ async fn open_wgpu() -> Result<ComputeDevice, DeviceError> {
 
 #[cfg(feature = "wgpu")]
 async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
-    let (device, setup) = Device::wgpu_options()
-        .init_with_setup_async()
-        .await
-        .map_err(|e| no_adapter(e.to_string()))?;
+    let (device, setup) = match bindings::requested_wgpu() {
+        None => Device::wgpu_options()
+            .init_with_setup_async()
+            .await
+            .map_err(|e| no_adapter(e.to_string()))?,
+        Some(bytes) => {
+            let setup = limited_setup(bytes).await.map_err(no_adapter)?;
+            let device = Device::wgpu_options()
+                .setup(setup.clone())
+                .init()
+                .map_err(|e| no_adapter(e.to_string()))?;
+            (device, setup)
+        }
+    };
     #[cfg(target_family = "wasm")]
     lost::watch(&setup.device);
     let adapter = setup.adapter.get_info();
     let limits = setup.device.limits();
+    bindings::register(
+        &device,
+        limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size),
+    );
     let (f16, bf16) = dtype_support(&device);
     let device_type = format!("{:?}", adapter.device_type);
     let software = adapter.device_type == burn::tensor::wgpu::wgpu::DeviceType::Cpu
@@ -147,6 +223,46 @@ async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
             bf16,
         },
         device,
+    })
+}
+
+/// The default adapter with a device whose shaders bind at most `bytes` of a buffer (and no
+/// more than the adapter grants), as cubecl would request it otherwise.
+#[cfg(feature = "wgpu")]
+async fn limited_setup(bytes: u64) -> Result<burn::tensor::wgpu::WgpuSetup, String> {
+    use burn::tensor::wgpu::wgpu;
+    let instance = wgpu::Instance::default();
+    let adapter = instance
+        .request_adapter(&wgpu::RequestAdapterOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Buffers themselves stay as large as granted (WebGPU's defaults too allow twice the
+    // binding): cubecl's memory pages and staging buffers hold several tensors.
+    let granted = adapter.limits();
+    let required_limits = wgpu::Limits {
+        max_storage_buffer_binding_size: bytes.min(granted.max_storage_buffer_binding_size),
+        ..granted
+    };
+    let (device, queue) = adapter
+        .request_device(&wgpu::DeviceDescriptor {
+            label: None,
+            required_features: adapter
+                .features()
+                .difference(wgpu::Features::MAPPABLE_PRIMARY_BUFFERS),
+            required_limits,
+            memory_hints: wgpu::MemoryHints::MemoryUsage,
+            trace: wgpu::Trace::Off,
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let backend = adapter.get_info().backend;
+    Ok(burn::tensor::wgpu::WgpuSetup {
+        instance,
+        adapter,
+        device,
+        queue,
+        backend,
     })
 }
 

@@ -50,19 +50,18 @@ pub fn encode_spliced(
 /// The fingerprint of a model's token-embedding tables (see [`Fingerprint`]): for SDXL,
 /// samples of CLIP-L's table, then of bigG's.
 pub async fn fingerprint(sd: &StableDiffusion) -> Result<Fingerprint, String> {
-    let mut tables = vec![sd.text_encoder.token_embedding_table()];
-    tables.extend(
-        sd.text_encoder_2
-            .as_ref()
-            .map(|g| g.token_embedding_table()),
-    );
-    let vocab = tables[0].dims()[0];
-    let widths: Vec<usize> = tables.iter().map(|t| t.dims()[1]).collect();
+    let mut encoders = vec![&sd.text_encoder];
+    encoders.extend(sd.text_encoder_2.as_ref());
+    let vocab = encoders[0].token_embedding_dims()[0];
+    let widths: Vec<usize> = encoders
+        .iter()
+        .map(|e| e.token_embedding_dims()[1])
+        .collect();
     let mut samples = Vec::new();
-    for table in tables {
-        let [rows, width] = table.dims();
+    for encoder in encoders {
+        let [rows, width] = encoder.token_embedding_dims();
         for row in FINGERPRINT_ROWS {
-            let t = table.clone().narrow(0, row.min(rows - 1), 1).narrow(
+            let t = encoder.token_embedding_row(row.min(rows - 1)).narrow(
                 1,
                 0,
                 FINGERPRINT_VALUES.min(width),

@@ -198,11 +198,35 @@ impl Attention {
                 );
                 probs.matmul(v)
             }
-            None => attention(q, k, v, None, None, AttentionModuleOptions::default()),
+            None => attend(q, k, v),
         };
         self.to_out
             .forward(out.swap_dims(1, 2).reshape([b, n, inner]))
     }
+}
+
+/// Scaled dot-product attention, `[b, h, n, d]` queries against `[b, h, m, d]` keys and
+/// values, through burn's fused op, in query chunks where the scores the op may materialise
+/// (`[b, h, chunk, m]`, f32) would pass the device's binding limit (a 512 px self-attention
+/// of SD 1.5 with guidance: 1 GiB). Each query's row of scores is whole, so chunking changes
+/// no result.
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, h, n, _] = q.dims();
+    let m = k.dims()[2];
+    let options = AttentionModuleOptions::default;
+    let limit = crate::device::binding_limit(&q.device());
+    let chunks: Vec<_> = crate::nn::row_chunks(n, b * h * m * 4, limit).collect();
+    if chunks.len() == 1 {
+        return attention(q, k, v, None, None, options());
+    }
+    let outs = chunks
+        .into_iter()
+        .map(|r| {
+            let qc = q.clone().narrow(2, r.start, r.len());
+            attention(qc, k.clone(), v.clone(), None, None, options())
+        })
+        .collect();
+    Tensor::cat(outs, 2)
 }
 
 /// GEGLU feed-forward: `net.0.proj` makes value and gate, `net.2` projects back.

@@ -146,6 +146,20 @@ pub enum WeightsError {
         /// The shape in the checkpoint (after any transform).
         found: Vec<usize>,
     },
+    /// A tensor is larger than the largest buffer this GPU binds, and the model cannot split it.
+    #[error(
+        "tensor `{name}` of the {component} has {bytes} bytes, more than the {limit} bytes this GPU lets a shader use. Try f16 weights, another GPU or another browser"
+    )]
+    TooLarge {
+        /// The model the tensor belongs to.
+        component: Component,
+        /// The tensor's diffusers name.
+        name: String,
+        /// Its size on the device.
+        bytes: u64,
+        /// The device's binding limit.
+        limit: u64,
+    },
     /// A config file (`config.json`, `scheduler_config.json`) is invalid or describes a model
     /// that cannot be built.
     #[error("{file}: {reason}")]

@@ -64,7 +64,10 @@ const WEIGHTS = [
 /// A size the software adapter cannot generate with the tiny model: the attention scores of
 /// 1024 x 1024 px far exceed its 1 GiB binding limit, so the page refuses before any work.
 /// Adjust both values here if the page reports this case differently.
-const TOO_LARGE = { size: "1024", kind: "out-of-memory" };
+// Eight 1024 px images of the tiny model: the VAE decodes them together, 1 GiB of
+// activations in one buffer (one image, 128 MiB, fits WebGPU's default binding limit now that
+// attention runs in query chunks).
+const TOO_LARGE = { size: "1024", count: "8", kind: "out-of-memory" };
 
 const SCREENSHOTS = process.env.SEFI_SCREENSHOTS ?? path.join(os.tmpdir(), "sefi-screenshots");
 const VIEWPORTS = {
@@ -747,11 +750,12 @@ test("errors: a size too large for the GPU is refused with an explanation", { ti
   const start = await waitFor(page, "the model to be ready", (s) => s.modelReady);
 
   await page.getByTestId("gen-size").selectOption(TOO_LARGE.size);
+  await page.getByTestId("gen-count").fill(TOO_LARGE.count);
   const before = await appeared(page, "gen-error");
   await page.getByTestId("generate").click();
   await expectNewError(page, "gen-error", before, TOO_LARGE.kind, {
     timeout: GENERATE_TIMEOUT,
-    what: `generation at ${TOO_LARGE.size} px to be refused`,
+    what: `${TOO_LARGE.count} images at ${TOO_LARGE.size} px to be refused`,
   });
   const after = await page.evaluate(snapshot);
   assert.equal(after.results.length, start.results.length, "an image was made at a size that does not fit");
@@ -759,6 +763,7 @@ test("errors: a size too large for the GPU is refused with an explanation", { ti
   assert.equal(after.gpu?.state, "ok", `the GPU should still be fine: ${after.gpu?.text}`);
 
   await page.getByTestId("gen-size").selectOption("64");
+  await page.getByTestId("gen-count").fill("1");
   assertConsoleClean(app, since, [/memory|too large/i]);
 });
 

@@ -354,18 +354,17 @@ async fn generate(
         }
         identities.push(id);
     }
-    let batch = if req.guidance > 1.0 { 2 } else { 1 } * req.num_images;
     if let Some(limit) = loaded.info.fit.binding_limit {
-        let need = fit::attention_bytes(&loaded.sd.config.unet, req.width, req.height, batch);
+        let need = fit::generate_buffer(&loaded.sd.config, req.width, req.height, req.num_images);
         if need > limit {
             return Err(WorkerError::OutOfMemory(format!(
-                "{}x{} with {} image(s) needs a {} MiB attention buffer, and this GPU allows {} MiB. Choose {} px or less, or fewer images at once.",
+                "{}x{} with {} image(s) needs a {} MiB buffer, and this GPU allows {} MiB. Choose {} px or less, or fewer images at once.",
                 req.width,
                 req.height,
                 req.num_images,
                 need >> 20,
                 limit >> 20,
-                fit::largest_side(&loaded.sd.config.unet, batch, limit)
+                fit::largest_side(&loaded.sd.config, req.num_images, limit)
             )));
         }
     }

@@ -175,16 +175,12 @@ pub(super) async fn load_model(
         .resolve(Precision::Auto)
         .map_err(|e| WorkerError::Other(e.to_string()))?;
     let bytes_per_param = if precision == Precision::F32 { 4 } else { 2 };
-    let largest = Component::ALL
-        .iter()
-        .flat_map(|&c| ckpt.entries(c).values())
-        .map(|e| e.shape.iter().product::<usize>() as u64 * bytes_per_param)
-        .max()
-        .unwrap_or(0);
+    let largest = sd::largest_whole_tensor(&ckpt.config, &dev.device).map_err(weights_error)?
+        * bytes_per_param;
     let params: u64 = Component::ALL.iter().map(|&c| ckpt.params(c)).sum();
     let resolution = ckpt.config.unet.sample_size * 8;
     let fit = fit::estimate(
-        &ckpt.config.unet,
+        &ckpt.config,
         ckpt.params(Component::Unet),
         params,
         bytes_per_param,
