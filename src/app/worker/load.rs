@@ -193,7 +193,10 @@ pub(super) async fn load_model(
     }
     // Free the previous model's GPU memory before loading the next.
     state.model.borrow_mut().take();
-    let device = dev.device.clone().autodiff();
+    // Training recomputes activations in the backward pass rather than keeping them: a
+    // browser tells no GPU memory size, and on SD 1.5 at 512 px this took a training step's
+    // peak from 14.5 to 10.6 GiB in f32 (bench/NOTES.md). Generation is not affected.
+    let device = dev.device.clone().autodiff().gradient_checkpointing();
     // Progress over all three models, whichever order they load in.
     let total = Component::ALL.iter().map(|&c| ckpt.entries(c).len()).sum();
     let (mut finished, mut current) = (0, None);
