@@ -19,6 +19,12 @@ def key(r):
     return (r["bench"], r["config"], r["resolution"], r["dtype"], r.get("gradient_checkpointing", False))
 
 
+def build(r):
+    """Which sefi build: plain, or with burn's fusion and autotune."""
+    on = [f for f in ("fusion", "autotune") if r.get(f)]
+    return " + ".join(on) if on else ""
+
+
 def mem(r):
     b = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
     return "" if b is None else f"{b / 2**30:.2f} GiB"
@@ -31,9 +37,9 @@ def fmt_s(s):
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
-    ours = {key(r): r for r in load(sys.argv[1])}
+    ours = {(key(r), build(r)): r for r in load(sys.argv[1])}
     ref = {key(r): r for r in load(sys.argv[2])}
-    rows = [k for k in ours if k in ref]
+    rows = [k for k in ours if k[0] in ref]
     if not rows:
         sys.exit("no measurement appears in both files (same bench, config, resolution and dtype)")
     first = next(iter(ours.values()))
@@ -42,12 +48,14 @@ def main():
     print("| measurement | config | px | dtype | SeFi | PyTorch | ratio | SeFi memory | PyTorch memory |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k in rows:
-        a, b = ours[k], ref[k]
-        name = a["bench"] + (" (checkpointing)" if k[4] else "")
+        a, b = ours[k], ref[k[0]]
+        name = a["bench"] + (" (checkpointing)" if k[0][4] else "") + (f" ({k[1]})" if k[1] else "")
+        if a.get("first_s") is not None:
+            name += f", first call {fmt_s(a['first_s'])}"
         ratio = a["median_s"] / b["median_s"]
         print(f"| {name} | {a['config']} | {a['resolution']} | {a['dtype']} | {fmt_s(a['median_s'])} | "
               f"{fmt_s(b['median_s'])} | {ratio:.2f}x | {mem(a)} | {mem(b)} |")
-    missing = sorted(set(ours) ^ set(ref))
+    missing = sorted(set(k for k, _ in ours) ^ set(ref))
     for k in missing:
         print(f"\n(only in {'SeFi' if k in ours else 'PyTorch'}: {k[0]} {k[1]} {k[2]} px {k[3]})", file=sys.stderr)
 

@@ -3,6 +3,7 @@
 # NVIDIA driver and Python with PyTorch but no Rust, no internet and no Vulkan loader:
 #
 #   .gpu/sefi.xz     the `sefi` binary with every backend (cuda, wgpu, cpu), stripped, xz'd
+#   .gpu/sefi-fused.xz  the same with burn's fusion and autotune (release packs only)
 #   .gpu/REVISION    the commit it was built from
 #   .gpu/wheels/     diffusers and importlib_metadata for Python 3.12 (the machine has the rest)
 #   .gpu/gl/         Debian's Vulkan/GL loader packages (libvulkan1, libglvnd, ...)
@@ -32,6 +33,14 @@ mkdir -p .gpu/wheels .gpu/gl
 say "strip and xz the binary"
 strip -o .gpu/sefi "$CARGO_TARGET_DIR/$dir/sefi"
 xz -9 -T0 .gpu/sefi
+# The fused and autotuned build, measured beside the plain one (a second build of the crate
+# and of burn's cubecl crates: the dry run skips it).
+if [ "$profile" = release ]; then
+  say "cargo build --profile $profile --features cuda,fusion,autotune --bin sefi"
+  cargo build --profile "$profile" --features cuda,fusion,autotune --bin sefi
+  strip -o .gpu/sefi-fused "$CARGO_TARGET_DIR/$dir/sefi"
+  xz -9 -T0 .gpu/sefi-fused
+fi
 rev=$(git rev-parse --short=12 HEAD)
 git diff --quiet HEAD -- src Cargo.toml Cargo.lock || rev="$rev-modified"
 echo "$rev" >.gpu/REVISION

@@ -160,11 +160,31 @@ bench_pytorch() {
   [ "$dtype" = f32 ] || measure "$out/pytorch.jsonl" "$python" bench/pytorch_bench.py "${args[@]}" --only train --dtype f32
 }
 
+# The same benchmark with burn's fusion and autotune (its first call, `first_s`, holds the
+# tuning), and its parity: the build that decides whether they go on by default.
+bench_fused() {
+  local d=$1 fused=$work/sefi-fused
+  [ -f .gpu/sefi-fused.xz ] || { echo "no .gpu/sefi-fused.xz (a --dev pack): the fused build is not measured"; return; }
+  xz -dc .gpu/sefi-fused.xz >"$fused" && chmod +x "$fused"
+  say "$d: the fused and autotuned build: checks and sefi bench"
+  within 150 "$fused" device --device "$d" "${references[@]}" | sed 's/^/fused: /' | tee -a "$out/checks.txt" || failed=1
+  local args=(--device "$d" --config "$config" --resolution "$resolution" --reps "$reps" --warmup 1)
+  measure "$work/fused.jsonl" "$fused" bench "${args[@]}" --only generate --dtype "$dtype"
+  measure "$work/fused.jsonl" "$fused" bench "${args[@]}" --only train --dtype "$dtype"
+  if grep -q '"fusion": *false\|"autotune": *false' "$work/fused.jsonl"; then
+    echo "the fused build runs without fusion or autotune" | tee -a "$out/checks.txt"
+    failed=1
+  fi
+  cat "$work/fused.jsonl" >>"$out/sefi.jsonl"
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-# Most important first: the first device whole, PyTorch beside it, then the others.
+# Most important first: the first device whole, PyTorch beside it, the fused build, then the
+# others.
 check "${devices[0]}"
 bench "${devices[0]}"
 bench_pytorch
+bench_fused "${devices[0]}"
 for d in "${devices[@]:1}"; do
   check "$d"
   bench "$d"

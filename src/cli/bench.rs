@@ -73,6 +73,14 @@ struct Record<'a> {
     median_s: f64,
     min_s: f64,
     max_s: f64,
+    /// The first (warm-up) call alone: shader compilation, and tuning where autotune is on.
+    first_s: Option<f64>,
+    /// burn's kernel fusion and autotune in this build (the `fusion` and `autotune` features).
+    fusion: bool,
+    autotune: bool,
+    /// The device allocator's reserved bytes after the measurement (its pools keep their
+    /// high-water pages): `None` on the CPU backend.
+    pool_reserved_bytes: Option<u64>,
     /// Process peak resident memory during the measurement (weights included); on a GPU this
     /// is host memory only.
     peak_rss_bytes: Option<u64>,
@@ -153,6 +161,7 @@ fn reset_peak_rss() {
 }
 
 struct Timing {
+    first: Option<f64>,
     median: f64,
     min: f64,
     max: f64,
@@ -165,8 +174,11 @@ fn time(
     mut run: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
 ) -> Result<Timing, Box<dyn std::error::Error>> {
     reset_peak_rss();
+    let mut first = None;
     for _ in 0..warmup {
+        let t = Instant::now();
         run()?;
+        first.get_or_insert(t.elapsed().as_secs_f64());
     }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
@@ -176,6 +188,7 @@ fn time(
     }
     times.sort_by(f64::total_cmp);
     Ok(Timing {
+        first,
         median: times[times.len() / 2],
         min: times[0],
         max: times[times.len() - 1],
@@ -243,6 +256,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             median_s: t.median,
             min_s: t.min,
             max_s: t.max,
+            first_s: t.first,
+            fusion: cfg!(feature = "fusion"),
+            autotune: cfg!(feature = "autotune"),
+            pool_reserved_bytes: dev.device.memory_pool_usage().map(|u| u.bytes_reserved),
             peak_rss_bytes: t.peak_rss,
             gradient_checkpointing: bench == "train_step" && args.gradient_checkpointing,
         };
