@@ -196,8 +196,9 @@ impl<'a> Vars<'a> {
                 })
                 .collect()),
             Mode::Random(dtype) => {
+                // Drawn in f32, then cast: the f32 chunk must fit too.
                 let limit = binding_limit(&self.store.device);
-                row_chunks(rows, width * dtype.size(), limit)
+                row_chunks(rows, width * dtype.size().max(4), limit)
                     .map(|r| {
                         let vars =
                             VarStore::random(&self.store.device, self.store.component, *dtype);
