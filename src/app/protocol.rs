@@ -230,10 +230,17 @@ impl WorkerError {
         ))
     }
 
+    /// Whether a GPU error message says memory ran out (WebGPU's words, or cubecl's "can't
+    /// allocate buffer").
+    pub fn is_out_of_memory(message: &str) -> bool {
+        let m = message.to_ascii_lowercase();
+        m.contains("out of memory") || m.contains("outofmemory") || m.contains("allocat")
+    }
+
     /// Sorts a panic or GPU error message by its cause.
     pub fn from_crash(message: &str) -> Self {
         let m = message.to_ascii_lowercase();
-        if m.contains("out of memory") || m.contains("outofmemory") || m.contains("allocation") {
+        if Self::is_out_of_memory(message) {
             WorkerError::OutOfMemory(format!(
                 "The GPU ran out of memory ({message}). Choose a smaller size or fewer images, close other tabs that use the GPU, then load the model again."
             ))

@@ -56,7 +56,9 @@ mod bindings {
 
     /// Makes the first wgpu open request a device that binds at most `bytes` per buffer
     /// (WebGPU's default is 128 MiB), whatever the adapter grants: the device a phone or an
-    /// integrated GPU gives, on any GPU. No effect once wgpu is open.
+    /// integrated GPU gives, on any GPU. Native wgpu enforces any such limit; browsers grant
+    /// at least WebGPU's defaults, so there a lower one holds for our planning alone. No
+    /// effect once wgpu is open.
     #[cfg(feature = "wgpu")]
     pub fn request_wgpu_binding_limit(bytes: u64) {
         WGPU.store(bytes.max(1), Ordering::Relaxed);
@@ -185,7 +187,12 @@ async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
     #[cfg(target_family = "wasm")]
     lost::watch(&setup.device);
     let adapter = setup.adapter.get_info();
-    let limits = setup.device.limits();
+    let mut limits = setup.device.limits();
+    // Browsers grant at least WebGPU's defaults whatever is asked: below 128 MiB only our
+    // planning (chunks, fit verdicts) is held to the requested limit.
+    if let Some(bytes) = bindings::requested_wgpu() {
+        limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(bytes);
+    }
     bindings::register(
         &device,
         limits

@@ -110,7 +110,11 @@ impl Ctx {
                     self.on_response(response);
                 }
             })
-            .spawn_with_loader(worker::LOADER);
+            .spawn_with_loader(&worker::loader_url(
+                &web_sys::window()
+                    .and_then(|w| w.location().search().ok())
+                    .unwrap_or_default(),
+            ));
         bridge.send(Versioned::Ours(Request::GpuCheck));
         // Dropping the old bridge terminates a crashed worker.
         self.worker.set_value(Some(bridge));

@@ -168,7 +168,7 @@ fn device_error(e: DeviceError) -> WorkerError {
 
 /// Opens the WebGPU device (once) and runs the autodiff check on it.
 pub async fn gpu_check() -> Result<GpuReport, WorkerError> {
-    let dev = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
+    let dev = open_wgpu().await?;
     let check = crate::check::autodiff_check(&dev.device)
         .await
         .map_err(|e| WorkerError::Other(e.to_string()))?;
@@ -182,9 +182,30 @@ pub(super) async fn device(state: &State) -> Result<ComputeDevice, WorkerError> 
     if let Some(d) = state.device.borrow().as_ref() {
         return Ok(d.clone());
     }
-    let d = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
+    let d = open_wgpu().await?;
     *state.device.borrow_mut() = Some(d.clone());
     Ok(d)
+}
+
+/// WebGPU's device (opened once per worker), with the binding limit the page asked for.
+async fn open_wgpu() -> Result<ComputeDevice, WorkerError> {
+    if let Some(mib) = requested_binding_mib() {
+        crate::device::request_wgpu_binding_limit(mib << 20);
+    }
+    DeviceChoice::Wgpu.open().await.map_err(device_error)
+}
+
+/// The worker's `max-binding-mib` (see [`super::MAX_BINDING_PARAM`]), from its own address.
+fn requested_binding_mib() -> Option<u64> {
+    let location = js_sys::Reflect::get(&js_sys::global(), &"location".into()).ok()?;
+    let search = js_sys::Reflect::get(&location, &"search".into())
+        .ok()?
+        .as_string()?;
+    web_sys::UrlSearchParams::new_with_str(&search)
+        .ok()?
+        .get(super::MAX_BINDING_PARAM)?
+        .parse()
+        .ok()
 }
 
 fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {
@@ -231,7 +252,14 @@ fn heat_maps(maps: &RgbImage) -> Result<[ByteBuf; 2], WorkerError> {
 
 impl From<TrainError> for WorkerError {
     fn from(e: TrainError) -> Self {
-        WorkerError::Other(e.to_string())
+        match &e {
+            TrainError::Read(m) if WorkerError::is_out_of_memory(m) => {
+                WorkerError::OutOfMemory(format!(
+                    "The GPU ran out of memory while training ({m}). Train at a smaller size, load the model in f16, or close other tabs that use the GPU; the run continues from its last checkpoint."
+                ))
+            }
+            _ => WorkerError::Other(e.to_string()),
+        }
     }
 }
 

@@ -10,6 +10,23 @@ use super::protocol::{BUILD, JsCodec, Request, Response, Versioned, WorkerError}
 /// `data-loader-shim`); a same-origin script, so the CSP needs no `blob:` workers.
 pub const LOADER: &str = "./sefi-worker_loader.js";
 
+/// Test hook: `?max-binding-mib=N` in the page's address is passed on to the worker, which
+/// then asks WebGPU for a device that binds at most N MiB of a buffer (WebGPU's default is
+/// 128): a phone's or an integrated GPU's limits, on any GPU.
+pub const MAX_BINDING_PARAM: &str = "max-binding-mib";
+
+/// The loader's address, with the page's `max-binding-mib` when it has one.
+pub fn loader_url(page_query: &str) -> String {
+    let mib = web_sys::UrlSearchParams::new_with_str(page_query)
+        .ok()
+        .and_then(|p| p.get(MAX_BINDING_PARAM))
+        .and_then(|v| v.parse::<u64>().ok());
+    match mib {
+        Some(mib) => format!("{LOADER}?{MAX_BINDING_PARAM}={mib}"),
+        None => LOADER.to_string(),
+    }
+}
+
 #[cfg(feature = "compute")]
 pub use compute::gpu_check;
 
