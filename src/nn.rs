@@ -292,8 +292,13 @@ pub async fn load<M>(
         let host = checkpoint.read(component, name).await?;
         let rows = host.shape.first().copied().unwrap_or(1);
         let width = host.shape.iter().skip(1).product::<usize>();
-        // A tensor over the binding limit goes up in row chunks (each its own buffer).
-        let parts = row_chunks(rows, width * dtype.size(), limit)
+        // A tensor over the binding limit goes up in row chunks (each its own buffer), sized
+        // for the larger of the file's dtype and the device's (the data may be cast there).
+        let stored = match host.data {
+            HostData::F32(_) => 4,
+            HostData::F16(_) | HostData::BF16(_) => 2,
+        };
+        let parts = row_chunks(rows, width * dtype.size().max(stored), limit)
             .map(|r| {
                 let (start, end) = (r.start * width, r.end * width);
                 let data = match &host.data {
