@@ -198,19 +198,15 @@ impl<'a> Vars<'a> {
             Mode::Random(dtype) => {
                 // Drawn in f32, then cast: the f32 chunk must fit too.
                 let limit = binding_limit(&self.store.device);
-                row_chunks(rows, width * dtype.size().max(4), limit)
-                    .map(|r| {
-                        let vars =
-                            VarStore::random(&self.store.device, self.store.component, *dtype);
-                        vars.root().get("chunk", [r.len(), width])
-                    })
-                    .collect::<Result<_, _>>()
-                    .inspect(|_| {
-                        self.store
-                            .requested
-                            .borrow_mut()
-                            .insert(full.clone(), shape.to_vec());
-                    })
+                let chunks = row_chunks(rows, width * dtype.size().max(4), limit)
+                    .map(|r| self.get(name, [r.len(), width]))
+                    .collect::<Result<_, _>>()?;
+                // `get` recorded a chunk's shape; the model asked for the whole.
+                self.store
+                    .requested
+                    .borrow_mut()
+                    .insert(full, shape.to_vec());
+                Ok(chunks)
             }
             Mode::Shapes => Ok(vec![self.get(name, shape)?]),
         }

@@ -67,80 +67,57 @@ fn end_positions(windows: &[Vec<u32>], device: &Device) -> Tensor<1, Int> {
     Tensor::from_data(TensorData::new(eos, [windows.len()]), device)
 }
 
+/// One model of a config built on a store that only records the names and shapes it asks
+/// for (no weights allocated); SD 1.x/2.x's absent second text encoder asks for nothing.
+fn shapes(
+    config: &SdConfig,
+    device: &Device,
+    component: Component,
+) -> Result<VarStore, WeightsError> {
+    let store = VarStore::shapes(device, component);
+    let v = store.root();
+    match component {
+        Component::Unet => UNet2DConditionModel::new(v, &config.unet).map(drop),
+        Component::TextEncoder => ClipTextModel::new(v, &config.text_encoder).map(drop),
+        Component::Vae => AutoencoderKL::new(v, &config.vae).map(drop),
+        Component::TextEncoder2 => match &config.text_encoder_2 {
+            Some(c) => ClipTextModel::with_projection(v, c).map(drop),
+            None => Ok(()),
+        },
+    }?;
+    Ok(store)
+}
+
 /// Parameter counts of the UNet, the text encoder and the VAE of a config, and of SDXL's second
 /// text encoder (0 without one), computed without allocating weights.
 pub fn param_counts(config: &SdConfig, device: &Device) -> Result<[u64; 4], WeightsError> {
-    let count = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
-        let store = VarStore::shapes(device, component);
-        build(store.root()).map(|()| store.param_count())
-    };
-    Ok([
-        count(Component::Unet, &|v| {
-            UNet2DConditionModel::new(v, &config.unet).map(drop)
-        })?,
-        count(Component::TextEncoder, &|v| {
-            ClipTextModel::new(v, &config.text_encoder).map(drop)
-        })?,
-        count(Component::Vae, &|v| {
-            AutoencoderKL::new(v, &config.vae).map(drop)
-        })?,
-        match &config.text_encoder_2 {
-            Some(c) => count(Component::TextEncoder2, &|v| {
-                ClipTextModel::with_projection(v, c).map(drop)
-            })?,
-            None => 0,
-        },
-    ])
+    let mut counts = [0; 4];
+    for (count, component) in counts.iter_mut().zip(Component::ALL) {
+        *count = shapes(config, device, component)?.param_count();
+    }
+    Ok(counts)
 }
 
 /// Elements of the largest tensor of a config's models that loads as one buffer (the token
 /// tables load in row chunks), computed without allocating weights: what a GPU's binding
 /// limit must hold.
 pub fn largest_whole_tensor(config: &SdConfig, device: &Device) -> Result<u64, WeightsError> {
-    let largest = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
-        let store = VarStore::shapes(device, component);
-        build(store.root()).map(|()| store.largest_whole())
-    };
-    let mut all = vec![
-        largest(Component::Unet, &|v| {
-            UNet2DConditionModel::new(v, &config.unet).map(drop)
-        })?,
-        largest(Component::TextEncoder, &|v| {
-            ClipTextModel::new(v, &config.text_encoder).map(drop)
-        })?,
-        largest(Component::Vae, &|v| {
-            AutoencoderKL::new(v, &config.vae).map(drop)
-        })?,
-    ];
-    if let Some(c) = &config.text_encoder_2 {
-        all.push(largest(Component::TextEncoder2, &|v| {
-            ClipTextModel::with_projection(v, c).map(drop)
-        })?);
+    let mut largest = 0;
+    for component in Component::ALL {
+        largest = largest.max(shapes(config, device, component)?.largest_whole());
     }
-    Ok(all.into_iter().max().unwrap_or(0))
+    Ok(largest)
 }
 
 /// Checks, without reading any weights, that a checkpoint holds exactly the tensors that
 /// the models of its config need, with the right shapes.
 /// `device` only holds a one-element placeholder.
 pub fn validate(checkpoint: &Checkpoint, device: &Device) -> Result<(), WeightsError> {
-    let c = &checkpoint.config;
-    let check = |component, build: &dyn Fn(nn::Vars) -> Result<(), WeightsError>| {
-        let store = VarStore::shapes(device, component);
-        build(store.root())?;
-        checkpoint.check(component, &store.requested())
-    };
-    check(Component::Unet, &|v| {
-        UNet2DConditionModel::new(v, &c.unet).map(drop)
-    })?;
-    check(Component::TextEncoder, &|v| {
-        ClipTextModel::new(v, &c.text_encoder).map(drop)
-    })?;
-    check(Component::Vae, &|v| AutoencoderKL::new(v, &c.vae).map(drop))?;
-    check(Component::TextEncoder2, &|v| match &c.text_encoder_2 {
-        Some(t) => ClipTextModel::with_projection(v, t).map(drop),
-        None => Ok(()),
-    })
+    for component in Component::ALL {
+        let store = shapes(&checkpoint.config, device, component)?;
+        checkpoint.check(component, &store.requested())?;
+    }
+    Ok(())
 }
 
 /// SDXL's second tokenizer (the bundled vocabulary padded with `!` when the checkpoint names

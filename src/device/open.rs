@@ -170,7 +170,8 @@ async fn open_wgpu() -> Result<ComputeDevice, DeviceError> {
 
 #[cfg(feature = "wgpu")]
 async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
-    let (device, setup) = match bindings::requested_wgpu() {
+    let requested = bindings::requested_wgpu();
+    let (device, setup) = match requested {
         None => Device::wgpu_options()
             .init_with_setup_async()
             .await
@@ -190,7 +191,7 @@ async fn init_wgpu() -> Result<ComputeDevice, DeviceError> {
     let mut limits = setup.device.limits();
     // Browsers grant at least WebGPU's defaults whatever is asked: below 128 MiB only our
     // planning (chunks, fit verdicts) is held to the requested limit.
-    if let Some(bytes) = bindings::requested_wgpu() {
+    if let Some(bytes) = requested {
         limits.max_storage_buffer_binding_size = limits.max_storage_buffer_binding_size.min(bytes);
     }
     bindings::register(

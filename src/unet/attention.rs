@@ -213,17 +213,17 @@ impl Attention {
 fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, h, n, _] = q.dims();
     let m = k.dims()[2];
-    let options = AttentionModuleOptions::default;
     let limit = crate::device::binding_limit(&q.device());
     let chunks: Vec<_> = crate::nn::row_chunks(n, b * h * m * 4, limit).collect();
     if chunks.len() == 1 {
-        return attention(q, k, v, None, None, options());
+        return attention(q, k, v, None, None, AttentionModuleOptions::default());
     }
     let outs = chunks
         .into_iter()
         .map(|r| {
             let qc = q.clone().narrow(2, r.start, r.len());
-            attention(qc, k.clone(), v.clone(), None, None, options())
+            let options = AttentionModuleOptions::default();
+            attention(qc, k.clone(), v.clone(), None, None, options)
         })
         .collect();
     Tensor::cat(outs, 2)
