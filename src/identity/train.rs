@@ -4,6 +4,8 @@
 //! Every step draws its randomness (photo, flip, timestep, noise) from a generator seeded by
 //! (seed, step), so a run resumed from a checkpoint continues exactly as the uninterrupted run.
 
+use std::cell::Cell;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use image::{RgbImage as Image, imageops::FilterType};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
@@ -134,6 +136,25 @@ pub struct Trainer<'a> {
     fingerprint: Fingerprint,
     class_embedding: Vec<f32>,
     device: Device,
+    /// The f16 loss scale, carried across steps, and the clean steps since it last changed.
+    scale: Cell<f32>,
+    clean_steps: Cell<usize>,
+}
+
+/// Clean steps after which a lowered loss scale is doubled again (up to its initial value).
+const SCALE_GROWTH_STEPS: usize = 100;
+
+/// The loss scale for the next step and the clean steps counted, after a step that was
+/// finite at `used` (`current` or lower): a lowered scale is kept; one that held for
+/// `SCALE_GROWTH_STEPS` steps below `initial` is doubled.
+fn next_scale(current: f32, used: f32, clean: usize, initial: f32) -> (f32, usize) {
+    if used < current {
+        (used, 0)
+    } else if clean + 1 >= SCALE_GROWTH_STEPS && current < initial {
+        ((current * 2.0).min(initial), 0)
+    } else {
+        (current, clean + 1)
+    }
 }
 
 /// Centre (or given) square crop, resized to `side` (Lanczos), as `[1, 3, side, side]` in
@@ -267,6 +288,8 @@ impl<'a> Trainer<'a> {
             class_embedding,
             config,
             device: device.clone(),
+            scale: Cell::new(loss_scale(sd.unet.dtype())),
+            clean_steps: Cell::new(0),
         })
     }
 
@@ -382,8 +405,11 @@ impl<'a> Trainer<'a> {
             self.objective.schedule.alphas_cumprod.len(),
         );
         // Loss scaling for F16 models, halved (and the pass redone: a backward pass consumes
-        // its graph) while the scaled gradients overflow.
-        let mut scale = loss_scale(self.sd.unet.dtype());
+        // its graph) while the scaled gradients overflow. The scale found is kept for the next
+        // steps, so a run whose gradients overflow at the initial scale redoes one pass, not
+        // one a step; it grows back after `SCALE_GROWTH_STEPS` clean steps. Scaling by a power
+        // of two is exact, so the gradients do not depend on it (short of overflow).
+        let mut scale = self.scale.get();
         loop {
             let (loss, key, value) = self.loss(state, draw, true);
             let objective = match term {
@@ -412,6 +438,7 @@ impl<'a> Trainer<'a> {
             let losses = v.split_off(v.len() - 3);
             if k.iter().chain(&v).all(|g| g.is_finite()) {
                 k.iter_mut().chain(&mut v).for_each(|g| *g /= scale);
+                self.keep_scale(scale);
                 return Ok(Gradients {
                     stage,
                     loss: f64::from(losses[0]),
@@ -426,6 +453,18 @@ impl<'a> Trainer<'a> {
             }
             scale /= 2.0;
         }
+    }
+
+    /// Keeps the scale a step's gradients were finite at (see [`next_scale`]).
+    fn keep_scale(&self, used: f32) {
+        let (scale, clean) = next_scale(
+            self.scale.get(),
+            used,
+            self.clean_steps.get(),
+            loss_scale(self.sd.unet.dtype()),
+        );
+        self.scale.set(scale);
+        self.clean_steps.set(clean);
     }
 
     /// The identity token's attention map beside the class word's (the target), for the first
@@ -583,5 +622,27 @@ impl<'a> Trainer<'a> {
         }
         serde_json::from_value(training["state"].clone())
             .map_err(|_| TrainError::Setup("the checkpoint holds no optimizer state".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loss_scale_is_carried_and_grows_back() {
+        // A step that overflowed at 1024 and was finite at 256 leaves 256 for the next.
+        assert_eq!(next_scale(1024.0, 256.0, 7, 1024.0), (256.0, 0));
+        // Clean steps at the lowered scale keep it, until enough of them double it.
+        let mut state = (256.0, 0);
+        for _ in 0..SCALE_GROWTH_STEPS - 1 {
+            state = next_scale(state.0, state.0, state.1, 1024.0);
+            assert_eq!(state.0, 256.0);
+        }
+        state = next_scale(state.0, state.0, state.1, 1024.0);
+        assert_eq!(state, (512.0, 0));
+        // Never above the initial scale; f32 models (scale 1) never change.
+        assert_eq!(next_scale(1024.0, 1024.0, 500, 1024.0), (1024.0, 501));
+        assert_eq!(next_scale(1.0, 1.0, 500, 1.0), (1.0, 501));
     }
 }
