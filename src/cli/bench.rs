@@ -84,6 +84,9 @@ struct Record<'a> {
     /// Process peak resident memory during the measurement (weights included); on a GPU this
     /// is host memory only.
     peak_rss_bytes: Option<u64>,
+    /// Resident memory when the measurement started: the weights, and whatever building them
+    /// left resident (the peak minus this is what the work itself added).
+    start_rss_bytes: Option<u64>,
     gradient_checkpointing: bool,
 }
 
@@ -144,10 +147,19 @@ fn revision() -> String {
 
 /// Peak resident memory since the last [`reset_peak_rss`] (Linux), bytes.
 fn peak_rss() -> Option<u64> {
+    status_bytes("VmHWM:")
+}
+
+/// Resident memory now (Linux), bytes.
+fn rss() -> Option<u64> {
+    status_bytes("VmRSS:")
+}
+
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kib: u64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -166,6 +178,7 @@ struct Timing {
     min: f64,
     max: f64,
     peak_rss: Option<u64>,
+    start_rss: Option<u64>,
 }
 
 fn time(
@@ -174,6 +187,7 @@ fn time(
     mut run: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
 ) -> Result<Timing, Box<dyn std::error::Error>> {
     reset_peak_rss();
+    let start_rss = rss();
     let mut first = None;
     for _ in 0..warmup {
         let t = Instant::now();
@@ -193,6 +207,7 @@ fn time(
         min: times[0],
         max: times[times.len() - 1],
         peak_rss: peak_rss(),
+        start_rss,
     })
 }
 
@@ -261,6 +276,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             autotune: cfg!(feature = "autotune"),
             pool_reserved_bytes: dev.device.memory_pool_usage().map(|u| u.bytes_reserved),
             peak_rss_bytes: t.peak_rss,
+            start_rss_bytes: t.start_rss,
             gradient_checkpointing: bench == "train_step" && args.gradient_checkpointing,
         };
         println!("{}", serde_json::to_string(&r).expect("plain data"));
