@@ -24,8 +24,6 @@ pub struct Preset {
     pub resolution: usize,
     /// Parameters of all its models (checked against the configs in the tests).
     pub params: u64,
-    /// Parameters of its UNet.
-    pub unet_params: u64,
     /// Elements of its largest tensor that loads as one buffer (the UNet's first up block's
     /// 2560-to-1280 3x3 convolution; the token tables load in row chunks).
     pub largest_tensor: u64,
@@ -44,7 +42,6 @@ pub const PRESETS: &[Preset] = &[
         family: Family::Sd1,
         resolution: 512,
         params: 1_066_235_307,
-        unet_params: 859_520_964,
         largest_tensor: 1280 * 2560 * 3 * 3,
         vae: None,
     },
@@ -56,7 +53,6 @@ pub const PRESETS: &[Preset] = &[
         family: Family::Sd2,
         resolution: 512,
         params: 1_289_952_427,
-        unet_params: 865_910_724,
         largest_tensor: 1280 * 2560 * 3 * 3,
         vae: None,
     },
@@ -68,7 +64,6 @@ pub const PRESETS: &[Preset] = &[
         family: Family::Sdxl,
         resolution: 1024,
         params: 3_468_837_867,
-        unet_params: 2_567_463_684,
         largest_tensor: 1280 * 2560 * 3 * 3,
         vae: Some("madebyollin/sdxl-vae-fp16-fix"),
     },

@@ -1,11 +1,12 @@
 //! The browser app: a leptos UI on the main thread and all model work in a dedicated Web
-//! Worker, talking through the typed messages of `protocol`. [`catalog`] and [`fit`] are
-//! plain data and build (and are tested) everywhere.
+//! Worker, talking through the typed messages of `protocol`. [`catalog`], [`fit`] and
+//! [`memory`] are plain data and build (and are tested) everywhere.
 
 #[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod acquire;
 pub mod catalog;
 pub mod fit;
+pub mod memory;
 #[cfg(all(feature = "web", target_family = "wasm"))]
 pub mod protocol;
 #[cfg(all(feature = "web", target_family = "wasm"))]

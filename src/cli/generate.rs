@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
@@ -164,12 +165,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         "device: {} ({}), weights in {precision}",
         dev.info.adapter, dev.info.backend
     );
-    let work = super::Work::Generate {
+    let work = Work::Generate {
         width: req.width,
         height: req.height,
         images: req.num_images,
     };
-    super::check_fit(&ckpt, &dev, precision.dtype(), &work)?;
+    super::check_fit(&ckpt, &dev, precision.dtype(), work)?;
     let load_bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg:12} [{bar:30}] {pos}/{len}").expect("template"),
     );

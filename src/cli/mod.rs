@@ -77,73 +77,40 @@ pub(crate) fn open_with_vae(
     }
 }
 
-/// What a command is about to run, for [`check_fit`].
-pub(crate) enum Work {
-    /// `images` images of `width` x `height` (with guidance).
-    Generate {
-        width: usize,
-        height: usize,
-        images: usize,
-    },
-    /// Training at `resolution`.
-    Train { resolution: usize },
-}
-
-/// The page's fit verdict, before anything loads: the largest buffer that cannot be split
-/// (a weight tensor, the VAE's full-size activations, the feed-forward) against what the
-/// device binds. Says what to change when it does not fit.
+/// The page's fit verdict, before anything loads: the largest weight tensor and the largest
+/// buffer that cannot be split (the VAE's full-size activations, the feed-forward) against
+/// what the device binds, and the memory the run needs against the GPU's where the API tells
+/// it (`app::fit::check`). Says what to change when it does not fit.
 pub(crate) fn check_fit(
     ckpt: &crate::weights::Checkpoint,
     dev: &crate::device::ComputeDevice,
     dtype: burn::tensor::DType,
-    work: &Work,
-) -> Result<(), String> {
+    work: crate::app::memory::Work,
+) -> Result<crate::app::memory::Need, String> {
     use crate::app::fit;
-    let Some(limit) = crate::device::binding_limit(&dev.device) else {
-        return Ok(());
+    let budget = fit::Budget {
+        binding: crate::device::binding_limit(&dev.device),
+        ..fit::Budget::of(&dev.info)
     };
     let mib = |b: u64| b.div_ceil(1 << 20);
     let config = &ckpt.config;
-    let largest = crate::sd::largest_whole_tensor(config, &dev.device)
-        .map_err(|e| e.to_string())?
-        * dtype.size() as u64;
-    if largest > limit {
-        return Err(format!(
-            "the model's largest tensor has {} MiB, more than the {} MiB this GPU binds: use f16 weights (--dtype f16) or another GPU",
-            mib(largest),
-            mib(limit)
-        ));
+    if let Some(limit) = budget.binding {
+        let largest = crate::sd::largest_whole_tensor(config, &dev.device)
+            .map_err(|e| e.to_string())?
+            * dtype.size() as u64;
+        if largest > limit {
+            return Err(format!(
+                "the model's largest tensor has {} MiB, more than the {} MiB this GPU binds: use f16 weights (--dtype f16) or another GPU",
+                mib(largest),
+                mib(limit)
+            ));
+        }
     }
-    let (need, what, change) = match *work {
-        Work::Generate {
-            width,
-            height,
-            images,
-        } => (
-            fit::generate_buffer(config, width, height, images),
-            format!("{width}x{height} with {images} image(s)"),
-            format!(
-                "choose --width and --height of {} or less, or fewer images",
-                fit::largest_side(config, images, limit)
-            ),
-        ),
-        Work::Train { resolution } => (
-            fit::train_buffer(config, resolution),
-            format!("training at {resolution} px"),
-            format!(
-                "choose --resolution {} or less",
-                fit::largest_train_side(config, limit)
-            ),
-        ),
-    };
-    if need > limit {
-        return Err(format!(
-            "{what} needs a {} MiB buffer, and this GPU binds {} MiB: {change}",
-            mib(need),
-            mib(limit)
-        ));
-    }
-    Ok(())
+    let params = crate::weights::Component::ALL
+        .iter()
+        .map(|&c| ckpt.params(c))
+        .sum();
+    fit::check(config, params, dtype.size() as u64, work, budget)
 }
 
 /// Runs the CLI; the return value is the process exit code.

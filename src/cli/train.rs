@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
 use crate::identity::Identity;
 use crate::identity::session::{self, Due, Finished, Schedule, TrainEvent};
@@ -135,14 +136,19 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         dev.info.adapter, dev.info.backend
     );
     let resolution = args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8);
+    let checkpointing = args.gradient_checkpointing
+        || checkpointing_needed(&ckpt, &dev, precision.dtype(), resolution);
     super::check_fit(
         &ckpt,
         &dev,
         precision.dtype(),
-        &super::Work::Train { resolution },
+        Work::Train {
+            resolution,
+            checkpointing,
+        },
     )?;
     let device = dev.device.clone().autodiff();
-    let device = if args.gradient_checkpointing {
+    let device = if checkpointing {
         device.gradient_checkpointing()
     } else {
         device
@@ -260,4 +266,26 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         args.class_word
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a run too large for the GPU's memory (where the API tells it) fits with gradient
+/// checkpointing: then it is turned on, and said so.
+fn checkpointing_needed(
+    ckpt: &crate::weights::Checkpoint,
+    dev: &crate::device::ComputeDevice,
+    dtype: burn::tensor::DType,
+    resolution: usize,
+) -> bool {
+    let work = |checkpointing| Work::Train {
+        resolution,
+        checkpointing,
+    };
+    let Err(without) = super::check_fit(ckpt, dev, dtype, work(false)) else {
+        return false;
+    };
+    let on = super::check_fit(ckpt, dev, dtype, work(true)).is_ok();
+    if on {
+        eprintln!("gradient checkpointing on: {without}");
+    }
+    on
 }

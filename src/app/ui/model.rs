@@ -231,12 +231,13 @@ fn preset_fit(ctx: Ctx, p: &Preset) -> Option<(bool, String)> {
     let super::GpuState::Ready(report) = ctx.gpu.get() else {
         return None;
     };
-    let fit = fit::preset(p, report.device.limits.as_ref(), report.device.f16);
+    let fit = fit::preset(p, fit::Budget::of(&report.device));
     let text = if fit.advice.is_empty() {
         format!(
-            "Fits this GPU's limits at {} px: about {} of GPU memory to generate.",
+            "Fits this GPU at {} px: about {} of GPU memory to generate, {} to train.",
             p.resolution,
-            bytes(fit.generate_bytes as f64)
+            bytes(fit.generate_bytes as f64),
+            bytes(fit.train_bytes as f64)
         )
     } else {
         fit.advice.join(" ")

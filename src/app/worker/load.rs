@@ -181,12 +181,11 @@ pub(super) async fn load_model(
     let resolution = ckpt.config.unet.sample_size * 8;
     let fit = fit::estimate(
         &ckpt.config,
-        ckpt.params(Component::Unet),
         params,
         bytes_per_param,
         largest,
         resolution,
-        dev.info.limits.as_ref(),
+        fit::Budget::of(&dev.info),
     );
     if !fit.weights_fit {
         return Err(WorkerError::OutOfMemory(fit.advice.join(" ")));
