@@ -297,7 +297,7 @@ async function appeared(page, testid) {
 /// Waits for a new error box `testid` (one that was not there when `before` was counted)
 /// and checks its kind.
 async function expectNewError(page, testid, before, kind, { timeout = SHORT_TIMEOUT, what } = {}) {
-  const key = { "model-error": "modelError", "photo-error": "photoError", "gen-error": "genError" }[testid];
+  const key = { "model-error": "modelError", "photo-error": "photoError", "gen-error": "genError", "train-error": "trainError" }[testid];
   const s = await waitFor(page, what ?? `${testid} (${kind})`, (s) => (s.appeared[testid] ?? 0) > before && s[key], {
     timeout,
     fail: (s) => (s.gpu && !["checking", "ok"].includes(s.gpu.state) ? `gpu-status is ${s.gpu.state}: ${s.gpu.text}` : null),
@@ -775,6 +775,43 @@ test("a GPU that binds 2 MiB per buffer loads the model (its 3 MiB token table i
     assert.ok(after.modelReady, "the model should stay usable after a refused size");
     assert.equal(after.gpu?.state, "ok", `the GPU should still be fine: ${after.gpu?.text}`);
     assertConsoleClean(opened, 0, [/memory|too large/i]);
+  } finally {
+    await context.close();
+  }
+});
+
+test("a GPU with 64 MiB of memory shows it, and a training run its memory cannot hold is refused before it starts, saying what fits (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async () => {
+  // `?gpu-memory-mib=64` tells the worker the GPU's memory, which browsers do not. By the
+  // memory model (src/app/memory.rs) the tiny model trains at 512 px in about 190-380 MiB
+  // (f16 or f32): more than 64.
+  const context = await freshContext();
+  const opened = await openPage(browser, `${server.url}?gpu-memory-mib=64`, { context });
+  const { page } = opened;
+  try {
+    await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
+    assert.equal(await page.getByTestId("gpu-memory").textContent(), "64 MiB", "the GPU panel should show the memory the page was told");
+    await loadAddress(page, modelUrl);
+    const ready = await waitFor(page, "the model to be ready", (s) => s.modelReady || s.modelError, { timeout: MODEL_TIMEOUT });
+    assert.ok(ready.modelReady, `the tiny model should load in 64 MiB: ${ready.modelError?.text}`);
+
+    await fillTraining(page, "roomy", 2);
+    await page.getByTestId("train-resolution").fill("512");
+    await waitFor(page, "train-start to be enabled", (s) => s.trainStart === true);
+    const before = await appeared(page, "train-error");
+    await page.getByTestId("train-start").click();
+    const refused = await expectNewError(page, "train-error", before, "out-of-memory", {
+      timeout: GENERATE_TIMEOUT,
+      what: "the training run to be refused",
+    });
+    assert.match(
+      refused.text,
+      /Training at 512 px with gradient checkpointing needs about \d+ MiB of GPU memory \(\d+ MiB of weights\); this GPU has 64 MiB\. Choose \d+ px or less/,
+      refused.text,
+    );
+    const after = await page.evaluate(snapshot);
+    assert.ok(!(after.train?.step > 0), "a step ran although the run was refused");
+    assert.ok(after.modelReady, "the model should stay usable after a refused run");
+    assertConsoleClean(opened, 0, [/memory/i]);
   } finally {
     await context.close();
   }

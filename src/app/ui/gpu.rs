@@ -113,6 +113,13 @@ fn DeviceTable(device: DeviceInfo) -> impl IntoView {
                         </dd>
                     }
                 })}
+            <dt>"memory"</dt>
+            <dd data-testid="gpu-memory">
+                {match device.memory_bytes {
+                    Some(m) => mib(m),
+                    None => "not told by the browser".to_string(),
+                }}
+            </dd>
             <dt>"half precision (f16)"</dt>
             <dd data-testid="gpu-f16">{if device.f16 { "yes" } else { "no" }}</dd>
         </dl>
@@ -175,12 +182,14 @@ fn FitView() -> impl IntoView {
                 })}
             </dl>
             {if f.advice.is_empty() {
-                view! {
-                    <p class="status ok">
-                        "Fits this GPU's limits. Browsers do not tell how much memory a GPU has: "
-                        "if it has less than the figures above, use a smaller size."
-                    </p>
-                }.into_any()
+                let text = match f.memory_bytes {
+                    Some(m) => format!("Fits this GPU's limits and its {} of memory.", bytes(m as f64)),
+                    None => "Fits this GPU's limits. Browsers do not tell how much memory a GPU has: \
+                        if it has less than the figures above, use a smaller size (or add \
+                        ?gpu-memory-mib=N to the page's address, and runs that need more than N MiB \
+                        are refused before they start).".to_string(),
+                };
+                view! { <p class="status ok">{text}</p> }.into_any()
             } else {
                 f.advice.into_iter().map(|a| view! { <p class="status error">{a}</p> }).collect_view().into_any()
             }}

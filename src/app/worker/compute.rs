@@ -12,6 +12,7 @@ use serde_bytes::ByteBuf;
 use super::GpuWorker;
 use super::load::load_model;
 use crate::app::fit;
+use crate::app::memory::Work;
 use crate::app::protocol::{
     GenImage, GenerateJob, GpuReport, ModelInfo, Request, Response, TrainJob, Versioned,
     WorkerError,
@@ -187,25 +188,52 @@ pub(super) async fn device(state: &State) -> Result<ComputeDevice, WorkerError> 
     Ok(d)
 }
 
-/// WebGPU's device (opened once per worker), with the binding limit the page asked for.
+/// WebGPU's device (opened once per worker), with the binding limit the page asked for and
+/// the memory it told.
 async fn open_wgpu() -> Result<ComputeDevice, WorkerError> {
-    if let Some(mib) = requested_binding_mib() {
+    if let Some(mib) = worker_param(super::MAX_BINDING_PARAM) {
         crate::device::request_wgpu_binding_limit(mib << 20);
     }
-    DeviceChoice::Wgpu.open().await.map_err(device_error)
+    let mut dev = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
+    if let Some(mib) = worker_param(super::GPU_MEMORY_PARAM) {
+        dev.info.memory_bytes.get_or_insert(mib << 20);
+    }
+    Ok(dev)
 }
 
-/// The worker's `max-binding-mib` (see [`super::MAX_BINDING_PARAM`]), from its own address.
-fn requested_binding_mib() -> Option<u64> {
+/// A number the page passed in the worker's own address (see [`super::loader_url`]).
+fn worker_param(name: &str) -> Option<u64> {
     let location = js_sys::Reflect::get(&js_sys::global(), &"location".into()).ok()?;
     let search = js_sys::Reflect::get(&location, &"search".into())
         .ok()?
         .as_string()?;
     web_sys::UrlSearchParams::new_with_str(&search)
         .ok()?
-        .get(super::MAX_BINDING_PARAM)?
+        .get(name)?
         .parse()
         .ok()
+}
+
+/// The verdict on `work` before it starts ([`fit::check`]: the buffers it binds and, where
+/// the GPU's memory is known, the memory it needs), as the page's error.
+fn check_fits(state: &State, loaded: &Loaded, work: Work) -> Result<(), WorkerError> {
+    let fit = &loaded.info.fit;
+    let budget = fit::Budget {
+        binding: fit.binding_limit,
+        memory: fit.memory_bytes,
+        f16: state.device.borrow().as_ref().is_some_and(|d| d.info.f16),
+        cpu: false,
+    };
+    let params = loaded.info.params.max(1);
+    fit::check(
+        &loaded.sd.config,
+        params,
+        fit.weights_bytes / params,
+        work,
+        budget,
+    )
+    .map(|_| ())
+    .map_err(WorkerError::OutOfMemory)
 }
 
 fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {
@@ -275,6 +303,15 @@ async fn train(
     respond: &dyn Fn(Response),
 ) -> Result<(), WorkerError> {
     let loaded = model(state)?;
+    // The worker trains checkpointed (see `load_model`).
+    check_fits(
+        state,
+        &loaded,
+        Work::Train {
+            resolution: job.config.resolution,
+            checkpointing: true,
+        },
+    )?;
     let mut photos = Vec::new();
     for (i, bytes) in job.photos.iter().enumerate() {
         let image = decode_photo(bytes)
@@ -382,20 +419,15 @@ async fn generate(
         }
         identities.push(id);
     }
-    if let Some(limit) = loaded.info.fit.binding_limit {
-        let need = fit::generate_buffer(&loaded.sd.config, req.width, req.height, req.num_images);
-        if need > limit {
-            return Err(WorkerError::OutOfMemory(format!(
-                "{}x{} with {} image(s) needs a {} MiB buffer, and this GPU allows {} MiB. Choose {} px or less, or fewer images at once.",
-                req.width,
-                req.height,
-                req.num_images,
-                need >> 20,
-                limit >> 20,
-                fit::largest_side(&loaded.sd.config, req.num_images, limit)
-            )));
-        }
-    }
+    check_fits(
+        state,
+        &loaded,
+        Work::Generate {
+            width: req.width,
+            height: req.height,
+            images: req.num_images,
+        },
+    )?;
     let generated = pipeline::generate(
         &loaded.sd,
         &loaded.scheduler,
