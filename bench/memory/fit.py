@@ -3,7 +3,10 @@
 peaks.csv and prints them with each peak's error. The features mirror memory.rs; a row whose
 `use` is not `fit` is only checked.
 
-    python3 bench/memory/fit.py
+    ~/.cache/sefi/venv/bin/python bench/memory/fit.py    # numpy: scripts/setup.sh python
+
+Rows come from `sefi bench` (peak_rss_bytes on the CPU, pool_reserved_bytes on a GPU); after a
+refit, copy the printed constants into memory.rs and run its tests.
 """
 import csv
 import json
