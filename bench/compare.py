@@ -3,7 +3,8 @@
     python bench/compare.py sefi.jsonl torch.jsonl
 
 Prints a Markdown table: per measurement, configuration and resolution, the median time of each
-implementation, their ratio (SeFi / PyTorch: under 1 is faster) and the peak memory of each.
+implementation, their ratio (SeFi / PyTorch: under 1 is faster) and the peak memory of each
+(for SeFi with what its memory model, `src/app/memory.rs`, expected).
 """
 
 import json
@@ -26,8 +27,13 @@ def build(r):
 
 
 def mem(r):
-    b = r.get("peak_device_bytes") or r.get("peak_rss_bytes")
-    return "" if b is None else f"{b / 2**30:.2f} GiB"
+    """The device's figure where there is one (PyTorch's peak, sefi's allocator reserve), else
+    the process's peak; for sefi also what its memory model expected."""
+    b = r.get("peak_device_bytes") or r.get("pool_reserved_bytes") or r.get("peak_rss_bytes")
+    text = "" if b is None else f"{b / 2**30:.2f} GiB"
+    if r.get("memory_model_bytes"):
+        text += f" (model {r['memory_model_bytes'] / 2**30:.2f})"
+    return text
 
 
 def fmt_s(s):

@@ -11,6 +11,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::Args;
 use serde::Serialize;
 
+use crate::app::memory::{self, Target, Work};
 use crate::config::{Prediction, SdConfig, TextConfig, UNetConfig, VaeConfig, from_json};
 use crate::device::{DeviceChoice, Precision};
 use crate::identity::train::{Photo, TrainConfig, Trainer};
@@ -84,6 +85,9 @@ struct Record<'a> {
     /// Process peak resident memory during the measurement (weights included); on a GPU this
     /// is host memory only.
     peak_rss_bytes: Option<u64>,
+    /// What the memory model (`app::memory`) expects the work to need, for a generation or a
+    /// training step: beside `pool_reserved_bytes` on a GPU, `peak_rss_bytes` on the CPU.
+    memory_model_bytes: Option<u64>,
     /// Resident memory when the measurement started: the weights, and whatever building them
     /// left resident (the peak minus this is what the work itself added).
     start_rss_bytes: Option<u64>,
@@ -255,6 +259,29 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let precision = dev.info.resolve(args.precision)?;
     let revision = revision();
     let wants = |w: &str| args.only.iter().any(|o| o == w);
+    let params: u64 = crate::sd::param_counts(&config, &dev.device)?.iter().sum();
+    let target = Target {
+        score_limit: crate::device::binding_limit(&dev.device),
+        cpu: dev.info.backend == crate::device::Backend::Cpu,
+    };
+    let modelled = |bench: &str| {
+        let work = if bench == "train_step" {
+            Work::Train {
+                resolution: res,
+                checkpointing: args.gradient_checkpointing,
+            }
+        } else if bench.starts_with("generate") {
+            Work::Generate {
+                width: res,
+                height: res,
+                images: 1,
+            }
+        } else {
+            return None;
+        };
+        let bytes = precision.dtype().size() as u64;
+        Some(memory::need(&config, params, bytes, work, target).total())
+    };
     let record = |bench: &str, batch: usize, t: Timing| {
         let r = Record {
             implementation: "sefi",
@@ -277,6 +304,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             pool_reserved_bytes: dev.device.memory_pool_usage().map(|u| u.bytes_reserved),
             peak_rss_bytes: t.peak_rss,
             start_rss_bytes: t.start_rss,
+            memory_model_bytes: modelled(bench),
             gradient_checkpointing: bench == "train_step" && args.gradient_checkpointing,
         };
         println!("{}", serde_json::to_string(&r).expect("plain data"));
