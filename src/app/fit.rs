@@ -6,21 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::memory::{self, Need, Work};
-use crate::config::{SdConfig, UNetConfig, VaeConfig};
+use super::memory::{self, Need, Work, first_attention_level, latent_scale};
+use crate::config::{SdConfig, VaeConfig};
 
 const GIB: f64 = (1u64 << 30) as f64;
-
-/// Pixels per latent position: the VAE halves the size at every level but the last.
-fn latent_scale(vae: &VaeConfig) -> usize {
-    1 << vae.block_out_channels.len().saturating_sub(1)
-}
-
-fn first_attention_level(unet: &UNetConfig) -> Option<usize> {
-    unet.down_block_types
-        .iter()
-        .position(|t| t.contains("Attn"))
-}
 
 /// The VAE decoder's widest activation, at full size: the second level's channels upsampled
 /// (256 for every published VAE), normed in f32 whatever the weights' dtype. 256 MiB at
@@ -44,8 +33,12 @@ pub fn feed_forward_bytes(config: &SdConfig, width: usize, height: usize, batch:
 /// The largest buffer generating `images` images with guidance (a UNet batch twice as large;
 /// the VAE decodes them together) binds at `width` x `height`.
 pub fn generate_buffer(config: &SdConfig, width: usize, height: usize, images: usize) -> u64 {
-    let decode = images as u64 * vae_decode_bytes(&config.vae, width, height);
-    feed_forward_bytes(config, width, height, 2 * images).max(decode)
+    let work = Work::Generate {
+        width,
+        height,
+        images,
+    };
+    buffer(config, work).0
 }
 
 /// The largest buffer a training step binds at `resolution`: the VAE encoder's first level
@@ -75,7 +68,7 @@ pub struct Budget {
     /// The largest buffer one shader may bind (wgpu, WebGPU).
     pub binding: Option<u64>,
     /// The GPU's memory, where the API tells it (CUDA) or the user did (the page's
-    /// `?gpu-memory-gib=N`).
+    /// `?gpu-memory-mib=N`).
     pub memory: Option<u64>,
     /// The GPU computes in f16: half-precision weights are a way out.
     pub f16: bool,

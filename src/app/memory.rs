@@ -5,7 +5,7 @@
 //! them are fitted to measured peaks (`bench/memory/peaks.csv`, refitted by
 //! `bench/memory/fit.py`), and the tests hold every measured peak within 15% of the model.
 
-use crate::config::{SdConfig, UNetConfig};
+use crate::config::{SdConfig, UNetConfig, VaeConfig};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -148,10 +148,22 @@ pub struct Target {
     pub cpu: bool,
 }
 
+/// Pixels per latent position: the VAE halves the size at every level but the last.
+pub(crate) fn latent_scale(vae: &VaeConfig) -> usize {
+    1 << vae.block_out_channels.len().saturating_sub(1)
+}
+
+/// The first UNet level with attention.
+pub(crate) fn first_attention_level(unet: &UNetConfig) -> Option<usize> {
+    unet.down_block_types
+        .iter()
+        .position(|t| t.contains("Attn"))
+}
+
 /// The memory `work` needs with a model of `params` parameters stored at `weight_bytes`
 /// each, on `target`.
 pub fn need(config: &SdConfig, params: u64, weight_bytes: u64, work: Work, target: Target) -> Need {
-    let scale = 1 << config.vae.block_out_channels.len().saturating_sub(1);
+    let scale = latent_scale(&config.vae);
     // Activations are computed in the weights' dtype (softmax and norms in f32 either way,
     // which the fit absorbs); attention scores are f32.
     let act = weight_bytes.min(4) as f64 / 4.0;
@@ -212,11 +224,7 @@ fn first_layer_scores(
     height: usize,
     batch: usize,
 ) -> f64 {
-    let Some(level) = unet
-        .down_block_types
-        .iter()
-        .position(|t| t.contains("Attn"))
-    else {
+    let Some(level) = first_attention_level(unet) else {
         return 0.0;
     };
     let tokens = ((width / scale) >> level) as f64 * ((height / scale) >> level) as f64;

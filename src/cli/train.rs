@@ -136,16 +136,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         dev.info.adapter, dev.info.backend
     );
     let resolution = args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8);
-    let checkpointing = args.gradient_checkpointing
-        || checkpointing_needed(&ckpt, &dev, precision.dtype(), resolution);
-    super::check_fit(
+    let checkpointing = fitting_checkpointing(
         &ckpt,
         &dev,
         precision.dtype(),
-        Work::Train {
-            resolution,
-            checkpointing,
-        },
+        resolution,
+        args.gradient_checkpointing,
     )?;
     let device = dev.device.clone().autodiff();
     let device = if checkpointing {
@@ -268,24 +264,27 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Whether a run too large for the GPU's memory (where the API tells it) fits with gradient
-/// checkpointing: then it is turned on, and said so.
-fn checkpointing_needed(
+/// The run's verdict before loading (`check_fit`), and whether it trains checkpointed: as
+/// asked, or turned on (and said so) where the run fits the GPU's memory (known on CUDA) only
+/// with it. The error is the one without checkpointing, which names it among the ways out.
+fn fitting_checkpointing(
     ckpt: &crate::weights::Checkpoint,
     dev: &crate::device::ComputeDevice,
     dtype: burn::tensor::DType,
     resolution: usize,
-) -> bool {
+    asked: bool,
+) -> Result<bool, String> {
     let work = |checkpointing| Work::Train {
         resolution,
         checkpointing,
     };
-    let Err(without) = super::check_fit(ckpt, dev, dtype, work(false)) else {
-        return false;
-    };
-    let on = super::check_fit(ckpt, dev, dtype, work(true)).is_ok();
-    if on {
-        eprintln!("gradient checkpointing on: {without}");
+    match super::check_fit(ckpt, dev, dtype, work(asked)) {
+        Ok(_) => Ok(asked),
+        Err(without) if !asked => {
+            super::check_fit(ckpt, dev, dtype, work(true)).map_err(|_| without.clone())?;
+            eprintln!("gradient checkpointing on: {without}");
+            Ok(true)
+        }
+        Err(e) => Err(e),
     }
-    on
 }

@@ -335,6 +335,14 @@ async function loadAddress(page, address) {
   await page.getByTestId("model-load").click();
 }
 
+/// Loads the fixture model by its address on a page of its own (`under` what it was told)
+/// and fails unless it becomes ready.
+async function loadModel(page, under) {
+  await loadAddress(page, modelUrl);
+  const ready = await waitFor(page, "the model to be ready", (s) => s.modelReady || s.modelError, { timeout: MODEL_TIMEOUT });
+  assert.ok(ready.modelReady, `the model did not load ${under}: ${ready.modelError?.text}`);
+}
+
 /// Fills in a training run of `steps` steps at the test resolution: the photo, the name and
 /// the class word (the resolution is among the advanced settings, inside a <details>).
 async function fillTraining(page, token, steps, classWord = CLASS_WORD) {
@@ -747,9 +755,7 @@ test("a GPU that binds 2 MiB per buffer loads the model (its 3 MiB token table i
   const { page } = opened;
   try {
     await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
-    await loadAddress(page, modelUrl);
-    const ready = await waitFor(page, "the model to be ready", (s) => s.modelReady || s.modelError, { timeout: MODEL_TIMEOUT });
-    assert.ok(ready.modelReady, `the model did not load under a 2 MiB binding limit: ${ready.modelError?.text}`);
+    await loadModel(page, "under a 2 MiB binding limit");
 
     await page.getByTestId("prompt").fill("a photo of a person");
     await page.getByTestId("gen-steps").fill("2");
@@ -790,9 +796,7 @@ test("a GPU with 64 MiB of memory shows it, and a training run its memory cannot
   try {
     await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
     assert.equal(await page.getByTestId("gpu-memory").textContent(), "64 MiB", "the GPU panel should show the memory the page was told");
-    await loadAddress(page, modelUrl);
-    const ready = await waitFor(page, "the model to be ready", (s) => s.modelReady || s.modelError, { timeout: MODEL_TIMEOUT });
-    assert.ok(ready.modelReady, `the tiny model should load in 64 MiB: ${ready.modelError?.text}`);
+    await loadModel(page, "with 64 MiB of memory");
 
     await fillTraining(page, "roomy", 2);
     await page.getByTestId("train-resolution").fill("512");
