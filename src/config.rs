@@ -350,6 +350,79 @@ impl VaeConfig {
             ..Self::v1_5()
         }
     }
+
+    /// Pixels per latent position: every level but the last halves the size (diffusers'
+    /// `2 ** (len(block_out_channels) - 1)`; 8 for every published VAE).
+    pub fn latent_scale(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// The decoder's widest activation decoding `images` images of `width` x `height` pixels
+    /// at once: the second level's channels at full size (256 for every published VAE), normed
+    /// in f32 whatever the weights' dtype. 256 MiB for one 512 px image.
+    pub fn decode_bytes(&self, images: usize, width: usize, height: usize) -> u64 {
+        let channels = self.block_out_channels.iter().take(2).max().copied();
+        let pixels = images as u64 * width as u64 * height as u64;
+        channels.unwrap_or(0) as u64 * pixels * 4
+    }
+
+    /// How the decoder splits decoding `images` images of `width` x `height` pixels so that
+    /// its widest activation fits `limit` bytes (a GPU's binding limit, where it has one).
+    pub fn decode_plan(
+        &self,
+        images: usize,
+        width: usize,
+        height: usize,
+        limit: Option<u64>,
+    ) -> DecodePlan {
+        let Some(limit) = limit else {
+            return DecodePlan::Whole;
+        };
+        if self.decode_bytes(images, width, height) <= limit {
+            return DecodePlan::Whole;
+        }
+        if self.decode_bytes(1, width, height) <= limit {
+            return DecodePlan::EachImage;
+        }
+        // As large as fits, up to the size the VAE was trained at (diffusers' default tile).
+        let scale = self.latent_scale();
+        let mut tile = MIN_DECODE_TILE;
+        while tile < self.sample_size / scale {
+            let side = (tile + 1) * scale;
+            if self.decode_bytes(1, side, side) > limit {
+                break;
+            }
+            tile += 1;
+        }
+        if width <= tile * scale && height <= tile * scale {
+            // One tile would be the whole image: nothing smaller to split into.
+            return DecodePlan::EachImage;
+        }
+        DecodePlan::Tiles(tile)
+    }
+
+    /// The decoder's widest activation that no plan splits: one image, or one tile of the
+    /// smallest size.
+    pub fn decode_bytes_unsplit(&self, width: usize, height: usize) -> u64 {
+        let side = MIN_DECODE_TILE * self.latent_scale();
+        self.decode_bytes(1, width.min(side), height.min(side))
+    }
+}
+
+/// The smallest decoder tile, in latent positions (64 px): smaller tiles show their seams.
+pub const MIN_DECODE_TILE: usize = 8;
+
+/// How the VAE decoder splits its work (`VaeConfig::decode_plan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodePlan {
+    /// All images at once.
+    Whole,
+    /// One image at a time (the same result).
+    EachImage,
+    /// One image at a time, each in overlapping square tiles of this many latent positions,
+    /// blended where they overlap as diffusers' `AutoencoderKL.tiled_decode` does. The result
+    /// differs a little from a whole decode: each tile's attention sees only the tile.
+    Tiles(usize),
 }
 
 /// What the UNet predicts (from `scheduler/scheduler_config.json`'s `prediction_type`).

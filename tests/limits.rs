@@ -6,13 +6,14 @@
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use sefi::block_on;
+use sefi::config::DecodePlan;
 use sefi::device::{DeviceChoice, binding_limit, cap_bindings, request_wgpu_binding_limit};
 use sefi::nn::VarStore;
 use sefi::unet::attention::Attention;
 use sefi::weights::Component;
 
 mod common;
-use common::{check_parity, load_model};
+use common::{Goldens, assert_close, check_parity, load_model, values};
 
 /// lavapipe's f32 against diffusers, as in `models.rs`.
 const TOL_WGPU: f32 = 1e-3;
@@ -48,10 +49,37 @@ fn a_device_that_binds_one_mebibyte_runs_the_tiny_model() {
 
     // Attention in query chunks: planned as if buffers held 16 KiB, the level-0
     // self-attention's scores (2 x 8 heads x 64 x 64 in f32, 256 KiB) run in 16 chunks, its
-    // cross-attention's in 22; outputs unchanged.
+    // cross-attention's in 22, the feed-forward's projection (2 x 64 tokens x 256 in f32,
+    // 128 KiB) in 8; outputs unchanged.
     cap_bindings(16 << 10);
     assert_eq!(binding_limit(&gpu.device), Some(16 << 10));
     check_parity("tiny-sd1", &sd, &gpu.device, TOL_WGPU);
+
+    // The VAE decoder under the limit: two 96 x 80 images (960 KiB each at its widest) decode
+    // one at a time, with the same result; under 512 KiB an image decodes in tiles of the
+    // smallest size, 8 latent positions (the tiles' parity with diffusers is `check_parity`'s).
+    cap_bindings(u64::MAX);
+    let latents: Tensor<4> =
+        Goldens::open("sd/tiny-sd1/goldens.safetensors").tensor("vae.tiled_latents", &gpu.device);
+    let plan = |images| {
+        let limit = binding_limit(&gpu.device);
+        sd.vae.config.decode_plan(images, 96, 80, limit)
+    };
+    assert_eq!(plan(1), DecodePlan::Whole);
+    assert_eq!(plan(2), DecodePlan::EachImage);
+    let pair = Tensor::cat(vec![latents.clone(), latents.clone() * 0.5], 0);
+    let one_by_one = Tensor::cat(
+        vec![
+            sd.vae.decode(latents.clone()),
+            sd.vae.decode(latents.clone() * 0.5),
+        ],
+        0,
+    );
+    assert_close(sd.vae.decode(pair), values(one_by_one), 1e-6, "each image");
+    cap_bindings(512 << 10);
+    assert_eq!(plan(1), DecodePlan::Tiles(8));
+    let tiles = values(sd.vae.decode_tiled(latents.clone(), 8));
+    assert_close(sd.vae.decode(latents), tiles, 1e-6, "tiles under the limit");
 
     // On the CPU too, within its own tolerance of diffusers: loaded as if buffers held
     // 256 KiB (the table in 13 chunks; every other tensor is smaller), run as if they held

@@ -15,7 +15,7 @@ use sefi::weights::{Checkpoint, Family, Format};
 const TOL_CPU: f32 = 1e-4;
 
 mod common;
-use common::{check_parity, sd_fixture as fixture};
+use common::{Goldens, check_parity, sd_fixture as fixture, values};
 
 fn open(path: &Path, variant: Variant, config: Option<SdConfig>) -> Checkpoint {
     block_on(Checkpoint::open_path(path, variant, config))
@@ -40,7 +40,21 @@ fn tiny_sd1_matches_diffusers_on_the_cpu() {
     let device = Device::flex();
     let ckpt = open(&fixture("tiny-sd1"), Variant::Auto, None);
     assert_eq!((ckpt.family, ckpt.format), (Family::Sd1, Format::Diffusers));
-    check_parity("tiny-sd1", &load(&ckpt, &device), &device, TOL_CPU);
+    let sd = load(&ckpt, &device);
+    check_parity("tiny-sd1", &sd, &device, TOL_CPU);
+
+    // The tiled decode's parity means something: its seams differ from a whole decode's.
+    let g = Goldens::open("sd/tiny-sd1/goldens.safetensors");
+    let (whole, _) = values(sd.vae.decode(g.tensor("vae.tiled_latents", &device)));
+    let (tiled, _) = g.f32("vae.tiled_decoded");
+    let seams = whole
+        .iter()
+        .zip(&tiled)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        seams > 0.5,
+        "tiles and a whole decode differ by {seams} only"
+    );
 }
 
 #[test]

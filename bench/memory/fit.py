@@ -83,6 +83,24 @@ def first_layer_scores(unet, scale, w, h, batch):
     return batch * heads[level] * tokens * tokens
 
 
+MIN_DECODE_TILE = 8
+
+
+def decode_elements(vae, scale, images, side, limit):
+    """config.rs's decode_plan: the decoder's widest activation, in elements, for `images`
+    square images of `side` pixels decoded whole, one at a time or in tiles under `limit`."""
+    channels = max(vae["block_out_channels"][:2])
+    size = lambda n, s: n * s * s * channels
+    if limit is None or size(images, side) * 4 <= limit:
+        return size(images, side)
+    if size(1, side) * 4 <= limit:
+        return size(1, side)
+    tile = MIN_DECODE_TILE
+    while tile < vae["sample_size"] // scale and size(1, (tile + 1) * scale) * 4 <= limit:
+        tile += 1
+    return size(1, tile * scale)
+
+
 WEIGHT_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
 
@@ -99,9 +117,10 @@ def terms(row):
     if row["work"] == "generate":
         images = int(row["images"])
         scores = g(first_layer_scores(unet, scale, side, side, 2 * images))
-        if row["score_limit_bytes"]:
-            scores = min(scores, int(row["score_limit_bytes"]) / GIB)
-        widest = images * side * side * max(vae["block_out_channels"][:2])
+        limit = int(row["binding_limit_bytes"]) if row["binding_limit_bytes"] else None
+        if limit:
+            scores = min(scores, limit / GIB)
+        widest = decode_elements(vae, scale, images, side, limit)
         return "generate", weights, {"BASE": act, "VAE": g(widest) * act}, scores
     acts, scores = unet_elements(unet, scale, side, side, 1)
     # Only the CPU backend's steps hold the weight copies (lavapipe's did not).

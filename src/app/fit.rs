@@ -1,33 +1,33 @@
 //! Whether a model and a resolution fit a GPU, estimated before any work. WebGPU tells no
 //! memory size, only buffer limits: the hard check is the largest buffer that cannot be split
-//! (token tables load in row chunks and attention runs in query chunks, see `nn` and
-//! `unet::attention`; the VAE decoder's full-size activations and the feed-forward's stay
-//! whole), the memory figures are estimates to compare with the GPU's.
+//! (token tables load in row chunks, attention runs in query chunks and the VAE decodes in
+//! tiles, see `nn`, `unet::attention` and `VaeConfig::decode_plan`; the UNet's own
+//! activations stay whole), the memory figures are estimates to compare with the GPU's.
 
 use serde::{Deserialize, Serialize};
 
-use super::memory::{self, Need, Work, first_attention_level, latent_scale};
-use crate::config::{SdConfig, VaeConfig};
+use super::memory::{self, Need, Work};
+use crate::config::SdConfig;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// The VAE decoder's widest activation, at full size: the second level's channels upsampled
-/// (256 for every published VAE), normed in f32 whatever the weights' dtype. 256 MiB at
-/// 512 px: no chunking splits it.
-pub fn vae_decode_bytes(vae: &VaeConfig, width: usize, height: usize) -> u64 {
-    let channels = vae.block_out_channels.iter().take(2).max().copied();
-    channels.unwrap_or(0) as u64 * width as u64 * height as u64 * 4
-}
-
-/// The UNet's widest activation: the GEGLU projection of the first attention level's
-/// feed-forward, `[batch, tokens, 8 * channels]` in f32.
-pub fn feed_forward_bytes(config: &SdConfig, width: usize, height: usize, batch: usize) -> u64 {
-    let Some(level) = first_attention_level(&config.unet) else {
-        return 0;
-    };
-    let scale = latent_scale(&config.vae) << level;
-    let tokens = (width / scale) as u64 * (height / scale) as u64;
-    batch as u64 * tokens * 8 * config.unet.block_out_channels[level] as u64 * 4
+/// The UNet's widest activation that stays whole: where a level's skip connection joins the
+/// output of the level below it on the way up (`[batch, C(l) + C(l + 1), tokens(l)]`, normed
+/// in f32; at the first level, 320 + 640 channels for SD 1.x, 2.x and SDXL). The
+/// feed-forward's GEGLU projection, 8 x a level's channels, splits into token chunks
+/// (`unet::attention`).
+pub fn unet_bytes(config: &SdConfig, width: usize, height: usize, batch: usize) -> u64 {
+    let channels = &config.unet.block_out_channels;
+    let scale = config.vae.latent_scale();
+    let (w, h) = ((width / scale) as u64, (height / scale) as u64);
+    (0..channels.len())
+        .map(|level| {
+            let below = channels[(level + 1).min(channels.len() - 1)];
+            let tokens = (w >> level) * (h >> level);
+            batch as u64 * tokens * (channels[level] + below) as u64 * 4
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// The largest buffer generating `images` images with guidance (a UNet batch twice as large;
@@ -42,11 +42,11 @@ pub fn generate_buffer(config: &SdConfig, width: usize, height: usize, images: u
 }
 
 /// The largest buffer a training step binds at `resolution`: the VAE encoder's first level
-/// (its channels at full size, normed in f32) or the feed-forward of one noisy latent.
+/// (its channels at full size, normed in f32) or the UNet's widest of one noisy latent.
 pub fn train_buffer(config: &SdConfig, resolution: usize) -> u64 {
     let channels = config.vae.block_out_channels.first().copied().unwrap_or(0) as u64;
     let encode = channels * resolution as u64 * resolution as u64 * 4;
-    feed_forward_bytes(config, resolution, resolution, 1).max(encode)
+    unet_bytes(config, resolution, resolution, 1).max(encode)
 }
 
 /// The largest square side (a multiple of 64) at which `images` images fit `limit` bytes.
@@ -92,7 +92,7 @@ impl Budget {
 
     fn target(&self) -> memory::Target {
         memory::Target {
-            score_limit: self.binding,
+            binding: self.binding,
             cpu: self.cpu,
         }
     }
@@ -146,19 +146,20 @@ fn buffer(config: &SdConfig, work: Work) -> (u64, &'static str) {
             height,
             images,
         } => {
-            let feed_forward = feed_forward_bytes(config, width, height, 2 * images);
-            let decode = images as u64 * vae_decode_bytes(&config.vae, width, height);
-            if feed_forward >= decode {
-                (feed_forward, "the UNet's feed-forward")
+            let unet = unet_bytes(config, width, height, 2 * images);
+            // Decoding splits down to one tile of the smallest size.
+            let decode = config.vae.decode_bytes_unsplit(width, height);
+            if unet >= decode {
+                (unet, "the UNet's widest layer")
             } else {
                 (decode, "decoding the image (the VAE)")
             }
         }
         Work::Train { resolution, .. } => {
-            let feed_forward = feed_forward_bytes(config, resolution, resolution, 1);
+            let unet = unet_bytes(config, resolution, resolution, 1);
             let need = train_buffer(config, resolution);
-            if need == feed_forward {
-                (need, "the UNet's feed-forward")
+            if need == unet {
+                (need, "the UNet's widest layer")
             } else {
                 (need, "encoding the photo (the VAE)")
             }
@@ -351,6 +352,7 @@ pub fn preset(p: &crate::app::catalog::Preset, budget: Budget) -> FitReport {
 mod tests {
     use super::*;
     use crate::app::catalog::PRESETS;
+    use crate::config::DecodePlan;
     use crate::weights::Family;
 
     fn binding(bytes: u64) -> Budget {
@@ -378,55 +380,61 @@ mod tests {
     #[test]
     fn sd15_buffers_at_512() {
         let sd15 = SdConfig::v1_5();
-        // What stays whole: the VAE decoder's 256 channels at 512x512, the first level's
-        // GEGLU projection (2 x 4096 tokens x 2560).
-        assert_eq!(vae_decode_bytes(&sd15.vae, 512, 512), 256 << 20);
-        assert_eq!(feed_forward_bytes(&sd15, 512, 512, 2), 80 << 20);
-        assert_eq!(generate_buffer(&sd15, 512, 512, 1), 256 << 20);
-        assert_eq!(generate_buffer(&sd15, 512, 512, 2), 512 << 20);
-        assert_eq!(largest_side(&sd15, 1, 1 << 30), 1024);
+        // The VAE decoder's widest activation, 256 channels at 512x512, splits into images and
+        // then tiles (45 latent positions, 360 px, under WebGPU's default binding limit); what
+        // stays whole is the first level's skip joining the second's output (2 x 4096 tokens
+        // x 960 channels).
+        assert_eq!(sd15.vae.decode_bytes(1, 512, 512), 256 << 20);
+        let limit = Some(128 << 20);
+        assert_eq!(
+            sd15.vae.decode_plan(1, 512, 512, limit),
+            DecodePlan::Tiles(45)
+        );
+        assert_eq!(
+            sd15.vae.decode_plan(2, 320, 320, limit),
+            DecodePlan::EachImage
+        );
+        assert_eq!(sd15.vae.decode_plan(2, 512, 512, None), DecodePlan::Whole);
+        assert_eq!(unet_bytes(&sd15, 512, 512, 2), 30 << 20);
+        assert_eq!(generate_buffer(&sd15, 512, 512, 1), 30 << 20);
+        assert_eq!(generate_buffer(&sd15, 512, 512, 2), 60 << 20);
+        assert_eq!(largest_side(&sd15, 1, 1 << 30), 2944);
         // WebGPU's default binding limit.
-        assert_eq!(largest_side(&sd15, 1, 128 << 20), 320);
+        assert_eq!(largest_side(&sd15, 1, 128 << 20), 1024);
         // Training encodes the photo: 128 channels at 512x512 in f32, exactly 128 MiB.
         assert_eq!(train_buffer(&sd15, 512), 128 << 20);
     }
 
     #[test]
-    fn sdxl_at_1024_needs_a_gibibyte_buffer() {
+    fn sdxl_at_1024_fits_webgpus_default_binding_limit() {
         let sdxl_config = SdConfig::sdxl_base();
-        // The first attention level is the second (64x64 tokens at 1024 px, 640 channels).
-        assert_eq!(feed_forward_bytes(&sdxl_config, 1024, 1024, 2), 160 << 20);
-        assert_eq!(generate_buffer(&sdxl_config, 1024, 1024, 1), 1 << 30);
+        // The VAE decodes in tiles where its 1 GiB does not fit; the UNet's widest layer is its
+        // first level's 320 + 640 channels at 128 x 128 tokens.
+        assert_eq!(generate_buffer(&sdxl_config, 1024, 1024, 1), 120 << 20);
         let sdxl = family(Family::Sdxl);
-        // WebGPU's default binding limit (128 MiB): 1024 px does not fit, 320 px does.
+        // WebGPU's default binding limit (128 MiB): 1024 px fits. Its token tables load in
+        // row chunks; its largest whole tensor is 56 MiB in f16.
         let small = preset(sdxl, binding(128 << 20));
-        // Its token tables load in row chunks; its largest whole tensor is 56 MiB in f16.
         assert!(small.weights_fit);
-        assert_eq!(small.largest_generate_side, Some(320));
-        assert!(
-            small
-                .advice
-                .iter()
-                .any(|a| a.contains("Choose 320 px or less")),
-            "{:?}",
-            small.advice
-        );
+        assert!(small.advice.is_empty(), "{:?}", small.advice);
+        assert_eq!(small.largest_generate_side, Some(1024));
         // The README's example.
-        let half = preset(sdxl, binding(512 << 20));
+        let tiny = preset(sdxl, binding(64 << 20));
+        assert!(tiny.weights_fit);
         assert_eq!(
-            half.advice,
+            tiny.advice,
             [
-                "Generating at 1024x1024: decoding the image (the VAE) needs a 1024 MiB buffer; this GPU allows 512 MiB. Choose 704 px or less."
+                "Generating at 1024x1024: the UNet's widest layer needs a 120 MiB buffer; this GPU allows 64 MiB. Choose 704 px or less."
             ]
         );
         assert_eq!(
             preset(sdxl, binding(1 << 30)).largest_generate_side,
-            Some(1024)
+            Some(2944)
         );
-        // A GPU that binds 2 GiB fits 1024 px; the weights are 6.5 GiB in f16.
+        // A GPU that binds 2 GiB; the weights are 6.5 GiB in f16.
         let big = preset(sdxl, binding(2 << 30));
         assert!(big.advice.is_empty(), "{:?}", big.advice);
-        assert_eq!(big.largest_generate_side, Some(1408));
+        assert_eq!(big.largest_generate_side, Some(4096));
         let gib = big.weights_bytes as f64 / GIB;
         assert!((gib - 6.46).abs() < 0.01, "{gib}");
         // Without f16 the weights double.
@@ -448,14 +456,19 @@ mod tests {
         let total = 859_520_964 + 123_060_480 + 83_653_863;
         // Its largest whole tensor, a 2560-to-1280 3x3 convolution, in f32: 112.5 MiB.
         let largest = 1280 * 2560 * 9 * 4;
-        let f32_report = estimate(&sd15, total, 4, largest, 512, limits);
+        let f32_report = estimate(&sd15, total, 4, largest, 1280, limits);
         assert!(
             f32_report.weights_fit,
             "the token tables load in row chunks"
         );
         assert_eq!(f32_report.advice.len(), 1, "{:?}", f32_report.advice);
-        assert!(f32_report.advice[0].contains("decoding the image"));
-        assert!(f32_report.advice[0].contains("Choose 320 px or less"));
+        assert!(f32_report.advice[0].contains("the UNet's widest layer"));
+        assert!(f32_report.advice[0].contains("Choose 1024 px or less"));
+        assert!(
+            estimate(&sd15, total, 4, largest, 512, limits)
+                .advice
+                .is_empty()
+        );
         let fine = estimate(&sd15, total, 2, largest / 2, 256, limits);
         assert!(fine.advice.is_empty(), "{:?}", fine.advice);
         assert!(fine.weights_fit);

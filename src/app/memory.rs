@@ -5,7 +5,7 @@
 //! them are fitted to measured peaks (`bench/memory/peaks.csv`, refitted by
 //! `bench/memory/fit.py`), and the tests hold every measured peak within 15% of the model.
 
-use crate::config::{SdConfig, UNetConfig, VaeConfig};
+use crate::config::{DecodePlan, SdConfig, UNetConfig};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -13,7 +13,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Work {
     /// `images` images of `width` x `height` with guidance (a UNet batch of `2 * images`;
-    /// the VAE decodes the images together).
+    /// the VAE decodes the images together where they fit the binding limit).
     Generate {
         /// Pixels.
         width: usize,
@@ -141,20 +141,16 @@ fn transformer_layers(unet: &UNetConfig, level: usize) -> usize {
 /// Where a run computes: what the memory model needs to know of the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Target {
-    /// The largest attention-score buffer one shader may bind (attention runs in query
-    /// chunks under it: `unet::attention`); `None` when scores are computed whole.
-    pub score_limit: Option<u64>,
+    /// The largest buffer one shader may bind: attention runs in query chunks under it
+    /// (`unet::attention`) and the VAE decodes in tiles (`VaeConfig::decode_plan`); `None`
+    /// where neither is split.
+    pub binding: Option<u64>,
     /// burn's CPU backend, whose training steps hold weight copies the GPU backends' do not.
     pub cpu: bool,
 }
 
-/// Pixels per latent position: the VAE halves the size at every level but the last.
-pub(crate) fn latent_scale(vae: &VaeConfig) -> usize {
-    1 << vae.block_out_channels.len().saturating_sub(1)
-}
-
 /// The first UNet level with attention.
-pub(crate) fn first_attention_level(unet: &UNetConfig) -> Option<usize> {
+fn first_attention_level(unet: &UNetConfig) -> Option<usize> {
     unet.down_block_types
         .iter()
         .position(|t| t.contains("Attn"))
@@ -163,7 +159,7 @@ pub(crate) fn first_attention_level(unet: &UNetConfig) -> Option<usize> {
 /// The memory `work` needs with a model of `params` parameters stored at `weight_bytes`
 /// each, on `target`.
 pub fn need(config: &SdConfig, params: u64, weight_bytes: u64, work: Work, target: Target) -> Need {
-    let scale = latent_scale(&config.vae);
+    let scale = config.vae.latent_scale();
     // Activations are computed in the weights' dtype (softmax and norms in f32 either way,
     // which the fit absorbs); attention scores are f32.
     let act = weight_bytes.min(4) as f64 / 4.0;
@@ -184,11 +180,19 @@ pub fn need(config: &SdConfig, params: u64, weight_bytes: u64, work: Work, targe
                 2 * images,
             ));
             let scores = target
-                .score_limit
+                .binding
                 .map_or(scores, |l| scores.min(l as f64 / GIB));
-            let vae_channels = config.vae.block_out_channels.iter().take(2).max();
-            let widest = (images * width * height * vae_channels.copied().unwrap_or(0)) as f64;
-            fitted::GENERATE_BASE * act + scores.max(fitted::GENERATE_VAE * f32_gib(widest) * act)
+            let vae = &config.vae;
+            let widest = match vae.decode_plan(images, width, height, target.binding) {
+                DecodePlan::Whole => vae.decode_bytes(images, width, height),
+                DecodePlan::EachImage => vae.decode_bytes(1, width, height),
+                DecodePlan::Tiles(tile) => {
+                    let side = tile * scale;
+                    vae.decode_bytes(1, side, side)
+                }
+            };
+            let widest = widest as f64 / GIB;
+            fitted::GENERATE_BASE * act + scores.max(fitted::GENERATE_VAE * widest * act)
         }
         Work::Train {
             resolution,
@@ -280,7 +284,7 @@ mod tests {
                     work,
                     weight_bytes: if field("dtype") == "f32" { 4 } else { 2 },
                     target: Target {
-                        score_limit: field("score_limit_bytes").parse().ok(),
+                        binding: field("binding_limit_bytes").parse().ok(),
                         cpu: field("backend") == "cpu",
                     },
                     bytes: number("peak_bytes"),
@@ -325,7 +329,8 @@ mod tests {
         // The target: a 512 px step of SD 1.5 in f16 with checkpointing under 6 GiB
         // (measured 5.96 GiB on the CPU).
         assert!(train(512, true) < 6 << 30, "{}", train(512, true));
-        // Query chunks bound a generation's scores by the binding limit.
+        // Query chunks and decoder tiles bound a generation's activations by the binding
+        // limit.
         let generate = Work::Generate {
             width: 1024,
             height: 1024,
@@ -333,7 +338,7 @@ mod tests {
         };
         let whole = need(&sd15, params, 4, generate, Target::default()).activations;
         let limited = Target {
-            score_limit: Some(128 << 20),
+            binding: Some(128 << 20),
             cpu: false,
         };
         let chunked = need(&sd15, params, 4, generate, limited).activations;

@@ -261,7 +261,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let wants = |w: &str| args.only.iter().any(|o| o == w);
     let params: u64 = crate::sd::param_counts(&config, &dev.device)?.iter().sum();
     let target = Target {
-        score_limit: crate::device::binding_limit(&dev.device),
+        binding: crate::device::binding_limit(&dev.device),
         cpu: dev.info.backend == crate::device::Backend::Cpu,
     };
     let modelled = |bench: &str| {

@@ -78,7 +78,7 @@ pub(crate) fn open_with_vae(
 }
 
 /// The page's fit verdict, before anything loads: the largest weight tensor and the largest
-/// buffer that cannot be split (the VAE's full-size activations, the feed-forward) against
+/// buffer that cannot be split (the UNet's widest layer, one VAE decoder tile) against
 /// what the device binds, and the memory the run needs against the GPU's where the API tells
 /// it (`app::fit::check`). Says what to change when it does not fit.
 pub(crate) fn check_fit(

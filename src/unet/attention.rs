@@ -245,7 +245,24 @@ impl FeedForward {
         })
     }
 
+    /// `[b, n, dim]` -> `[b, n, dim]`, in token chunks where the projection (`[b, n, 8 * dim]`,
+    /// at most f32) would pass the device's binding limit (SD 2.1 at 768 px with guidance:
+    /// 180 MiB). Each token is projected alone, so chunking changes no result.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [b, n, dim] = x.dims();
+        let limit = crate::device::binding_limit(&x.device());
+        let chunks: Vec<_> = crate::nn::row_chunks(n, b * 8 * dim * 4, limit).collect();
+        if chunks.len() == 1 {
+            return self.forward_whole(x);
+        }
+        let outs = chunks
+            .into_iter()
+            .map(|r| self.forward_whole(x.clone().narrow(1, r.start, r.len())))
+            .collect();
+        Tensor::cat(outs, 1)
+    }
+
+    fn forward_whole(&self, x: Tensor<3>) -> Tensor<3> {
         let [hidden, gate] = self
             .proj
             .forward(x)

@@ -1,9 +1,9 @@
 //! `AutoencoderKL` (diffusers' `models/autoencoders/autoencoder_kl.py` and `vae.py`): images
 //! to latent distributions and latents back to images.
 
-use burn::tensor::{DType, Tensor, activation::silu};
+use burn::tensor::{DType, Tensor, TensorData, activation::silu};
 
-use crate::config::VaeConfig;
+use crate::config::{DecodePlan, VaeConfig};
 use crate::nn::{Conv2d, GroupNorm, Vars};
 use crate::unet::{Context, ResnetBlock2D, Upsample2D, attention::Attention};
 use crate::weights::WeightsError;
@@ -253,16 +253,113 @@ impl AutoencoderKL {
     /// Latents (already divided by the scaling factor) -> images in about [-1, 1].
     ///
     /// - `latents`: `[batch, latent_channels, height, width]`
-    /// - output: `[batch, out_channels, 8 * height, 8 * width]`, F32
+    /// - output: `[batch, out_channels, scale * height, scale * width]`, F32, where `scale` is
+    ///   `config.latent_scale()`
+    ///
+    /// Where the device binds less than the decoder's widest activation (WebGPU's default is
+    /// 128 MiB; one 512 px image needs 256 MiB), the images are decoded one at a time, and
+    /// where one is still too large, in tiles (`VaeConfig::decode_plan`).
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let [images, _, h, w] = latents.dims();
+        let scale = self.config.latent_scale();
+        let limit = crate::device::binding_limit(&latents.device());
+        match self.config.decode_plan(images, w * scale, h * scale, limit) {
+            DecodePlan::Whole => self.decode_whole(latents),
+            DecodePlan::EachImage => each_image(latents, |z| self.decode_whole(z)),
+            DecodePlan::Tiles(tile) => each_image(latents, |z| self.decode_tiled(z, tile)),
+        }
+    }
+
+    fn decode_whole(&self, latents: Tensor<4>) -> Tensor<4> {
         let latents = latents.cast(self.dtype());
         self.decoder
             .forward(self.post_quant_conv.forward(latents))
             .cast(DType::F32)
     }
 
+    /// Decodes in overlapping square tiles of `tile` latent positions, each blended into the
+    /// one above and the one to its left over a quarter of the tile, as diffusers'
+    /// `AutoencoderKL.tiled_decode` does (with `tile_latent_min_size = tile`); shapes as
+    /// `decode`. Each tile's attention sees only the tile, so the result differs a little from
+    /// a whole decode; the decoder's activations are a tile's.
+    pub fn decode_tiled(&self, latents: Tensor<4>, tile: usize) -> Tensor<4> {
+        let [_, _, h, w] = latents.dims();
+        let scale = self.config.latent_scale();
+        // diffusers: overlap_size, blend_extent, row_limit.
+        let stride = (tile * 3 / 4).max(1);
+        let blend = tile * scale / 4;
+        let keep = tile * scale - blend;
+        let latents = self.post_quant_conv.forward(latents.cast(self.dtype()));
+        let mut rows: Vec<Vec<Tensor<4>>> = Vec::new();
+        for i in (0..h).step_by(stride) {
+            let mut row: Vec<Tensor<4>> = Vec::new();
+            for j in (0..w).step_by(stride) {
+                let z = latents
+                    .clone()
+                    .narrow(2, i, tile.min(h - i))
+                    .narrow(3, j, tile.min(w - j));
+                let mut decoded = self.decoder.forward(z).cast(DType::F32);
+                // diffusers blends in place, so the tiles above and to the left are already
+                // blended themselves when they are read.
+                if let Some(above) = rows.last() {
+                    decoded = blend_tiles(&above[row.len()], decoded, blend, 2);
+                }
+                if let Some(left) = row.last() {
+                    decoded = blend_tiles(left, decoded, blend, 3);
+                }
+                row.push(decoded);
+            }
+            rows.push(row);
+        }
+        let crop = |t: &Tensor<4>| {
+            let [_, _, th, tw] = t.dims();
+            t.clone()
+                .narrow(2, 0, th.min(keep))
+                .narrow(3, 0, tw.min(keep))
+        };
+        let rows = rows
+            .iter()
+            .map(|row| Tensor::cat(row.iter().map(&crop).collect(), 3))
+            .collect();
+        Tensor::cat(rows, 2)
+    }
+
     /// The weights' dtype. Inputs are cast to it; outputs come back as F32.
     pub fn dtype(&self) -> DType {
         self.quant_conv.weight.dtype()
     }
+}
+
+/// `decode` applied to each image of the batch alone, the results stacked again.
+fn each_image(latents: Tensor<4>, decode: impl Fn(Tensor<4>) -> Tensor<4>) -> Tensor<4> {
+    let images = latents.dims()[0];
+    let outs = (0..images)
+        .map(|i| decode(latents.clone().narrow(0, i, 1)))
+        .collect();
+    Tensor::cat(outs, 0)
+}
+
+/// diffusers' `blend_v` (`dim` 2) and `blend_h` (`dim` 3): the first `extent` rows (columns)
+/// of `b` fade in from the last ones of `a`, `b`'s weight growing as `y / extent`.
+fn blend_tiles(a: &Tensor<4>, b: Tensor<4>, extent: usize, dim: usize) -> Tensor<4> {
+    let (len_a, len_b) = (a.dims()[dim], b.dims()[dim]);
+    let extent = extent.min(len_a).min(len_b);
+    if extent == 0 {
+        return b;
+    }
+    let mut shape = [1; 4];
+    shape[dim] = extent;
+    // The weights in f64 then rounded, as PyTorch turns its Python scalars.
+    let weights = |f: fn(f64) -> f64| {
+        let w: Vec<f32> = (0..extent)
+            .map(|y| f(y as f64 / extent as f64) as f32)
+            .collect();
+        Tensor::<4>::from_data(TensorData::new(w, shape), &b.device())
+    };
+    let faded = a.clone().narrow(dim, len_a - extent, extent) * weights(|t| 1.0 - t)
+        + b.clone().narrow(dim, 0, extent) * weights(|t| t);
+    if extent == len_b {
+        return faded;
+    }
+    Tensor::cat(vec![faded, b.narrow(dim, extent, len_b - extent)], dim)
 }

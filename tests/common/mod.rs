@@ -232,4 +232,13 @@ pub fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32
         tol,
         &what("vae decode"),
     );
+    // Decoding in tiles as diffusers' `enable_tiling()` does on this VAE (tiles of 4 latent
+    // positions, blended where they overlap).
+    assert_close(
+        sd.vae
+            .decode_tiled(g.tensor("vae.tiled_latents", device), 4),
+        g.f32("vae.tiled_decoded"),
+        tol,
+        &what("vae tiled decode"),
+    );
 }

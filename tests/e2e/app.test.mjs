@@ -747,7 +747,7 @@ test("nothing the page did left 127.0.0.1, and nothing was sent", { timeout: TES
   assert.deepEqual([...methods].filter((m) => m !== "GET" && m !== "HEAD"), [], "the server received more than GET and HEAD");
 });
 
-test("a GPU that binds 2 MiB per buffer loads the model (its 3 MiB token table in chunks), generates, and refuses a size too large with the size that fits (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async () => {
+test("a GPU that binds 2 MiB per buffer loads the model (its 3 MiB token table in chunks), generates at 256 px (the VAE decoding in tiles), and refuses a size too large with the size that fits (a fresh page and storage)", { timeout: TEST_TIMEOUT }, async () => {
   // `?max-binding-mib=2` makes the worker ask WebGPU for a device with that binding limit and
   // plan for it (the browser grants at least WebGPU's default, 128 MiB; this one's is 1 GiB).
   const context = await freshContext();
@@ -759,23 +759,27 @@ test("a GPU that binds 2 MiB per buffer loads the model (its 3 MiB token table i
 
     await page.getByTestId("prompt").fill("a photo of a person");
     await page.getByTestId("gen-steps").fill("2");
-    await page.getByTestId("gen-size").selectOption("64");
+    // 256 px: the VAE decoder's widest activation would be 8 MiB whole; it decodes in 36
+    // tiles of 64 px (512 KiB each).
+    await page.getByTestId("gen-size").selectOption("256");
     await page.getByTestId("gen-count").fill("1");
     await page.getByTestId("generate").click();
     const made = await waitFor(page, "an image", (s) => (s.results.length > 0 && s.results[0].loaded) || s.genError, {
       timeout: GENERATE_TIMEOUT,
     });
     assert.ok(!made.genError, `generation failed under a 2 MiB binding limit: ${made.genError?.text}`);
+    assert.equal(made.results[0].width, 256, "the image should be 256 px wide");
 
-    // 256 px: the VAE decoder's widest activation is 8 MiB.
-    await page.getByTestId("gen-size").selectOption("256");
+    // 768 px: the UNet's widest layer (the first level's skip joining the second's output,
+    // 64 channels) would need 4.5 MiB, and nothing splits it.
+    await page.getByTestId("gen-size").selectOption("768");
     const before = await appeared(page, "gen-error");
     await page.getByTestId("generate").click();
     const refused = await expectNewError(page, "gen-error", before, "out-of-memory", {
       timeout: GENERATE_TIMEOUT,
-      what: "generation at 256 px to be refused",
+      what: "generation at 768 px to be refused",
     });
-    assert.match(refused.text, /Choose 128 px or less/, `the refusal should say what fits: ${refused.text}`);
+    assert.match(refused.text, /Choose 512 px or less/, `the refusal should say what fits: ${refused.text}`);
     const after = await page.evaluate(snapshot);
     assert.equal(after.results.length, made.results.length, "an image was made at a size that does not fit");
     assert.ok(after.modelReady, "the model should stay usable after a refused size");
