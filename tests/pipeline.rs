@@ -3,16 +3,17 @@
 //! (goldens from `tests/fixtures/pipeline/generate.py`).
 #![cfg(not(target_family = "wasm"))]
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use sefi::block_on;
 use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise, HostLatents};
 use sefi::schedule::{Plan, Sampler, SchedulerConfig, TrainSchedule};
 use sefi::sd::StableDiffusion;
 use sefi::weights::Checkpoint;
+use sefi::weights::open::Variant;
 use serde_json::Value;
 
 mod common;
-use common::{Goldens, fixture, load_model};
+use common::{Goldens, assert_close, fixture, load_model, sd_fixture};
 
 fn json(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixture(path)).unwrap()).unwrap()
@@ -290,4 +291,56 @@ fn long_prompts_are_encoded_in_windows_with_a_warning() {
     .unwrap_err();
     assert_eq!(err, pipeline::PipelineError::Cancelled);
     assert_eq!(seen, 2);
+}
+
+/// A VAE with three levels (`tiny-vae3`, latents a quarter of the image's size): its encoder
+/// and decoder match diffusers, and a generation with it takes latents of diffusers' shape
+/// (`2 ** (levels - 1)` from the config, not 8) and makes an image of the size asked for.
+#[test]
+fn a_three_level_vae_sets_the_latent_size() {
+    let device = Device::flex();
+    let tiny = block_on(Checkpoint::open_path(
+        &sd_fixture("tiny-sd1"),
+        Variant::Auto,
+        None,
+    ))
+    .unwrap();
+    let ckpt = block_on(tiny.with_vae_dir(&sd_fixture("tiny-vae3"))).unwrap();
+    assert_eq!(ckpt.config.vae.latent_scale(), 4);
+    let sd = block_on(StableDiffusion::load(
+        &ckpt,
+        &device,
+        DType::F32,
+        &mut |_| {},
+    ))
+    .unwrap();
+
+    let g = Goldens::open("sd/tiny-vae3/goldens.safetensors");
+    let posterior = sd.vae.encode(g.tensor("vae.image", &device));
+    let mean = g.f32("vae.posterior_mean");
+    assert_close(posterior.mean, mean, 1e-4, "3-level vae posterior mean");
+    let decoded = sd.vae.decode(g.tensor("vae.latents", &device));
+    assert_close(decoded, g.f32("vae.decoded"), 1e-4, "3-level vae decode");
+
+    // 64 x 96 px: latents of 16 x 24, given as diffusers' `latents=` would be.
+    let req = GenerateRequest {
+        prompt: "a photo of a person".into(),
+        steps: 2,
+        width: 64,
+        height: 96,
+        ..GenerateRequest::default()
+    };
+    let initial = HostLatents {
+        shape: [1, 4, 24, 16],
+        data: (0..4 * 24 * 16)
+            .map(|i| ((i % 7) as f32 - 3.0) / 3.0)
+            .collect(),
+    };
+    let given = GivenNoise {
+        initial: Some(initial),
+        steps: None,
+    };
+    let out = run(&sd, &ckpt, &req, &given, &device);
+    assert_eq!(out.latents.dims(), [1, 4, 24, 16]);
+    assert_eq!((out.images[0].width, out.images[0].height), (64, 96));
 }

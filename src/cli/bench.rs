@@ -251,7 +251,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     let config = read_config(&config_dir(&args.config))?;
-    let res = args.resolution.unwrap_or(config.unet.sample_size * 8);
+    let scale = config.vae.latent_scale();
+    let res = args.resolution.unwrap_or(config.unet.sample_size * scale);
     if res == 0 || !res.is_multiple_of(8) {
         return Err(format!("--resolution {res} is not a positive multiple of 8").into());
     }
@@ -310,7 +311,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         println!("{}", serde_json::to_string(&r).expect("plain data"));
     };
     let (warmup, reps) = (args.warmup, args.reps);
-    let latent = res / 8;
+    let latent = res / scale;
     let scheduler = SchedulerConfig::for_prediction(config.prediction);
 
     let family = if config.text_encoder_2.is_some() {

@@ -129,7 +129,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         args.vae.as_deref(),
         Variant::Auto,
     )?;
-    let native = ckpt.config.unet.sample_size * 8;
+    let native = ckpt.config.unet.sample_size * ckpt.config.vae.latent_scale();
     let seed = args.seed.unwrap_or_else(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

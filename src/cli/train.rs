@@ -135,7 +135,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         "device: {} ({}), weights in {precision}",
         dev.info.adapter, dev.info.backend
     );
-    let resolution = args.resolution.unwrap_or(ckpt.config.unet.sample_size * 8);
+    let native = ckpt.config.unet.sample_size * ckpt.config.vae.latent_scale();
+    let resolution = args.resolution.unwrap_or(native);
     let checkpointing = fitting_checkpointing(
         &ckpt,
         &dev,

@@ -111,7 +111,8 @@ pub fn sefi_loss(
     // SDXL's micro-conditioning: the photo is a full, uncropped square at the training size.
     let [_, _, h, w] = inputs.latents.dims();
     let added = value.pooled.map(|text_embeds| {
-        let (h, w) = ((h * 8) as f32, (w * 8) as f32);
+        let scale = sd.config.vae.latent_scale();
+        let (h, w) = ((h * scale) as f32, (w * scale) as f32);
         AddedCond {
             text_embeds,
             time_ids: Tensor::from_data(

@@ -94,7 +94,7 @@ pub struct Draw {
     /// The training timestep, uniform over the schedule (0 to 999 for SD).
     pub timestep: usize,
     /// Standard normal noise, flattened in the latents' shape
-    /// `[1, 4, resolution / 8, resolution / 8]`.
+    /// `[1, 4, resolution / s, resolution / s]` (s: `VaeConfig::latent_scale`).
     pub noise: Vec<f32>,
 }
 

@@ -19,7 +19,8 @@ pub use crate::rgb::RgbImage;
 /// Latents on the host, `[batch, channels, height, width]`, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostLatents {
-    /// `[batch, channels, height, width]`, the height and width 1/8 of the image's.
+    /// `[batch, channels, height, width]`, the height and width the image's divided by the
+    /// VAE's latent scale (8 for every published VAE).
     pub shape: [usize; 4],
     /// The values, as many as the product of `shape`.
     pub data: Vec<f32>,

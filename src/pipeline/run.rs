@@ -20,7 +20,8 @@ use crate::unet::{AddedCond, Context};
 /// The result: final latents (before the VAE) and the decoded images.
 #[derive(Debug)]
 pub struct Generated {
-    /// `[num_images, channels, height / 8, width / 8]`, as the sampler leaves them.
+    /// `[num_images, channels, height / scale, width / scale]` (`VaeConfig::latent_scale`), as
+    /// the sampler leaves them.
     pub latents: Tensor<4>,
     /// The decoded images, `num_images` of them in batch order.
     pub images: Vec<RgbImage>,
@@ -174,11 +175,12 @@ pub async fn generate(
 ) -> Result<Generated, PipelineError> {
     req.validate()?;
     let plan = Plan::new(req.sampler, scheduler, req.steps)?;
+    let scale = sd.config.vae.latent_scale();
     let shape = [
         req.num_images,
         sd.config.unet.in_channels,
-        req.height / 8,
-        req.width / 8,
+        req.height / scale,
+        req.width / scale,
     ];
     let mut noise = Noise::new(req, shape, given, plan.len())?;
 
@@ -447,7 +449,7 @@ impl<'a> Conditioning<'a> {
     }
 }
 
-/// The sampling loop: from the starting noise to the final latents `[batch, 4, h / 8, w / 8]`,
+/// The sampling loop: from the starting noise to the final latents `[batch, 4, h / s, w / s]`,
 /// with classifier-free guidance, progress events, previews and cancellation.
 async fn sample(
     sd: &StableDiffusion,

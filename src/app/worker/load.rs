@@ -178,7 +178,7 @@ pub(super) async fn load_model(
     let largest = sd::largest_whole_tensor(&ckpt.config, &dev.device).map_err(weights_error)?
         * bytes_per_param;
     let params: u64 = Component::ALL.iter().map(|&c| ckpt.params(c)).sum();
-    let resolution = ckpt.config.unet.sample_size * 8;
+    let resolution = ckpt.config.unet.sample_size * ckpt.config.vae.latent_scale();
     let fit = fit::estimate(
         &ckpt.config,
         params,
