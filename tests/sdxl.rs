@@ -717,3 +717,32 @@ fn another_vae_replaces_the_models() {
     .unwrap_err();
     assert!(err.to_string().contains("not a diffusers VAE"), "{err}");
 }
+
+/// SDXL with a three-level VAE (`tiny-vae3`): the latents are a quarter of the image's size,
+/// read from the VAE's config as diffusers reads it, and the image is the size asked for.
+#[test]
+fn sdxl_with_a_three_level_vae_makes_the_size_asked_for() {
+    let device = Device::flex();
+    let ckpt = open(&sd_fixture("tiny-sdxl"), None).unwrap();
+    let ckpt = block_on(ckpt.with_vae_dir(&sd_fixture("tiny-vae3"))).unwrap();
+    assert_eq!(ckpt.config.vae.latent_scale(), 4);
+    let sd = load(&ckpt, &device);
+    let req = GenerateRequest {
+        steps: 2,
+        width: 64,
+        height: 96,
+        ..request("", 5.0, Sampler::Euler)
+    };
+    let out = block_on(pipeline::generate(
+        &sd,
+        &ckpt.scheduler,
+        &req,
+        &[],
+        &GivenNoise::default(),
+        &device,
+        &mut |_| Flow::Continue,
+    ))
+    .unwrap();
+    assert_eq!(out.latents.dims(), [1, 4, 24, 16]);
+    assert_eq!((out.images[0].width, out.images[0].height), (64, 96));
+}
