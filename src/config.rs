@@ -401,6 +401,24 @@ impl VaeConfig {
         DecodePlan::Tiles(tile)
     }
 
+    /// The decoder's widest activation as `decode_plan` splits the work under `limit`.
+    pub fn decode_bytes_planned(
+        &self,
+        images: usize,
+        width: usize,
+        height: usize,
+        limit: Option<u64>,
+    ) -> u64 {
+        match self.decode_plan(images, width, height, limit) {
+            DecodePlan::Whole => self.decode_bytes(images, width, height),
+            DecodePlan::EachImage => self.decode_bytes(1, width, height),
+            DecodePlan::Tiles(tile) => {
+                let side = tile * self.latent_scale();
+                self.decode_bytes(1, side, side)
+            }
+        }
+    }
+
     /// The decoder's widest activation that no plan splits: one image, or one tile of the
     /// smallest size.
     pub fn decode_bytes_unsplit(&self, width: usize, height: usize) -> u64 {

@@ -16,7 +16,7 @@ use sefi::identity::train::{
     Draw, Photo, StepReport, Term, TrainConfig, TrainError, TrainState, Trainer, decode_photo,
 };
 use sefi::identity::{Identity, IdentityError, stage_of};
-use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise};
+use sefi::pipeline::{self, GenerateRequest, GivenNoise};
 use sefi::schedule::Sampler;
 use sefi::sd::StableDiffusion;
 use sefi::weights::Family;
@@ -91,15 +91,14 @@ fn each_timestep_uses_its_stages_vectors() {
         ..Default::default()
     };
     let run = |id: &Identity| {
-        let g = block_on(pipeline::generate(
+        let g = common::generate(
             &sd,
             &scheduler,
             &req,
             std::slice::from_ref(id),
             &GivenNoise::default(),
             &device,
-            &mut |_| Flow::Continue,
-        ))
+        )
         .unwrap();
         block_on(pipeline::read_f32(g.latents)).unwrap()
     };
@@ -150,15 +149,14 @@ fn two_identities_in_one_prompt_each_get_their_vectors() {
         ..Default::default()
     };
     let run = |ids: &[Identity]| {
-        let g = block_on(pipeline::generate(
+        let g = common::generate(
             &sd,
             &ckpt.scheduler,
             &req,
             ids,
             &GivenNoise::default(),
             &device,
-            &mut |_| Flow::Continue,
-        ))
+        )
         .unwrap();
         block_on(pipeline::read_f32(g.latents)).unwrap()
     };
@@ -174,15 +172,14 @@ fn two_identities_in_one_prompt_each_get_their_vectors() {
         max_diff(&ab, &run(&[a.clone(), b2])) > 1e-3,
         "<b>'s vectors are used"
     );
-    let err = block_on(pipeline::generate(
+    let err = common::generate(
         &sd,
         &ckpt.scheduler,
         &req,
         &[a],
         &GivenNoise::default(),
         &device,
-        &mut |_| Flow::Continue,
-    ))
+    )
     .unwrap_err();
     assert!(
         err.to_string().contains("<b>") && err.to_string().contains("loaded: <a>"),

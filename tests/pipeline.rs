@@ -107,16 +107,7 @@ fn run(
     given: &GivenNoise,
     device: &Device,
 ) -> pipeline::Generated {
-    block_on(pipeline::generate(
-        sd,
-        &ckpt.scheduler,
-        req,
-        &[],
-        given,
-        device,
-        &mut |_| Flow::Continue,
-    ))
-    .unwrap()
+    common::generate(sd, &ckpt.scheduler, req, &[], given, device).unwrap()
 }
 
 fn check_model(model: &str) {

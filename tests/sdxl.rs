@@ -9,7 +9,7 @@ use std::path::Path;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use sefi::block_on;
 use sefi::config::SdConfig;
-use sefi::pipeline::{self, Flow, GenerateRequest, GivenNoise, HostLatents};
+use sefi::pipeline::{self, GenerateRequest, GivenNoise, HostLatents};
 use sefi::schedule::Sampler;
 use sefi::sd::{StableDiffusion, param_counts, validate};
 use sefi::unet::{AddedCond, AttentionCapture, Context};
@@ -256,16 +256,7 @@ fn generations_match_stable_diffusion_xl_pipeline() {
         ),
     ];
     for (name, req) in cases {
-        let out = block_on(pipeline::generate(
-            &sd,
-            &ckpt.scheduler,
-            &req,
-            &[],
-            &given,
-            &device,
-            &mut |_| Flow::Continue,
-        ))
-        .unwrap();
+        let out = common::generate(&sd, &ckpt.scheduler, &req, &[], &given, &device).unwrap();
         assert_close(out.latents.clone(), g.f32(name), 1e-3, name);
         if name == "pipe.euler.no_negative" {
             // The decoded image, before 8-bit rounding: latents / 0.13025 through the VAE.
@@ -733,15 +724,14 @@ fn sdxl_with_a_three_level_vae_makes_the_size_asked_for() {
         height: 96,
         ..request("", 5.0, Sampler::Euler)
     };
-    let out = block_on(pipeline::generate(
+    let out = common::generate(
         &sd,
         &ckpt.scheduler,
         &req,
         &[],
         &GivenNoise::default(),
         &device,
-        &mut |_| Flow::Continue,
-    ))
+    )
     .unwrap();
     assert_eq!(out.latents.dims(), [1, 4, 24, 16]);
     assert_eq!((out.images[0].width, out.images[0].height), (64, 96));

@@ -5,7 +5,7 @@
 //! them are fitted to measured peaks (`bench/memory/peaks.csv`, refitted by
 //! `bench/memory/fit.py`), and the tests hold every measured peak within 15% of the model.
 
-use crate::config::{DecodePlan, SdConfig, UNetConfig};
+use crate::config::{SdConfig, UNetConfig};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -182,15 +182,9 @@ pub fn need(config: &SdConfig, params: u64, weight_bytes: u64, work: Work, targe
             let scores = target
                 .binding
                 .map_or(scores, |l| scores.min(l as f64 / GIB));
-            let vae = &config.vae;
-            let widest = match vae.decode_plan(images, width, height, target.binding) {
-                DecodePlan::Whole => vae.decode_bytes(images, width, height),
-                DecodePlan::EachImage => vae.decode_bytes(1, width, height),
-                DecodePlan::Tiles(tile) => {
-                    let side = tile * scale;
-                    vae.decode_bytes(1, side, side)
-                }
-            };
+            let widest = config
+                .vae
+                .decode_bytes_planned(images, width, height, target.binding);
             let widest = widest as f64 / GIB;
             fitted::GENERATE_BASE * act + scores.max(fitted::GENERATE_VAE * widest * act)
         }

@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use sefi::block_on;
+use sefi::identity::Identity;
+use sefi::pipeline::{self, Flow, GenerateRequest, Generated, GivenNoise, PipelineError};
+use sefi::schedule::SchedulerConfig;
 use sefi::sd::StableDiffusion;
 use sefi::unet::{AttentionCapture, Context};
 use sefi::weights::open::Variant;
@@ -118,6 +121,27 @@ pub fn assert_close<const D: usize>(
     );
     eprintln!("{what}: max abs error {err:e} (values up to {scale:.3})");
     err
+}
+
+/// A whole generation on `device` with the given identities and starting noise, never
+/// cancelled.
+pub fn generate(
+    sd: &StableDiffusion,
+    scheduler: &SchedulerConfig,
+    req: &GenerateRequest,
+    identities: &[Identity],
+    given: &GivenNoise,
+    device: &Device,
+) -> Result<Generated, PipelineError> {
+    block_on(pipeline::generate(
+        sd,
+        scheduler,
+        req,
+        identities,
+        given,
+        device,
+        &mut |_| Flow::Continue,
+    ))
 }
 
 /// Runs the `sefi` command line.
