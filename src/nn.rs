@@ -578,9 +578,20 @@ impl Activation {
     }
 }
 
+thread_local! {
+    static READBACKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Readbacks through [`read_f32`] on this thread so far: each one waits for the device to
+/// finish its queue (a sync). Benchmarks and tests count them.
+pub fn readbacks() -> usize {
+    READBACKS.get()
+}
+
 /// Reads a tensor back to the host as f32, asynchronously (a synchronous read panics on
 /// WebGPU).
 pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<Vec<f32>, String> {
+    READBACKS.set(READBACKS.get() + 1);
     let data = t.into_data_async().await.map_err(|e| e.to_string())?;
     data.convert::<f32>()
         .try_to_vec::<f32>()

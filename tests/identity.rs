@@ -393,6 +393,7 @@ fn a_paused_run_resumes_to_the_same_identity() {
             ..Due::default()
         },
         maps_before_training: true,
+        read_every: std::time::Duration::ZERO,
     };
     let run = |state: &mut TrainState, pause_before: usize, events: &mut Vec<String>| {
         let mut asked = 0;
@@ -458,6 +459,150 @@ fn a_paused_run_resumes_to_the_same_identity() {
     };
     assert_eq!(resumed, straight);
     assert_eq!((identity.key, identity.value), (whole.key, whole.value));
+}
+
+/// Several steps a readback: the vectors and AdamW's moments stay on the device, and the
+/// result is the same as one step a readback.
+#[test]
+fn steps_in_one_readback_train_as_single_steps() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(5),
+        &device,
+    ))
+    .unwrap();
+    let before = sefi::nn::readbacks();
+    let mut single = trainer.initial_state();
+    let single_reports: Vec<StepReport> = (0..5)
+        .map(|_| block_on(trainer.step(&mut single)).unwrap())
+        .collect();
+    assert_eq!(sefi::nn::readbacks() - before, 5);
+    let before = sefi::nn::readbacks();
+    let mut batched = trainer.initial_state();
+    let batched_reports = block_on(trainer.steps(&mut batched, 5)).unwrap();
+    assert_eq!(
+        sefi::nn::readbacks() - before,
+        1,
+        "one readback for five steps"
+    );
+    assert_eq!(batched, single);
+    let numbers = |r: &StepReport| {
+        (
+            r.step,
+            r.timestep,
+            r.stage,
+            r.loss,
+            r.noise_loss,
+            r.attn_loss,
+        )
+    };
+    assert_eq!(
+        batched_reports.iter().map(numbers).collect::<Vec<_>>(),
+        single_reports.iter().map(numbers).collect::<Vec<_>>()
+    );
+    // The five draws hit more than one stage, so the batch carried several stages' rows.
+    let stages: std::collections::BTreeSet<_> = batched_reports.iter().map(|r| r.stage).collect();
+    assert!(stages.len() > 1, "{stages:?}");
+}
+
+/// A run reads back once a batch: the first step alone (to time it), then as many steps as
+/// fit in `read_every`, at most 16, up to the next event due.
+#[test]
+fn a_run_reads_back_once_a_batch() {
+    use sefi::identity::session::{self, Due, Finished, Schedule, TrainEvent};
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
+    let trainer = block_on(Trainer::new(
+        &sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        trainer_config(40),
+        &device,
+    ))
+    .unwrap();
+    let schedule = Schedule {
+        checkpoint: Due {
+            every: 30,
+            ..Due::default()
+        },
+        read_every: std::time::Duration::from_secs(3600),
+        ..Schedule::default()
+    };
+    let before = sefi::nn::readbacks();
+    let mut events = Vec::new();
+    let mut state = trainer.initial_state();
+    let finished = block_on(session::run(
+        &trainer,
+        &mut state,
+        &schedule,
+        &mut || None,
+        &mut |e| -> Result<(), Box<dyn std::error::Error>> {
+            events.push(match e {
+                TrainEvent::Step(r) => format!("step {}", r.step),
+                TrainEvent::Checkpoint { step, .. } => format!("checkpoint {step}"),
+                TrainEvent::Maps { step, .. } => format!("maps {step}"),
+            });
+            Ok(())
+        },
+    ))
+    .unwrap();
+    assert!(matches!(finished, Finished::Done(_)));
+    // Batches of 1, 16, 13 (to the checkpoint at 30) and 10.
+    assert_eq!(sefi::nn::readbacks() - before, 4);
+    let steps = events.iter().filter(|e| e.starts_with("step")).count();
+    assert_eq!(steps, 40);
+    assert_eq!(events[30], "checkpoint 30");
+}
+
+/// An f16 loss scale that overflows ends a batch at that step, which is redone alone at lower
+/// scales; the run goes on as it would one step a readback.
+#[test]
+fn an_overflowing_loss_scale_ends_the_batch_and_is_lowered() {
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model_in("tiny-sd1", &device, DType::F16);
+    let trainer = || {
+        block_on(Trainer::new(
+            &sd,
+            &ckpt.scheduler,
+            &[astronaut()],
+            trainer_config(4),
+            &device,
+        ))
+        .unwrap()
+        // Far beyond f16's range: the first backward pass overflows.
+        .with_loss_scale(2f32.powi(24))
+    };
+    let single_trainer = trainer();
+    let mut single = single_trainer.initial_state();
+    for _ in 0..4 {
+        block_on(single_trainer.step(&mut single)).unwrap();
+    }
+    let batched_trainer = trainer();
+    let mut batched = batched_trainer.initial_state();
+    let first = block_on(batched_trainer.steps(&mut batched, 4)).unwrap();
+    assert_eq!(
+        first.len(),
+        1,
+        "the overflow ends the batch at its first step"
+    );
+    // Later steps may overflow the scale found for the first again: ask until all are done.
+    while batched.step < 4 {
+        let left = 4 - batched.step;
+        let reports = block_on(batched_trainer.steps(&mut batched, left)).unwrap();
+        assert!(!reports.is_empty());
+    }
+    assert_eq!(batched, single);
+    assert!(
+        batched
+            .key
+            .iter()
+            .chain(&batched.value)
+            .all(|x| x.is_finite())
+    );
 }
 
 #[test]

@@ -209,6 +209,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             None => Due::default(),
         },
         maps_before_training: false,
+        read_every: session::READ_EVERY,
     };
     let mut on_event = |event: TrainEvent| -> Result<(), Box<dyn std::error::Error>> {
         match event {

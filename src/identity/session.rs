@@ -34,7 +34,26 @@ impl Due {
             || self.after.is_some_and(|after| since.elapsed() >= after)
             || (self.first_step && step == 1)
     }
+
+    /// Steps from `step` to the next one due by count (or to the last step).
+    fn steps_to_next(&self, step: usize, total: usize) -> usize {
+        let left = total.saturating_sub(step);
+        if self.first_step && step == 0 {
+            1
+        } else if self.every > 0 {
+            left.min(self.every - step % self.every)
+        } else {
+            left
+        }
+    }
 }
+
+/// The most steps run between two readbacks.
+const MAX_STEPS_PER_READ: usize = 16;
+
+/// [`Schedule::read_every`] for the page and the command line: the stop signal is seen within
+/// half a second on a fast GPU; a GPU that takes longer for one step still reads every step.
+pub const READ_EVERY: Duration = Duration::from_millis(500);
 
 /// What a run reports, and when.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -45,10 +64,14 @@ pub struct Schedule {
     pub maps: Due,
     /// Attention maps before the first step (or before the first step after resuming).
     pub maps_before_training: bool,
+    /// How long steps may run between two readbacks, and so between two looks at the stop
+    /// signal (zero: every step). On a fast GPU a readback a step leaves it idle while the
+    /// host waits; several steps a read (at most 16) keep it busy.
+    pub read_every: Duration,
 }
 
-/// What happened in a run, in order: after each step its report, then a checkpoint if one is
-/// due, then attention maps if they are due.
+/// What happened in a run, in order: after each batch of steps their reports, then a
+/// checkpoint if one is due, then attention maps if they are due.
 #[derive(Debug)]
 pub enum TrainEvent {
     /// A step finished: its numbers.
@@ -114,6 +137,8 @@ where
         on_event(maps(trainer, state).await?)?;
     }
     let (mut last_checkpoint, mut last_maps) = (Instant::now(), Instant::now());
+    // Steps a second, from the last batch: the first runs one step to measure it.
+    let mut speed: Option<f64> = None;
     while state.step < total {
         if let Some(how) = stop() {
             let checkpoint = match how {
@@ -125,9 +150,21 @@ where
                 checkpoint,
             });
         }
-        let report = trainer.step(state).await?;
-        let step = report.step;
-        on_event(TrainEvent::Step(report))?;
+        let n = speed
+            .map_or(1, |speed| {
+                (schedule.read_every.as_secs_f64() * speed).floor() as usize
+            })
+            .clamp(1, MAX_STEPS_PER_READ)
+            .min(schedule.checkpoint.steps_to_next(state.step, total))
+            .min(schedule.maps.steps_to_next(state.step, total))
+            .max(1);
+        // Events due by count fall on a batch's last step (`n` stops there).
+        let reports = trainer.steps(state, n).await?;
+        speed = reports.last().map(|r| r.steps_per_second);
+        for report in reports {
+            on_event(TrainEvent::Step(report))?;
+        }
+        let step = state.step;
         if schedule.checkpoint.at(step, total, last_checkpoint) {
             on_event(TrainEvent::Checkpoint {
                 step,

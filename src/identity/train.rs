@@ -1,5 +1,7 @@
 //! The SeFi trainer: photos to VAE latents once, then AdamW on the identity's 2 x S vectors
-//! (everything else frozen) with the noise-prediction and face-wise attention losses.
+//! (everything else frozen) with the noise-prediction and face-wise attention losses. The
+//! vectors and AdamW's moments stay on the device for a batch of steps ([`Trainer::steps`]);
+//! [`TrainState`] is their copy on the host, read back once a batch.
 //!
 //! Every step draws its randomness (photo, flip, timestep, noise) from a generator seeded by
 //! (seed, step), so a run resumed from a checkpoint continues exactly as the uninterrupted run.
@@ -157,6 +159,46 @@ fn next_scale(current: f32, used: f32, clean: usize, initial: f32) -> (f32, usiz
     }
 }
 
+/// What one step run on the device left: the new rows of its stage (key, its two AdamW
+/// moments, value, its moments; `dim` values each) and its three losses.
+struct StepDone {
+    timestep: usize,
+    stage: usize,
+    rows: Vec<f32>,
+    losses: [f32; 3],
+}
+
+impl StepDone {
+    /// Whether the gradients were finite: a gradient that overflowed leaves NaN in the
+    /// updated vectors (inf / inf), however the device rounds.
+    fn is_finite(&self) -> bool {
+        self.rows.iter().all(|x| x.is_finite())
+    }
+}
+
+/// AdamW on the device as `torch.optim.AdamW` computes it (decoupled weight decay, betas
+/// 0.9 and 0.999, eps 1e-8, in its order of operations): `[param, exp_avg, exp_avg_sq]` after
+/// the `step`-th update with gradient `grad`.
+fn adamw(
+    [p, m, v]: [Tensor<2>; 3],
+    grad: Tensor<2>,
+    lr: f64,
+    weight_decay: f64,
+    step: u32,
+) -> [Tensor<2>; 3] {
+    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let p = p.mul_scalar(1.0 - lr * weight_decay);
+    // exp_avg.lerp_(grad, 1 - beta1)
+    let m = m.clone() + (grad.clone() - m).mul_scalar(1.0 - b1);
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let v = v.mul_scalar(b2) + (grad.clone() * grad).mul_scalar(1.0 - b2);
+    let step = step as i32;
+    let (c1, c2) = (1.0 - b1.powi(step), 1.0 - b2.powi(step));
+    let denom = v.clone().sqrt().div_scalar(c2.sqrt()).add_scalar(eps);
+    let p = p - (m.clone() / denom).mul_scalar(lr / c1);
+    [p, m, v]
+}
+
 /// Centre (or given) square crop, resized to `side` (Lanczos), as `[1, 3, side, side]` in
 /// [-1, 1], and its mirror image.
 fn prepare(photo: &Photo, side: usize, device: &Device) -> Result<[Tensor<4>; 2], TrainError> {
@@ -293,6 +335,13 @@ impl<'a> Trainer<'a> {
         })
     }
 
+    /// Starts from another f16 loss scale than the dtype's (tests provoke an overflow with a
+    /// large one).
+    pub fn with_loss_scale(self, scale: f32) -> Self {
+        self.scale.set(scale);
+        self
+    }
+
     /// Width of the identity vectors: the text encoder's token-embedding width (768 for SD
     /// 1.x, 1024 for SD 2.x; 768 + 1280 for SDXL's two).
     pub fn dim(&self) -> usize {
@@ -355,11 +404,7 @@ impl<'a> Trainer<'a> {
     /// The loss for one draw, and the stage's key and value leaves it was computed from
     /// (tracked for gradients when `grad`).
     fn loss(&self, state: &TrainState, draw: &Draw, grad: bool) -> (Loss, Tensor<2>, Tensor<2>) {
-        let stage = stage_of(
-            draw.timestep as f64,
-            self.config.stages,
-            self.objective.schedule.alphas_cumprod.len(),
-        );
+        let stage = self.stage(draw);
         let d = self.dim();
         let row = |v: &[f32]| {
             let t = Tensor::<2>::from_data(
@@ -369,6 +414,11 @@ impl<'a> Trainer<'a> {
             if grad { t.require_grad() } else { t }
         };
         let (key, value) = (row(&state.key), row(&state.value));
+        (self.loss_of(key.clone(), value.clone(), draw), key, value)
+    }
+
+    /// The loss of one draw at the given key and value rows.
+    fn loss_of(&self, key: Tensor<2>, value: Tensor<2>, draw: &Draw) -> Loss {
         let latents = self.latents[draw.photo][draw.flip].clone();
         let noise = Tensor::<4>::from_data(
             TensorData::new(draw.noise.clone(), latents.shape()),
@@ -379,16 +429,35 @@ impl<'a> Trainer<'a> {
             noise,
             timestep: draw.timestep,
         };
-        let loss = sefi_loss(
+        sefi_loss(
             self.sd,
             &self.objective,
             &self.prompt,
-            key.clone(),
-            value.clone(),
+            key,
+            value,
             &inputs,
             &self.device,
-        );
-        (loss, key, value)
+        )
+    }
+
+    /// The stage whose vectors a draw's timestep uses.
+    fn stage(&self, draw: &Draw) -> usize {
+        stage_of(
+            draw.timestep as f64,
+            self.config.stages,
+            self.objective.schedule.alphas_cumprod.len(),
+        )
+    }
+
+    /// A row of the vectors on the device as a leaf of the autodiff graph, with the trainer's
+    /// checkpointing strategy (operands with different strategies cannot be combined).
+    fn leaf(&self, row: Tensor<2>) -> Tensor<2> {
+        let row = row.autodiff();
+        match self.device.gradient_checkpointing_strategy() {
+            Some(strategy) => row.with_gradient_checkpointing_strategy(strategy),
+            None => row,
+        }
+        .require_grad()
     }
 
     /// The loss of `state`'s vectors for one draw, and the gradient of `term` with respect
@@ -399,11 +468,7 @@ impl<'a> Trainer<'a> {
         draw: &Draw,
         term: Term,
     ) -> Result<Gradients, TrainError> {
-        let stage = stage_of(
-            draw.timestep as f64,
-            self.config.stages,
-            self.objective.schedule.alphas_cumprod.len(),
-        );
+        let stage = self.stage(draw);
         // Loss scaling for F16 models, halved (and the pass redone: a backward pass consumes
         // its graph) while the scaled gradients overflow. The scale found is kept for the next
         // steps, so a run whose gradients overflow at the initial scale redoes one pass, not
@@ -534,54 +599,183 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimisation step: the loss at a random timestep, its gradient with respect to
-    /// that stage's key and value vectors, and an AdamW update of them.
+    /// that stage's key and value vectors, and an AdamW update of them (see [`Trainer::steps`]).
     pub async fn step(&self, state: &mut TrainState) -> Result<StepReport, TrainError> {
-        let started = web_time::Instant::now();
-        let draw = self.draw(state.step);
-        let grads = self.gradients(state, &draw, Term::Total).await?;
-        let stage = grads.stage;
-        let range = stage * self.dim()..(stage + 1) * self.dim();
+        let mut reports = self.steps(state, 1).await?;
+        Ok(reports.remove(0))
+    }
 
-        // AdamW (PyTorch's, decoupled weight decay) on this stage's rows only.
-        state.stage_steps[stage] += 1;
-        let n = state.stage_steps[stage] as i32;
-        let c = &self.config;
-        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
-        let update = |p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
-            for i in 0..g.len() {
-                let gi = g[i] as f64;
-                let mut pi = p[i] as f64 * (1.0 - c.lr * c.weight_decay);
-                let mi = b1 * m[i] as f64 + (1.0 - b1) * gi;
-                let vi = b2 * v[i] as f64 + (1.0 - b2) * gi * gi;
-                let m_hat = mi / (1.0 - b1.powi(n));
-                let v_hat = vi / (1.0 - b2.powi(n));
-                pi -= c.lr * m_hat / (v_hat.sqrt() + eps);
-                (p[i], m[i], v[i]) = (pi as f32, mi as f32, vi as f32);
+    /// Up to `n` optimisation steps with one readback (a sync with the GPU) for all of them:
+    /// the vectors, AdamW's moments and the losses stay on the device from step to step, and
+    /// what the steps changed comes back at the end. The result is the same as `n` single
+    /// steps. Fewer than `n` steps are done where an f16 loss scale overflowed: that step is
+    /// redone at lower scales, alone, and the batch ends with it.
+    pub async fn steps(
+        &self,
+        state: &mut TrainState,
+        n: usize,
+    ) -> Result<Vec<StepReport>, TrainError> {
+        let started = web_time::Instant::now();
+        // The scales the steps use if none overflows (see `next_scale`).
+        let initial = loss_scale(self.sd.unet.dtype());
+        let (mut scale, mut clean) = (self.scale.get(), self.clean_steps.get());
+        let scales: Vec<f32> = (0..n.max(1))
+            .map(|_| {
+                let used = scale;
+                (scale, clean) = next_scale(scale, used, clean, initial);
+                used
+            })
+            .collect();
+        let mut reports = Vec::with_capacity(scales.len());
+        for (done, scale) in self
+            .run_steps(state, &scales)
+            .await?
+            .into_iter()
+            .zip(&scales)
+        {
+            if done.is_finite() {
+                reports.push(self.apply(state, done, *scale));
+                continue;
             }
-        };
-        update(
-            &mut state.key[range.clone()],
-            &mut state.m_key[range.clone()],
-            &mut state.v_key[range.clone()],
-            &grads.key,
-        );
-        update(
-            &mut state.value[range.clone()],
-            &mut state.m_value[range.clone()],
-            &mut state.v_value[range.clone()],
-            &grads.value,
-        );
+            // Loss scaling for f16 models, halved (and the step redone: a backward pass
+            // consumes its graph) while the scaled gradients overflow. The scale found is kept
+            // for the next steps, so a run whose gradients overflow at the initial scale redoes
+            // one step, not one a step; it grows back after `SCALE_GROWTH_STEPS` clean steps.
+            // Scaling by a power of two is exact, so the updates do not depend on it (short of
+            // overflow). The steps after it in the batch started from vectors that no longer
+            // hold: the caller asks again.
+            let mut scale = *scale;
+            loop {
+                if scale <= 1.0 {
+                    return Err(TrainError::NonFinite);
+                }
+                scale /= 2.0;
+                let done = self.run_steps(state, &[scale]).await?.remove(0);
+                if done.is_finite() {
+                    reports.push(self.apply(state, done, scale));
+                    break;
+                }
+            }
+            break;
+        }
+        let speed = reports.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        for r in &mut reports {
+            r.steps_per_second = speed;
+        }
+        Ok(reports)
+    }
+
+    /// Runs one step per scale from `state` on the device, each from the vectors the one
+    /// before left, and reads what they changed back at once.
+    async fn run_steps(
+        &self,
+        state: &TrainState,
+        scales: &[f32],
+    ) -> Result<Vec<StepDone>, TrainError> {
+        let d = self.dim();
+        let plain = self.device.clone().without_autodiff();
+        // Per stage: key, its first and second moment, value, its moments; `[1, dim]` each.
+        let mut rows: Vec<[Tensor<2>; 6]> = (0..self.config.stages)
+            .map(|stage| {
+                [
+                    &state.key,
+                    &state.m_key,
+                    &state.v_key,
+                    &state.value,
+                    &state.m_value,
+                    &state.v_value,
+                ]
+                .map(|v| {
+                    Tensor::<2>::from_data(
+                        TensorData::new(v[stage * d..(stage + 1) * d].to_vec(), [1, d]),
+                        &plain,
+                    )
+                })
+            })
+            .collect();
+        let mut stage_steps = state.stage_steps.clone();
+        let mut out = Vec::with_capacity(7 * scales.len());
+        let mut draws = Vec::with_capacity(scales.len());
+        for (i, &scale) in scales.iter().enumerate() {
+            let draw = self.draw(state.step + i);
+            let stage = self.stage(&draw);
+            let [key, m_key, v_key, value, m_value, v_value] = rows[stage].clone();
+            let (key_leaf, value_leaf) = (self.leaf(key.clone()), self.leaf(value.clone()));
+            let loss = self.loss_of(key_leaf.clone(), value_leaf.clone(), &draw);
+            let grads = loss.total.clone().mul_scalar(scale).backward();
+            let grad = |leaf: &Tensor<2>| {
+                leaf.grad(&grads)
+                    .map(|g| g.cast(DType::F32).div_scalar(scale))
+                    .ok_or_else(|| {
+                        TrainError::Read("no gradient reached the identity vectors".into())
+                    })
+            };
+            let (key_grad, value_grad) = (grad(&key_leaf)?, grad(&value_leaf)?);
+            stage_steps[stage] += 1;
+            let n = stage_steps[stage];
+            let c = &self.config;
+            let [key, m_key, v_key] = adamw([key, m_key, v_key], key_grad, c.lr, c.weight_decay, n);
+            let [value, m_value, v_value] = adamw(
+                [value, m_value, v_value],
+                value_grad,
+                c.lr,
+                c.weight_decay,
+                n,
+            );
+            rows[stage] = [key, m_key, v_key, value, m_value, v_value];
+            out.extend(rows[stage].iter().map(|r| r.clone().reshape([d])));
+            let scalar = |t: Tensor<1>| t.without_autodiff().cast(DType::F32);
+            out.push(Tensor::cat(
+                vec![
+                    scalar(loss.total),
+                    scalar(loss.noise),
+                    scalar(loss.attention),
+                ],
+                0,
+            ));
+            draws.push((draw.timestep, stage));
+        }
+        let values = read(Tensor::cat(out, 0)).await?;
+        Ok(values
+            .chunks(6 * d + 3)
+            .zip(draws)
+            .map(|(v, (timestep, stage))| StepDone {
+                timestep,
+                stage,
+                rows: v[..6 * d].to_vec(),
+                losses: [v[6 * d], v[6 * d + 1], v[6 * d + 2]],
+            })
+            .collect())
+    }
+
+    /// Writes a finished step into `state` and keeps the loss scale it was finite at.
+    fn apply(&self, state: &mut TrainState, done: StepDone, scale: f32) -> StepReport {
+        let d = self.dim();
+        let range = done.stage * d..(done.stage + 1) * d;
+        let fields = [
+            &mut state.key,
+            &mut state.m_key,
+            &mut state.v_key,
+            &mut state.value,
+            &mut state.m_value,
+            &mut state.v_value,
+        ];
+        for (field, row) in fields.into_iter().zip(done.rows.chunks(d)) {
+            field[range.clone()].copy_from_slice(row);
+        }
+        state.stage_steps[done.stage] += 1;
         state.step += 1;
-        Ok(StepReport {
+        self.keep_scale(scale);
+        StepReport {
             step: state.step,
-            total: c.steps,
-            loss: grads.loss,
-            noise_loss: grads.noise_loss,
-            attn_loss: grads.attn_loss,
-            timestep: draw.timestep,
-            stage,
-            steps_per_second: 1.0 / started.elapsed().as_secs_f64().max(1e-9),
-        })
+            total: self.config.steps,
+            loss: f64::from(done.losses[0]),
+            noise_loss: f64::from(done.losses[1]),
+            attn_loss: f64::from(done.losses[2]),
+            timestep: done.timestep,
+            stage: done.stage,
+            steps_per_second: 0.0,
+        }
     }
 
     /// The identity the state holds.
@@ -628,6 +822,53 @@ impl<'a> Trainer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The device's AdamW against torch.optim.AdamW (`tests/fixtures/sefi/adamw.py`), step by
+    /// step from the same parameter and gradients.
+    #[test]
+    #[cfg(not(target_family = "wasm"))]
+    fn adamw_matches_torch() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sefi/adamw.json"
+        );
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let floats = |v: &serde_json::Value| -> Vec<f32> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let device = Device::flex();
+        let tensor = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [2, 6]), &device);
+        let mut state = [
+            tensor(floats(&golden["start"])),
+            tensor(vec![0.0; 12]),
+            tensor(vec![0.0; 12]),
+        ];
+        let (lr, wd) = (
+            golden["lr"].as_f64().unwrap(),
+            golden["weight_decay"].as_f64().unwrap(),
+        );
+        for (i, step) in golden["steps"].as_array().unwrap().iter().enumerate() {
+            let grad = tensor(floats(&step["grad"]));
+            state = adamw(state, grad, lr, wd, i as u32 + 1);
+            for (t, key) in state.iter().zip(["param", "exp_avg", "exp_avg_sq"]) {
+                let got = crate::block_on(crate::nn::read_f32(t.clone())).unwrap();
+                for (g, want) in got.iter().zip(floats(&step[key])) {
+                    // The same float32 operations in the same order, but torch's lerp uses a
+                    // fused multiply-add: measured up to 5.2 units in the last place.
+                    assert!(
+                        (g - want).abs() <= 16.0 * f32::EPSILON * want.abs(),
+                        "step {}: {key} {g} vs torch {want}",
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_loss_scale_is_carried_and_grows_back() {

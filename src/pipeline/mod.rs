@@ -47,7 +47,9 @@ pub struct GenerateRequest {
     pub height: usize,
     /// Number of images generated together, at least 1.
     pub num_images: usize,
-    /// Send a preview of the current latents with every n-th step event (0: never).
+    /// Send a preview of the current latents with every n-th step event at most (0: never).
+    /// Each preview is a readback, a wait for the GPU: where steps are fast, previews come
+    /// about four times a second instead (see `run::preview_spacing`).
     pub preview_every: usize,
 }
 
@@ -93,8 +95,8 @@ pub enum Event {
         step: usize,
         /// Sampling steps in all.
         total: usize,
-        /// A cheap preview of the first image (1/8 size), on every `preview_every`-th step
-        /// and the last.
+        /// A cheap preview of the first image (1/8 size), every `preview_every` steps or
+        /// more, and on the last.
         preview: Option<RgbImage>,
     },
 }

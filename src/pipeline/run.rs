@@ -464,6 +464,9 @@ async fn sample(
     let total = scheduler.plan().len();
     let mut latents =
         to_device(&noise.initial, device).mul_scalar(scheduler.plan().init_noise_sigma);
+    // Steps between previews, and the step and time of the last one.
+    let mut spacing = req.preview_every;
+    let mut last_preview = (0, web_time::Instant::now());
     for i in 0..total {
         let t = scheduler.plan().timesteps[i];
         let input = if guided {
@@ -485,9 +488,18 @@ async fn sample(
         };
         let step_noise = (req.sampler.is_ancestral()).then(|| to_device(&noise.step(i), device));
         latents = scheduler.step(prediction, i, latents, step_noise);
+        let step = i + 1;
         let preview =
-            if req.preview_every > 0 && ((i + 1) % req.preview_every == 0 || i + 1 == total) {
-                Some(preview(latents.clone()).await?)
+            if req.preview_every > 0 && (step - last_preview.0 >= spacing || step == total) {
+                let image = preview(latents.clone()).await?;
+                // The read waited for the GPU, so the time since the last one is the GPU's.
+                spacing = preview_spacing(
+                    step - last_preview.0,
+                    last_preview.1.elapsed(),
+                    req.preview_every,
+                );
+                last_preview = (step, web_time::Instant::now());
+                Some(image)
             } else {
                 None
             };
@@ -501,6 +513,17 @@ async fn sample(
         }
     }
     Ok(latents)
+}
+
+/// How often previews are read back on a GPU fast enough: at most this often.
+const PREVIEW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Steps until the next preview, after `steps` steps took `elapsed` (up to a preview's
+/// readback): as many as run in [`PREVIEW_INTERVAL`], at least `every` (the request's).
+/// A GPU slower than that previews every `every` steps, as asked.
+pub fn preview_spacing(steps: usize, elapsed: std::time::Duration, every: usize) -> usize {
+    let per_second = steps as f64 / elapsed.as_secs_f64().max(1e-9);
+    ((per_second * PREVIEW_INTERVAL.as_secs_f64()).floor() as usize).max(every)
 }
 
 /// Latents (as the sampler leaves them) -> RGB images, as diffusers' image processor makes
@@ -565,4 +588,20 @@ pub async fn preview(latents: Tensor<4>) -> Result<RgbImage, PipelineError> {
         height: h,
         data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::preview_spacing;
+    use std::time::Duration;
+
+    #[test]
+    fn previews_space_out_on_fast_gpus_only() {
+        // Two seconds a step: every step, as asked.
+        assert_eq!(preview_spacing(1, Duration::from_secs(2), 1), 1);
+        // Twenty steps a second: five steps a preview (four previews a second).
+        assert_eq!(preview_spacing(10, Duration::from_millis(500), 1), 5);
+        // Never closer than asked.
+        assert_eq!(preview_spacing(10, Duration::from_millis(500), 8), 8);
+    }
 }

@@ -347,6 +347,7 @@ async fn train(
             last_step: true,
         },
         maps_before_training: true,
+        read_every: session::READ_EVERY,
     };
     let mut stop = || {
         state
