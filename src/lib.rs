@@ -19,6 +19,8 @@ pub mod check;
 pub mod clip;
 pub mod config;
 pub mod device;
+#[cfg(feature = "compute")]
+pub mod face;
 pub mod identity;
 #[cfg(feature = "compute")]
 pub mod nn;
