@@ -9,14 +9,34 @@ use common::fixture;
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::SafeTensors;
 use sefi::block_on;
-use sefi::face::{Face, FaceDetector, blazeface::BlazeFace, letterbox};
+use sefi::face::{
+    Descriptor, Face, FaceDetector, FaceRecognizer, SAME_PERSON, blazeface::BlazeFace, chip,
+    letterbox, recognition::FaceRecognitionNet,
+};
 use sefi::identity::train::decode_photo;
 use sefi::rgb::RgbImage;
 
+fn site_model(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("www/models")
+            .join(name),
+    )
+    .unwrap()
+}
+
 fn weights() -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("www/models/face_detection_short_range.safetensors");
-    std::fs::read(path).unwrap()
+    site_model("face_detection_short_range.safetensors")
+}
+
+fn recognizer(device: &Device) -> FaceRecognizer {
+    let manifest = site_model("face_recognition_model-weights_manifest.json");
+    FaceRecognizer::from_tfjs(
+        std::str::from_utf8(&manifest).unwrap(),
+        &site_model("face_recognition_model.bin"),
+        device,
+    )
+    .unwrap()
 }
 
 fn references() -> (Vec<u8>, serde_json::Value) {
@@ -45,7 +65,11 @@ fn devices() -> Vec<(&'static str, Device)> {
 
 fn cases(json: &serde_json::Value) -> Vec<(String, &serde_json::Value)> {
     let cases = json["cases"].as_object().unwrap();
-    assert_eq!(cases.len(), 5, "astronaut, small, rotated, camera, cat");
+    assert_eq!(
+        cases.len(),
+        6,
+        "astronaut (128 and 256 px), small, rotated, camera, cat"
+    );
     cases.iter().map(|(k, v)| (k.clone(), v)).collect()
 }
 
@@ -147,4 +171,140 @@ fn faces_are_found_as_mediapipe_finds_them() {
             }
         }
     }
+}
+
+fn recognition_references() -> Vec<u8> {
+    std::fs::read(fixture("face/recognition.safetensors")).unwrap()
+}
+
+/// The chips cut around the faces found here are the reference's (cut around MediaPipe's
+/// keypoints, which the detector matches to 1e-4 px): at most one level apart in a few pixels.
+#[test]
+fn face_chips_are_cut_as_the_reference_cuts_them() {
+    let (_, json) = references();
+    let tensors = recognition_references();
+    let tensors = SafeTensors::deserialize(&tensors).unwrap();
+    let detector = FaceDetector::from_safetensors(&weights(), &Device::flex()).unwrap();
+    for (name, case) in cases(&json) {
+        let image = photo(case["file"].as_str().unwrap());
+        let faces = block_on(detector.detect(&image)).unwrap();
+        let Some(face) = faces.first() else { continue };
+        let got = chip(&image, face);
+        let want = tensors.tensor(&format!("{name}.chip")).unwrap();
+        assert_eq!(want.shape(), [150, 150, 3]);
+        let off: Vec<i32> = got
+            .iter()
+            .zip(want.data())
+            .map(|(a, b)| (i32::from(*a) - i32::from(*b)).abs())
+            .filter(|&d| d > 0)
+            .collect();
+        eprintln!(
+            "{name}: {} of 67500 values differ, by at most {:?}",
+            off.len(),
+            off.iter().max()
+        );
+        assert!(off.iter().all(|&d| d <= 1), "{name}: {off:?}");
+        assert!(off.len() < 200, "{name}: {} values differ", off.len());
+    }
+}
+
+/// The recognition network's descriptors of the reference chips as face-api's (tfjs, float32).
+#[test]
+fn the_recognition_network_matches_face_api() {
+    let tensors = recognition_references();
+    let tensors = SafeTensors::deserialize(&tensors).unwrap();
+    let manifest = site_model("face_recognition_model-weights_manifest.json");
+    let names: Vec<String> = tensors
+        .names()
+        .into_iter()
+        .filter_map(|n| n.strip_suffix(".chip").map(str::to_string))
+        .collect();
+    assert_eq!(names.len(), 5);
+    for (what, device) in devices() {
+        let net = FaceRecognitionNet::from_tfjs(
+            std::str::from_utf8(&manifest).unwrap(),
+            &site_model("face_recognition_model.bin"),
+            &device,
+        )
+        .unwrap();
+        for name in &names {
+            let chip: Vec<f32> = tensors
+                .tensor(&format!("{name}.chip"))
+                .unwrap()
+                .data()
+                .iter()
+                .map(|&v| f32::from(v))
+                .collect();
+            let x = Tensor::<4>::from_data(TensorData::new(chip, [1, 150, 150, 3]), &device);
+            let got = block_on(sefi::nn::read_f32(net.forward(x))).unwrap();
+            let want = floats(&tensors, &format!("{name}.descriptor"));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            eprintln!("{what} {name}: max abs error {err:.2e}");
+            assert!(err <= 1e-3, "{what} {name}: descriptor off by {err}");
+        }
+    }
+}
+
+/// The same person scores high through flips, crops, colour changes, JPEG compression, a
+/// rotation and a small face; someone else scores low. The whole path: detect, cut, describe.
+#[test]
+fn one_person_scores_high_and_another_low() {
+    use image::{ImageEncoder, RgbImage as Image, codecs::jpeg::JpegEncoder, imageops};
+    let device = Device::flex();
+    let detector = FaceDetector::from_safetensors(&weights(), &device).unwrap();
+    let recognizer = recognizer(&device);
+    let describe = |image: &RgbImage| -> Descriptor {
+        let faces = block_on(detector.detect(image)).unwrap();
+        assert_eq!(faces.len(), 1, "one face");
+        block_on(recognizer.describe(image, &faces[..1]))
+            .unwrap()
+            .remove(0)
+    };
+    let to_image =
+        |p: &RgbImage| Image::from_raw(p.width as u32, p.height as u32, p.data.clone()).unwrap();
+    let from_image = |i: Image| RgbImage {
+        width: i.width() as usize,
+        height: i.height() as usize,
+        data: i.into_raw(),
+    };
+    let reference = photo("photos/astronaut-256.png");
+    let base = to_image(&reference);
+    let mut jpeg = Vec::new();
+    JpegEncoder::new_with_quality(&mut jpeg, 30)
+        .write_image(base.as_raw(), 256, 256, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let mut recoloured = base.clone();
+    for p in recoloured.pixels_mut() {
+        // Warmer and darker: red up, blue down.
+        p.0 = [
+            (f32::from(p.0[0]) * 1.1).min(255.0) as u8,
+            (f32::from(p.0[1]) * 0.9) as u8,
+            (f32::from(p.0[2]) * 0.7) as u8,
+        ];
+    }
+    let same = [
+        ("mirrored", from_image(imageops::flip_horizontal(&base))),
+        (
+            "cropped",
+            from_image(imageops::crop_imm(&base, 40, 0, 140, 150).to_image()),
+        ),
+        ("recoloured", from_image(recoloured)),
+        ("JPEG quality 30", decode_photo(&jpeg).unwrap()),
+        ("rotated 30 degrees", photo("photos/astronaut-rotated.png")),
+        ("small, letterboxed", photo("photos/astronaut-small.png")),
+        ("128 px", photo("photos/astronaut.png")),
+    ];
+    let identity = describe(&reference);
+    eprintln!("| photo | similarity to astronaut-256 |\n|---|---|");
+    for (what, image) in &same {
+        let s = identity.similarity(&describe(image));
+        eprintln!("| astronaut, {what} | {s:.3} |");
+        assert!(s >= SAME_PERSON, "{what}: {s}");
+    }
+    let other = identity.similarity(&describe(&photo("photos/camera.png")));
+    eprintln!("| another person (camera) | {other:.3} |");
+    assert!(other < SAME_PERSON, "another person: {other}");
 }
