@@ -213,6 +213,7 @@ fn checkpoint(steps: usize) -> Vec<u8> {
             samples: vec![0.25; 3],
         },
         training: serde_json::json!({ "steps_done": steps }),
+        faces: Vec::new(),
     }
     .to_bytes()
     .unwrap()

@@ -308,3 +308,42 @@ fn one_person_scores_high_and_another_low() {
     eprintln!("| another person (camera) | {other:.3} |");
     assert!(other < SAME_PERSON, "another person: {other}");
 }
+
+/// `sefi score` against a photo: the same person, someone else, and no face.
+#[test]
+fn sefi_score_compares_faces_with_a_photo() {
+    let path = |p: &str| fixture(p).display().to_string();
+    let out = common::sefi_ok(&[
+        "score",
+        "--photo",
+        &path("photos/astronaut-256.png"),
+        "--image",
+        &path("photos/astronaut-rotated.png"),
+        &path("photos/camera.png"),
+        &path("photos/chelsea.png"),
+        "--device",
+        "cpu",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(
+        lines[0].contains("astronaut-rotated.png: face 1") && lines[0].ends_with("(same person)"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains("camera.png: face 1") && lines[1].ends_with("(someone else)"),
+        "{text}"
+    );
+    assert!(lines[2].ends_with("chelsea.png: no face found"), "{text}");
+    // Nothing to compare with is a clear error.
+    let o = common::sefi(&[
+        "score",
+        "--image",
+        &path("photos/camera.png"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to compare with"));
+}

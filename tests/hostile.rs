@@ -449,6 +449,7 @@ fn identity_names_that_are_markup_or_paths_are_refused() {
             samples: vec![0.25; 3],
         },
         training: serde_json::Value::Null,
+        faces: Vec::new(),
     }
     .to_bytes()
     .unwrap();

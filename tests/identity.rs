@@ -64,6 +64,7 @@ fn random_identity(sd: &StableDiffusion, token: &str, seed: u64) -> Identity {
         value: (0..5 * d).map(|_| next()).collect(),
         fingerprint: fp,
         training: serde_json::Value::Null,
+        faces: Vec::new(),
     }
 }
 
@@ -830,6 +831,45 @@ fn train_then_generate_with_two_identities() {
         &out("both.png"),
     ]);
     assert!(dir.join("both.png").exists());
+    // The identity keeps its photo's face, and images are scored against it.
+    let alice = block_on(Identity::from_bytes(
+        "alice",
+        std::fs::read(out("alice.safetensors")).unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(alice.faces.len(), 1);
+    assert_eq!(alice.faces[0].len(), 128);
+    let scored = sefi_ok(&[
+        "score",
+        "--identity",
+        &out("alice.safetensors"),
+        "--image",
+        &fixture("photos/astronaut-256.png").display().to_string(),
+        &fixture("photos/camera.png").display().to_string(),
+        "--json",
+        "--device",
+        "cpu",
+    ]);
+    let scored: serde_json::Value = serde_json::from_slice(&scored.stdout).unwrap();
+    let verdicts: Vec<(String, bool)> = scored["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            let face = &i["faces"][0];
+            (
+                face["identity"].as_str().unwrap().to_string(),
+                face["same_person"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("<alice>".to_string(), true),
+            ("<alice>".to_string(), false)
+        ]
+    );
     // A bad photo is a clear error.
     std::fs::write(dir.join("bad.jpg"), b"not a photo").unwrap();
     let o = sefi(&[

@@ -4,6 +4,7 @@ mod bench;
 mod device;
 mod generate;
 mod inspect;
+mod score;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Learn an identity from one or more photos.
     Train(train::TrainArgs),
+    /// Score how much the faces in images look like identities or photos.
+    Score(score::ScoreArgs),
     /// Tell what a model folder or checkpoint file is, without loading its weights.
     Inspect(inspect::InspectArgs),
     /// Measure the speed and memory of the main pieces of work (random weights).
@@ -124,6 +127,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
+        Command::Score(args) => score::run(args),
     };
     match result {
         Ok(code) => code,

@@ -253,9 +253,25 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         &mut on_event,
     ))?;
     bar.finish();
-    let Finished::Done(identity) = finished else {
+    let Finished::Done(mut identity) = finished else {
         unreachable!("nothing stops a command-line run")
     };
+    // The photos' faces travel with the identity: what generated images are scored against.
+    let models = super::score::face_models(&dev.device)?;
+    for (photo, path) in photos.iter().zip(&args.images) {
+        match crate::block_on(models.photo_face(&photo.image, photo.crop))? {
+            Some(face) => identity.faces.push(face.0),
+            None => eprintln!(
+                "no face found in {}{}: images will not be scored against it",
+                path.display(),
+                if photo.crop.is_some() {
+                    " inside --crop"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
     std::fs::write(&args.out, identity.to_bytes()?)?;
     println!(
         "{} (<{}>, class word {})",

@@ -7,6 +7,7 @@
 
 pub mod blazeface;
 pub mod recognition;
+pub mod score;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};

@@ -92,6 +92,10 @@ pub struct Identity {
     pub fingerprint: Fingerprint,
     /// Training settings, for the record.
     pub training: serde_json::Value,
+    /// The face descriptors of the training photos (each 128 values of length 1, see
+    /// `face::Descriptor`): what generated images are scored against. Empty for subjects
+    /// without a face and for files from before scores.
+    pub faces: Vec<Vec<f32>>,
 }
 
 /// Why an identity cannot be used.
@@ -226,6 +230,12 @@ impl Identity {
             ("training", self.training.to_string()),
         ]
         .into_iter()
+        .chain((!self.faces.is_empty()).then(|| {
+            (
+                "faces",
+                serde_json::to_string(&self.faces).expect("serialisable"),
+            )
+        }))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let views = data
@@ -323,6 +333,11 @@ impl Identity {
                 .get("training")
                 .and_then(|t| serde_json::from_str(t).ok())
                 .unwrap_or(serde_json::Value::Null),
+            faces: match meta.get("faces") {
+                Some(f) => serde_json::from_str(f)
+                    .map_err(|e| invalid(format!("unreadable `faces`: {e}")))?,
+                None => Vec::new(),
+            },
         })
     }
 }

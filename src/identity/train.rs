@@ -295,6 +295,7 @@ impl<'a> Trainer<'a> {
                 samples: vec![],
             },
             training: serde_json::Value::Null,
+            faces: Vec::new(),
         };
         let tokens = tokenize_prompt(sd, &template, std::slice::from_ref(&probe))
             .map_err(|e| setup(e.to_string()))?;
@@ -790,6 +791,7 @@ impl<'a> Trainer<'a> {
             value: state.value.clone(),
             fingerprint: self.fingerprint.clone(),
             training: serde_json::json!({ "config": self.config, "steps_done": state.step }),
+            faces: Vec::new(),
         }
     }
 

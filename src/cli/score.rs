@@ -1,0 +1,129 @@
+//! `sefi score`: how much the faces in images look like identities (or photos), the numbers
+//! the page shows on every image.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use burn::tensor::Device;
+use clap::Args;
+
+use crate::device::DeviceChoice;
+use crate::face::score::{FaceModels, FaceScore, Reference};
+use crate::face::{FaceDetector, FaceError, FaceRecognizer};
+use crate::identity::Identity;
+
+// The face models the site serves, built into the command line.
+const DETECTOR: &[u8] = include_bytes!("../../www/models/face_detection_short_range.safetensors");
+const RECOGNITION_MANIFEST: &str =
+    include_str!("../../www/models/face_recognition_model-weights_manifest.json");
+const RECOGNITION_WEIGHTS: &[u8] = include_bytes!("../../www/models/face_recognition_model.bin");
+
+/// The face detector and recognition network on a device.
+pub(crate) fn face_models(device: &Device) -> Result<FaceModels, FaceError> {
+    Ok(FaceModels {
+        detector: FaceDetector::from_safetensors(DETECTOR, device)?,
+        recognizer: FaceRecognizer::from_tfjs(RECOGNITION_MANIFEST, RECOGNITION_WEIGHTS, device)?,
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// An identity file: its faces are those of the photos it was learned from. Repeatable;
+    /// each face in an image is matched to its most similar identity.
+    #[arg(long = "identity")]
+    pub identities: Vec<PathBuf>,
+    /// A photo to compare with (its most confident face), for identity files that hold no
+    /// faces. Repeatable.
+    #[arg(long = "photo")]
+    pub photos: Vec<PathBuf>,
+    /// The images to score (PNG or JPEG).
+    #[arg(long = "image", required = true, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    pub device: DeviceChoice,
+}
+
+/// The scores of one image.
+#[derive(serde::Serialize)]
+struct Scored {
+    image: String,
+    faces: Vec<FaceScore>,
+}
+
+pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let dev = crate::block_on(args.device.open())?;
+    let models = face_models(&dev.device)?;
+    let mut references = Vec::new();
+    for path in &args.identities {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read the identity {}: {e}", path.display()))?;
+        let identity = crate::block_on(Identity::from_bytes(&path.display().to_string(), bytes))?;
+        if identity.faces.is_empty() {
+            eprintln!(
+                "{} holds no faces (learned before scores existed, or its photos show none): give its photo with --photo",
+                path.display()
+            );
+            continue;
+        }
+        references.push(Reference {
+            name: format!("<{}>", identity.token),
+            faces: identity
+                .faces
+                .into_iter()
+                .map(crate::face::Descriptor)
+                .collect(),
+        });
+    }
+    for path in &args.photos {
+        let image = super::train::read_photo(path)?;
+        let face = crate::block_on(models.photo_face(&image, None))?
+            .ok_or_else(|| format!("no face found in the photo {}", path.display()))?;
+        references.push(Reference {
+            name: path.display().to_string(),
+            faces: vec![face],
+        });
+    }
+    if references.is_empty() {
+        return Err("nothing to compare with: give --identity (a file that holds its photos' faces) or --photo".into());
+    }
+    let mut scored = Vec::new();
+    for path in &args.images {
+        let image = super::train::read_photo(path)?;
+        let faces = crate::block_on(models.score(&image, &references))?;
+        if !args.json {
+            print_scores(&path.display().to_string(), &faces);
+        }
+        scored.push(Scored {
+            image: path.display().to_string(),
+            faces,
+        });
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "images": scored }));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One line an image: each face's most similar reference and its similarity.
+pub(crate) fn print_scores(image: &str, faces: &[FaceScore]) {
+    if faces.is_empty() {
+        println!("{image}: no face found");
+    }
+    for (i, f) in faces.iter().enumerate() {
+        let [x0, y0, x1, y1] = f.face.bbox;
+        println!(
+            "{image}: face {} at ({x0:.0}, {y0:.0})-({x1:.0}, {y1:.0}): {} {:.3}{}",
+            i + 1,
+            f.identity.as_deref().unwrap_or("-"),
+            f.similarity,
+            if f.same_person {
+                " (same person)"
+            } else {
+                " (someone else)"
+            }
+        );
+    }
+}
