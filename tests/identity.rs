@@ -459,7 +459,7 @@ fn a_paused_run_resumes_to_the_same_identity() {
         panic!("nothing stopped it")
     };
     assert_eq!(resumed, straight);
-    assert_eq!((identity.key, identity.value), (whole.key, whole.value));
+    assert_eq!((&identity.key, &identity.value), (&whole.key, &whole.value));
 }
 
 /// Several steps a readback: the vectors and AdamW's moments stay on the device, and the

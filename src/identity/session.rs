@@ -110,7 +110,7 @@ pub enum Stop {
 #[derive(Debug)]
 pub enum Finished {
     /// Every step ran: the learned identity.
-    Done(Identity),
+    Done(Box<Identity>),
     /// The stop signal ended it after `step` steps.
     Stopped {
         /// Steps done.
@@ -177,7 +177,7 @@ where
             last_maps = Instant::now();
         }
     }
-    Ok(Finished::Done(trainer.identity(state)))
+    Ok(Finished::Done(Box::new(trainer.identity(state))))
 }
 
 /// The attention maps of the last step's draw (the first draw before any step).
