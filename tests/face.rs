@@ -347,3 +347,31 @@ fn sefi_score_compares_faces_with_a_photo() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to compare with"));
 }
+
+/// A generated image's PNG carries its faces' likeness after the other settings, and reads back.
+#[test]
+fn the_likeness_travels_in_the_png_parameters() {
+    use sefi::pipeline::png::{Parameters, with_likeness};
+    let text = with_likeness(
+        "a photo of <alice>\nSteps: 20, Seed: 1".into(),
+        &[("<alice>".into(), 0.9724), ("<bob>".into(), 0.5)],
+    );
+    assert_eq!(
+        text,
+        "a photo of <alice>\nSteps: 20, Seed: 1, Likeness: <alice> 0.972; <bob> 0.500"
+    );
+    let parsed = Parameters::parse(&text);
+    assert_eq!(parsed.prompt, "a photo of <alice>");
+    assert_eq!(
+        parsed.settings.last().unwrap(),
+        &(
+            "Likeness".to_string(),
+            "<alice> 0.972; <bob> 0.500".to_string()
+        )
+    );
+    // No scored face, no entry.
+    assert_eq!(
+        with_likeness("p\nSteps: 20, Seed: 1".into(), &[]),
+        "p\nSteps: 20, Seed: 1"
+    );
+}

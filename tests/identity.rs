@@ -811,7 +811,7 @@ fn train_then_generate_with_two_identities() {
         "--out",
         &out("rex.safetensors"),
     ]);
-    sefi_ok(&[
+    let generated = sefi_ok(&[
         "generate",
         "--model",
         &model,
@@ -829,8 +829,18 @@ fn train_then_generate_with_two_identities() {
         "f16",
         "--out",
         &out("both.png"),
+        "--json",
     ]);
     assert!(dir.join("both.png").exists());
+    // With --json, each image's file, seed and face scores (the tiny model draws noise: no
+    // face to score, but both identities keep their photo's face).
+    let generated: serde_json::Value = serde_json::from_slice(&generated.stdout).unwrap();
+    let image = &generated["images"][0];
+    assert_eq!(image["file"], out("both.png"));
+    assert!(
+        image["seed"].is_u64() && image["faces"].is_array(),
+        "{generated}"
+    );
     // The identity keeps its photo's face, and images are scored against it.
     let alice = block_on(Identity::from_bytes(
         "alice",

@@ -8,6 +8,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
+use crate::face::Descriptor;
+use crate::face::score::{Reference, likeness};
 use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
@@ -71,6 +73,9 @@ pub struct GenerateArgs {
     /// The PNG to write; with several images, NAME-1.png, NAME-2.png, ...
     #[arg(long)]
     pub out: PathBuf,
+    /// Print one JSON object (each image's file, seed and face scores) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn parse_sampler(s: &str) -> Result<Sampler, String> {
@@ -231,13 +236,47 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Faces are scored against the identities the prompt names that keep their photos' faces.
+    let references: Vec<Reference> = identities
+        .iter()
+        .filter(|i| !i.faces.is_empty() && req.prompt.contains(&format!("<{}>", i.token)))
+        .map(|i| Reference {
+            name: format!("<{}>", i.token),
+            faces: i.faces.iter().cloned().map(Descriptor).collect(),
+        })
+        .collect();
+    let faces = match references.is_empty() {
+        true => None,
+        false => Some(super::score::face_models(&dev.device)?),
+    };
+    let mut written = Vec::new();
     for (i, image) in generated.images.iter().enumerate() {
         let seed = req.seed.wrapping_add(i as u64);
-        let png =
-            pipeline::png::encode(image, &pipeline::png::parameters_text(&req, seed, &model))?;
+        let scores = match &faces {
+            Some(models) => crate::block_on(models.score(image, &references))?,
+            None => Vec::new(),
+        };
+        let parameters = pipeline::png::with_likeness(
+            pipeline::png::parameters_text(&req, seed, &model),
+            &likeness(&scores),
+        );
+        let png = pipeline::png::encode(image, &parameters)?;
         let path = out_path(&args.out, i, generated.images.len());
         std::fs::write(&path, png).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        println!("{} (seed {seed})", path.display());
+        if !args.json {
+            println!("{} (seed {seed})", path.display());
+            if faces.is_some() {
+                super::score::print_scores(&path.display().to_string(), &scores);
+            }
+        }
+        written.push(serde_json::json!({
+            "file": path.display().to_string(),
+            "seed": seed,
+            "faces": scores,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "images": written }));
     }
     Ok(ExitCode::SUCCESS)
 }

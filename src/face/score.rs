@@ -91,3 +91,12 @@ impl FaceModels {
             .collect())
     }
 }
+
+/// Each scored face's identity and similarity, for the PNG's parameters
+/// ([`crate::pipeline::png::with_likeness`]).
+pub fn likeness(scores: &[FaceScore]) -> Vec<(String, f32)> {
+    scores
+        .iter()
+        .filter_map(|s| s.identity.clone().map(|name| (name, s.similarity)))
+        .collect()
+}

@@ -24,6 +24,19 @@ pub fn parameters_text(req: &GenerateRequest, seed: u64, model: &str) -> String 
     s
 }
 
+/// The parameters with a `Likeness` setting after the others: each scored face's identity and
+/// its similarity (`<alice> 0.972; <bob> 0.918`), where faces were scored.
+pub fn with_likeness(mut parameters: String, faces: &[(String, f32)]) -> String {
+    if !faces.is_empty() {
+        let value: Vec<String> = faces
+            .iter()
+            .map(|(name, s)| format!("{name} {s:.3}"))
+            .collect();
+        parameters.push_str(&format!(", Likeness: {}", quote(&value.join("; "))));
+    }
+    parameters
+}
+
 /// A settings value as written: quoted when it would end or split its entry, or lose the
 /// spaces at its ends.
 fn quote(value: &str) -> String {
