@@ -19,7 +19,6 @@ pub mod check;
 pub mod clip;
 pub mod config;
 pub mod device;
-#[cfg(feature = "compute")]
 pub mod face;
 pub mod identity;
 #[cfg(feature = "compute")]

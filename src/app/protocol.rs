@@ -9,6 +9,7 @@ use super::fit::FitReport;
 use super::view::ErrorKind;
 use crate::check::CheckReport;
 use crate::device::DeviceInfo;
+use crate::face::{Face, FaceScore};
 use crate::identity::settings::{StepReport, TrainConfig};
 use crate::pipeline::GenerateRequest;
 use crate::weights::Family;
@@ -35,7 +36,23 @@ pub enum Request {
     Generate(GenerateJob),
     /// Stop the generation after the current step.
     CancelGenerate,
+    /// Find the faces in a photo: its pixels as the page shows it (at most
+    /// [`FACE_PHOTO_SIDE`] on a side), RGB bytes row by row.
+    FindFaces {
+        /// The page's name for the photo, given back with the faces.
+        key: u32,
+        /// Pixels.
+        width: usize,
+        /// Pixels.
+        height: usize,
+        /// `width * height * 3` bytes.
+        rgb: ByteBuf,
+    },
 }
+
+/// The longest side of a photo the page sends to be searched for faces: the detector sees
+/// 128 pixels, and a phone's 12-megapixel photo would be 36 MB.
+pub const FACE_PHOTO_SIDE: u32 = 1024;
 
 /// A training run to start or continue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -130,6 +147,13 @@ pub enum Response {
     },
     /// The generation stopped on an error (or was cancelled).
     GenFailed(WorkerError),
+    /// The faces in a photo (in the pixels it was sent in), the most confident first.
+    Faces {
+        /// The photo's key, as sent.
+        key: u32,
+        /// The faces, or why they could not be looked for.
+        faces: Result<Vec<Face>, WorkerError>,
+    },
     /// The worker hit an error it cannot recover from; the page starts a new one.
     Crashed(WorkerError),
 }
@@ -177,6 +201,9 @@ pub struct GenImage {
     pub height: usize,
     /// The parameters text (as in the PNG's `parameters` chunk).
     pub parameters: String,
+    /// Its faces, each with its most similar identity of the prompt; `None` where the prompt
+    /// names no identity that keeps its photos' faces.
+    pub faces: Option<Vec<FaceScore>>,
 }
 
 /// A failure the page explains to the user.

@@ -8,7 +8,8 @@ use burn::tensor::Device;
 use clap::Args;
 
 use crate::device::DeviceChoice;
-use crate::face::score::{FaceModels, FaceScore, Reference};
+use crate::face::FaceScore;
+use crate::face::score::{FaceModels, Reference};
 use crate::face::{FaceDetector, FaceError, FaceRecognizer};
 use crate::identity::Identity;
 

@@ -3,18 +3,26 @@
 //! the boxes MediaPipe gives), aligned to dlib's face chip by the eyes, and described by
 //! face-api's face recognition network (dlib's), whose descriptors of one person lie close
 //! together. `tests/face.rs` checks each against its original runtime on real photos. The
-//! weights ship with the site (`www/models/`: 209 kB and 6.4 MB).
+//! weights ship with the site (`www/models/`: 209 kB and 6.4 MB). What the page shows of them
+//! (faces, scores, the crop suggested around a face) needs no compute backend.
 
+#[cfg(feature = "compute")]
 pub mod blazeface;
+#[cfg(feature = "compute")]
+mod describe;
+#[cfg(feature = "compute")]
+mod detect;
+#[cfg(feature = "compute")]
 pub mod recognition;
+#[cfg(feature = "compute")]
 pub mod score;
 
-use burn::tensor::{Device, Tensor, TensorData};
-use serde::{Deserialize, Serialize};
+#[cfg(feature = "compute")]
+pub use describe::{FaceRecognizer, chip};
+#[cfg(feature = "compute")]
+pub use detect::{FaceDetector, Letterbox, MIN_SCORE, decode, letterbox};
 
-use crate::rgb::RgbImage;
-use blazeface::{ANCHORS, BlazeFace, COORDS, INPUT};
-use recognition::{CHIP, DESCRIPTOR, FaceRecognitionNet};
+use serde::{Deserialize, Serialize};
 
 /// A face in a photo, in the photo's pixels.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -39,287 +47,6 @@ pub enum FaceError {
     Read(String),
 }
 
-/// Scores below this are not faces (MediaPipe's `min_detection_confidence` default).
-pub const MIN_SCORE: f32 = 0.5;
-/// Boxes overlapping a better one by more than this (intersection over union) are merged into
-/// it (MediaPipe's `min_suppression_threshold`).
-const MERGE_IOU: f64 = 0.3;
-
-/// The face detector on a device.
-pub struct FaceDetector {
-    net: BlazeFace,
-    device: Device,
-}
-
-impl FaceDetector {
-    /// The detector from its weights file (`www/models/face_detection_short_range.safetensors`).
-    pub fn from_safetensors(bytes: &[u8], device: &Device) -> Result<Self, FaceError> {
-        Ok(Self {
-            net: BlazeFace::from_safetensors(bytes, device)?,
-            device: device.clone(),
-        })
-    }
-
-    /// The faces in a photo, the most confident first.
-    pub async fn detect(&self, image: &RgbImage) -> Result<Vec<Face>, FaceError> {
-        let (input, letterbox) = letterbox(image);
-        let x: Vec<f32> = input.iter().map(|&v| f32::from(v) / 127.5 - 1.0).collect();
-        let x = Tensor::<4>::from_data(TensorData::new(x, [1, INPUT, INPUT, 3]), &self.device)
-            .permute([0, 3, 1, 2]);
-        let (regressors, scores) = self.net.forward(x);
-        // One readback: the regressors, then the scores.
-        let out = crate::nn::read_f32(Tensor::cat(
-            vec![
-                regressors.reshape([ANCHORS * COORDS]),
-                scores.reshape([ANCHORS]),
-            ],
-            0,
-        ))
-        .await
-        .map_err(FaceError::Read)?;
-        let (regressors, scores) = out.split_at(ANCHORS * COORDS);
-        Ok(decode(
-            regressors,
-            scores,
-            letterbox,
-            image.width,
-            image.height,
-        ))
-    }
-}
-
-/// Where the photo lies in the detector's square input: the padding on the left and on the top,
-/// as fractions of the square's side (the same on the other side).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Letterbox {
-    /// Padding left and right.
-    pub x: f64,
-    /// Padding above and below.
-    pub y: f64,
-}
-
-/// The photo as the detector sees it, as MediaPipe makes it: padded to a square about its
-/// centre and sampled to 128 x 128 RGB bytes (`[y][x][rgb]`) the way OpenCV's bilinear
-/// `warpPerspective` samples 8-bit images (source positions in 32ths of a pixel, weights in
-/// fixed point, black outside the photo).
-pub fn letterbox(image: &RgbImage) -> (Vec<u8>, Letterbox) {
-    let (w, h) = (image.width as i64, image.height as i64);
-    let side = w.max(h) as f64;
-    let scale = side / INPUT as f64;
-    let (x0, y0) = ((w as f64 - side) / 2.0, (h as f64 - side) / 2.0);
-    // In 32ths of a pixel, rounded as OpenCV's cvRound does (half to even).
-    let at = |origin: f64, i: usize| ((origin + i as f64 * scale) * 32.0).round_ties_even() as i64;
-    let pixel = |x: i64, y: i64, c: usize| -> i64 {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            i64::from(image.data[((y * w + x) * 3) as usize + c])
-        } else {
-            0
-        }
-    };
-    let mut out = vec![0u8; INPUT * INPUT * 3];
-    for v in 0..INPUT {
-        let sy = at(y0, v);
-        let (iy, fy) = (sy >> 5, sy & 31);
-        for u in 0..INPUT {
-            let sx = at(x0, u);
-            let (ix, fx) = (sx >> 5, sx & 31);
-            // Bilinear weights summing to 2^15.
-            let weights = [
-                (32 - fx) * (32 - fy) * 32,
-                fx * (32 - fy) * 32,
-                (32 - fx) * fy * 32,
-                fx * fy * 32,
-            ];
-            for c in 0..3 {
-                let sum = weights[0] * pixel(ix, iy, c)
-                    + weights[1] * pixel(ix + 1, iy, c)
-                    + weights[2] * pixel(ix, iy + 1, c)
-                    + weights[3] * pixel(ix + 1, iy + 1, c);
-                out[(v * INPUT + u) * 3 + c] = ((sum + (1 << 14)) >> 15).clamp(0, 255) as u8;
-            }
-        }
-    }
-    let pad = |size: i64| (side - size as f64) / 2.0 / side;
-    (
-        out,
-        Letterbox {
-            x: pad(w),
-            y: pad(h),
-        },
-    )
-}
-
-/// The anchors' centres in the input square, in [0, 1]: 2 per cell of the 16 x 16 grid, then
-/// 6 per cell of the 8 x 8 grid (MediaPipe's SSD anchors for this model, all of size 1).
-fn anchors() -> Vec<[f64; 2]> {
-    let mut out = Vec::with_capacity(ANCHORS);
-    for (cells, per_cell) in [(16, 2), (8, 6)] {
-        for y in 0..cells {
-            for x in 0..cells {
-                let centre = [
-                    (x as f64 + 0.5) / cells as f64,
-                    (y as f64 + 0.5) / cells as f64,
-                ];
-                out.extend(std::iter::repeat_n(centre, per_cell));
-            }
-        }
-    }
-    out
-}
-
-/// The network's raw outputs (`[896, 16]` regressors, `[896]` logits) to faces in the photo's
-/// pixels: MediaPipe's TensorsToDetections (sigmoid scores, offsets in input pixels from the
-/// anchors), weighted non-maximum suppression (overlapping boxes averaged by score, keeping
-/// the best one's score) and letterbox removal.
-pub fn decode(
-    regressors: &[f32],
-    logits: &[f32],
-    letterbox: Letterbox,
-    width: usize,
-    height: usize,
-) -> Vec<Face> {
-    struct Candidate {
-        score: f64,
-        bbox: [f64; 4],
-        keypoints: [[f64; 2]; 6],
-    }
-    let side = INPUT as f64;
-    let mut candidates: Vec<Candidate> = anchors()
-        .iter()
-        .zip(regressors.chunks_exact(COORDS).zip(logits))
-        .filter_map(|(a, (r, &logit))| {
-            let score = 1.0 / (1.0 + (-f64::from(logit).clamp(-100.0, 100.0)).exp());
-            if score < f64::from(MIN_SCORE) {
-                return None;
-            }
-            let r: Vec<f64> = r.iter().map(|&v| f64::from(v) / side).collect();
-            let (cx, cy, w, h) = (r[0] + a[0], r[1] + a[1], r[2], r[3]);
-            let mut keypoints = [[0.0; 2]; 6];
-            for (k, p) in keypoints.iter_mut().enumerate() {
-                *p = [r[4 + 2 * k] + a[0], r[5 + 2 * k] + a[1]];
-            }
-            Some(Candidate {
-                score,
-                bbox: [cx - w / 2.0, cy - h / 2.0, cx + w / 2.0, cy + h / 2.0],
-                keypoints,
-            })
-        })
-        .collect();
-    // Stable: equal scores keep the anchors' order, as MediaPipe's sort does.
-    candidates.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let (sx, sy) = (1.0 - 2.0 * letterbox.x, 1.0 - 2.0 * letterbox.y);
-    let to_photo = |[x, y]: [f64; 2]| {
-        [
-            ((x - letterbox.x) / sx * width as f64) as f32,
-            ((y - letterbox.y) / sy * height as f64) as f32,
-        ]
-    };
-    let mut faces = Vec::new();
-    while !candidates.is_empty() {
-        // The best candidate and those overlapping it (itself always, even if degenerate).
-        let mut rest = candidates.split_off(1);
-        let best = candidates[0].bbox;
-        let mut merged = candidates;
-        (candidates, rest) = rest
-            .drain(..)
-            .partition(|c| iou(&best, &c.bbox) <= MERGE_IOU);
-        merged.extend(rest);
-        let total: f64 = merged.iter().map(|c| c.score).sum();
-        let mut bbox = [0.0; 4];
-        let mut keypoints = [[0.0; 2]; 6];
-        for c in &merged {
-            let w = c.score / total;
-            for (b, v) in bbox.iter_mut().zip(c.bbox) {
-                *b += v * w;
-            }
-            for (k, p) in keypoints.iter_mut().zip(c.keypoints) {
-                k[0] += p[0] * w;
-                k[1] += p[1] * w;
-            }
-        }
-        let [x0, y0] = to_photo([bbox[0], bbox[1]]);
-        let [x1, y1] = to_photo([bbox[2], bbox[3]]);
-        faces.push(Face {
-            score: merged[0].score as f32,
-            bbox: [x0, y0, x1, y1],
-            keypoints: keypoints.map(to_photo),
-        });
-    }
-    faces
-}
-
-/// Intersection over union of two `[x_min, y_min, x_max, y_max]` boxes (0 for empty ones).
-fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
-}
-
-/// dlib's five-point face chip template (`get_face_chip_details`): the subject's left eye's
-/// outer and inner corners, the right eye's, and the base of the nose, on the unit square.
-const DLIB_TEMPLATE: [[f64; 2]; 5] = [
-    [0.8595674595992, 0.2134981538014],
-    [0.6460604764104, 0.2289674387677],
-    [0.1205750620789, 0.2137274526848],
-    [0.3340850613712, 0.2290642403242],
-    [0.4901123135679, 0.6277975316475],
-];
-/// The margin around the template, as a fraction of it (dlib's face recognition example's).
-const CHIP_PADDING: f64 = 0.25;
-
-/// Where the eye centres (the mean of each eye's corners) sit on the chip, in pixels: the
-/// subject's right eye, then the left.
-fn chip_eyes() -> [[f64; 2]; 2] {
-    let place = |x: f64| (x + CHIP_PADDING) / (1.0 + 2.0 * CHIP_PADDING) * CHIP as f64;
-    let t = DLIB_TEMPLATE;
-    let mid = |a: [f64; 2], b: [f64; 2]| [place((a[0] + b[0]) / 2.0), place((a[1] + b[1]) / 2.0)];
-    [mid(t[2], t[3]), mid(t[0], t[1])]
-}
-
-/// The 150 x 150 face chip the recognition network takes (RGB bytes, `[y][x][rgb]`): the photo
-/// under the similarity transform that puts the face's eye centres on the template's (level,
-/// at dlib's scale), sampled bilinearly, black outside the photo. Pixel centres lie at +0.5.
-pub fn chip(image: &RgbImage, face: &Face) -> Vec<u8> {
-    let [[qrx, qry], [qlx, qly]] = chip_eyes();
-    let [[prx, pry], [plx, ply]] = [face.keypoints[0], face.keypoints[1]].map(|p| p.map(f64::from));
-    let (qex, qey, pex, pey) = (qlx - qrx, qly - qry, plx - prx, ply - pry);
-    // The transform as one complex number a + bi: rotation and scale.
-    let norm = qex * qex + qey * qey;
-    let a = (pex * qex + pey * qey) / norm;
-    let b = (pey * qex - pex * qey) / norm;
-    let (qcx, qcy) = ((qlx + qrx) / 2.0, (qly + qry) / 2.0);
-    let (pcx, pcy) = ((plx + prx) / 2.0, (ply + pry) / 2.0);
-    let (w, h) = (image.width as i64, image.height as i64);
-    let pixel = |x: i64, y: i64, c: usize| -> f64 {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            f64::from(image.data[((y * w + x) * 3) as usize + c])
-        } else {
-            0.0
-        }
-    };
-    let mut out = vec![0u8; CHIP * CHIP * 3];
-    for v in 0..CHIP {
-        for u in 0..CHIP {
-            let (dx, dy) = (u as f64 + 0.5 - qcx, v as f64 + 0.5 - qcy);
-            let x = a * dx - b * dy + pcx - 0.5;
-            let y = b * dx + a * dy + pcy - 0.5;
-            let (x0, y0) = (x.floor(), y.floor());
-            let (fx, fy) = (x - x0, y - y0);
-            let (ix, iy) = (x0 as i64, y0 as i64);
-            for c in 0..3 {
-                let value = pixel(ix, iy, c) * ((1.0 - fx) * (1.0 - fy))
-                    + pixel(ix + 1, iy, c) * (fx * (1.0 - fy))
-                    + pixel(ix, iy + 1, c) * ((1.0 - fx) * fy)
-                    + pixel(ix + 1, iy + 1, c) * (fx * fy);
-                out[(v * CHIP + u) * 3 + c] = (value + 0.5).floor().clamp(0.0, 255.0) as u8;
-            }
-        }
-    }
-    out
-}
-
 /// What a face looks like to the recognition network: its descriptor scaled to length 1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Descriptor(pub Vec<f32>);
@@ -335,55 +62,56 @@ impl Descriptor {
     }
 }
 
-/// The face recognition network on a device.
-pub struct FaceRecognizer {
-    net: FaceRecognitionNet,
-    device: Device,
+/// One face in an image and how much it looks like the references.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FaceScore {
+    /// Where the face is.
+    pub face: Face,
+    /// The most similar reference (none where there were no references).
+    pub identity: Option<String>,
+    /// Cosine similarity to that reference's closest face, -1 to 1.
+    pub similarity: f32,
+    /// Whether the similarity reaches [`SAME_PERSON`].
+    pub same_person: bool,
 }
 
-impl FaceRecognizer {
-    /// The network from face-api's files (`www/models/face_recognition_model*`).
-    pub fn from_tfjs(manifest: &str, weights: &[u8], device: &Device) -> Result<Self, FaceError> {
-        Ok(Self {
-            net: FaceRecognitionNet::from_tfjs(manifest, weights, device)?,
-            device: device.clone(),
-        })
-    }
+/// The square to train on around a face, `(x, y, size)` in the photo's pixels: about three
+/// face widths, the face a little above the centre (hair and chin in, some shoulders), moved
+/// and shrunk to stay inside the photo.
+pub fn suggest_crop(face: &Face, width: u32, height: u32) -> (u32, u32, u32) {
+    let [x0, y0, x1, y1] = face.bbox;
+    let side = ((x1 - x0).max(y1 - y0) * 3.0).round().max(8.0) as u32;
+    let side = side.min(width).min(height);
+    let cx = (x0 + x1) / 2.0;
+    let cy = (y0 + y1) / 2.0 + (y1 - y0) * 0.25;
+    let place = |centre: f32, limit: u32| {
+        ((centre - side as f32 / 2.0).round().max(0.0) as u32).min(limit - side)
+    };
+    (place(cx, width), place(cy, height), side)
+}
 
-    /// The descriptors of face chips (see [`chip`]), with one readback for all.
-    pub async fn describe_chips(&self, chips: &[Vec<u8>]) -> Result<Vec<Descriptor>, FaceError> {
-        if chips.is_empty() {
-            return Ok(Vec::new());
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn face(bbox: [f32; 4]) -> Face {
+        Face {
+            score: 0.9,
+            bbox,
+            keypoints: [[0.0; 2]; 6],
         }
-        let values: Vec<f32> = chips.iter().flatten().map(|&v| f32::from(v)).collect();
-        let x = Tensor::<4>::from_data(
-            TensorData::new(values, [chips.len(), CHIP, CHIP, 3]),
-            &self.device,
-        );
-        let raw = crate::nn::read_f32(self.net.forward(x))
-            .await
-            .map_err(FaceError::Read)?;
-        Ok(raw
-            .chunks_exact(DESCRIPTOR)
-            .map(|d| {
-                let norm = d
-                    .iter()
-                    .map(|v| v * v)
-                    .sum::<f32>()
-                    .sqrt()
-                    .max(f32::MIN_POSITIVE);
-                Descriptor(d.iter().map(|v| v / norm).collect())
-            })
-            .collect())
     }
 
-    /// The descriptors of faces found in a photo.
-    pub async fn describe(
-        &self,
-        image: &RgbImage,
-        faces: &[Face],
-    ) -> Result<Vec<Descriptor>, FaceError> {
-        let chips: Vec<Vec<u8>> = faces.iter().map(|f| chip(image, f)).collect();
-        self.describe_chips(&chips).await
+    #[test]
+    fn the_suggested_square_holds_the_face_and_stays_in_the_photo() {
+        // A 40 px face in the middle of a large photo: 120 px, the face a little above centre.
+        assert_eq!(
+            suggest_crop(&face([480.0, 380.0, 520.0, 420.0]), 1000, 800),
+            (440, 350, 120)
+        );
+        // Near the top-left corner: moved inside.
+        assert_eq!(suggest_crop(&face([0.0, 0.0, 40.0, 40.0]), 1000, 800), (0, 0, 120));
+        // Near the bottom-right corner of a small photo: shrunk to it and moved inside.
+        assert_eq!(suggest_crop(&face([60.0, 40.0, 100.0, 80.0]), 100, 90), (10, 0, 90));
     }
 }

@@ -1,9 +1,7 @@
 //! Likeness scores: the faces of a generated image against the faces an identity was learned
 //! from, each face matched to its most similar identity.
 
-use serde::{Deserialize, Serialize};
-
-use super::{Descriptor, Face, FaceDetector, FaceError, FaceRecognizer, SAME_PERSON};
+use super::{Descriptor, Face, FaceDetector, FaceError, FaceRecognizer, FaceScore, SAME_PERSON};
 use crate::rgb::RgbImage;
 
 /// The face models together: the detector and the recognition network.
@@ -21,19 +19,6 @@ pub struct Reference {
     pub name: String,
     /// Descriptors of its photos' faces.
     pub faces: Vec<Descriptor>,
-}
-
-/// One face in an image and how much it looks like the references.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FaceScore {
-    /// Where the face is.
-    pub face: Face,
-    /// The most similar reference (none where there were no references).
-    pub identity: Option<String>,
-    /// Cosine similarity to that reference's closest face, -1 to 1.
-    pub similarity: f32,
-    /// Whether the similarity reaches [`SAME_PERSON`].
-    pub same_person: bool,
 }
 
 impl FaceModels {

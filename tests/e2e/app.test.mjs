@@ -34,6 +34,10 @@ const SHORT_TIMEOUT = 30 * SECOND;
 const TEST_TIMEOUT = 30 * MINUTE;
 
 const PHOTO = path.join(PHOTOS_DIR, "astronaut.png");
+/// A cat: no face for the detector (tests/fixtures/face).
+const CAT_PHOTO = path.join(PHOTOS_DIR, "chelsea.png");
+/// Where MediaPipe finds the astronaut's face in PHOTO, [x0, y0, x1, y1] (detections.json).
+const PHOTO_FACE = [44.6, 20.2, 68.1, 43.7];
 /// Images whose settings other tools wrote (tests/fixtures/png).
 const PNG_FIXTURES = path.resolve(PHOTOS_DIR, "../png");
 const TOKEN = "alice";
@@ -533,11 +537,39 @@ test("a model loads from its address, then from storage without downloading agai
   assertConsoleClean(app, 0);
 });
 
+test("a photo without a face says so and keeps its square where the user puts it", { timeout: TEST_TIMEOUT }, async (t) => {
+  const { page } = needApp();
+  const since = app.consoleErrors.length;
+  const started = Date.now();
+  await page.getByTestId("photo-input").setInputFiles(CAT_PHOTO);
+  const note = page.getByTestId("no-face");
+  await note.waitFor({ timeout: MODEL_TIMEOUT });
+  t.diagnostic(`faces looked for in ${Date.now() - started} ms (the face models fetched and built first)`);
+  assert.match(await note.textContent(), /No face found/, "the note should say no face was found");
+  assert.equal(await page.getByTestId("face-box").count(), 0, "no face box on the cat");
+  // The square stays the centred one: 300 x 200 -> (50, 0, 200).
+  assert.equal(await page.getByTestId("crop-square").getAttribute("data-crop"), "50,0,200");
+  await page.getByRole("button", { name: "Remove photo" }).click();
+  await page.getByTestId("photo-crop").waitFor({ state: "detached", timeout: SHORT_TIMEOUT });
+  assertConsoleClean(app, since);
+});
+
 test("training learns an identity, survives a reload and continues from its checkpoint", { timeout: TEST_TIMEOUT }, async (t) => {
   const { page } = needApp();
   const since = app.consoleErrors.length;
 
+  const added = Date.now();
   await fillTraining(page, TOKEN, TRAIN_STEPS);
+  // The worker finds the face and the square moves around it.
+  await page.getByTestId("face-found").waitFor({ timeout: MODEL_TIMEOUT });
+  t.diagnostic(`face found ${Date.now() - added} ms after the photo was added`);
+  assert.equal(await page.getByTestId("face-box").count(), 1, "one face box on the astronaut");
+  const [x, y, side] = (await page.getByTestId("crop-square").getAttribute("data-crop")).split(",").map(Number);
+  const [fx0, fy0, fx1, fy1] = PHOTO_FACE;
+  assert.ok(
+    x <= fx0 && y <= fy0 && x + side >= fx1 && y + side >= fy1 && side < 128,
+    `the square ${x},${y},${side} should hold the face ${PHOTO_FACE} and be smaller than the photo`,
+  );
   await waitFor(page, "train-start to be enabled (model ready, photo added, name given)", (s) => s.trainStart === true);
 
   const trainStart = await page.evaluate(() => performance.now());
@@ -655,6 +687,10 @@ test("an image is generated with the identity and carries its parameters", { tim
   const seen = await page.evaluate(() => window.__seen);
   assert.ok(seen.genSteps.includes(4), `gen-progress never showed step 4 (steps seen: ${seen.genSteps})`);
   t.diagnostic(`gen-progress steps: ${seen.genSteps.join(", ")}; previews shown: ${seen.appeared["gen-preview"] ?? 0}`);
+
+  // Its faces were scored against the identity's (the tiny model draws noise: no face).
+  const likeness = page.getByTestId("likeness").first();
+  assert.match((await likeness.textContent()) ?? "", /No face found to score/, "the image should say its faces were looked for");
 
   // The newest image comes first and decodes at the size asked for.
   const image = made.results[0];

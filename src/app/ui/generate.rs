@@ -14,6 +14,7 @@ use super::{Ctx, ModelState, library, store};
 use crate::app::protocol::{GenerateJob, Request, Response};
 pub use crate::app::view::GenView;
 use crate::clip::tokenizer::placeholders;
+use crate::face::FaceScore;
 use crate::pipeline::GenerateRequest;
 use crate::pipeline::png::{Parameters, read_parameters};
 use crate::schedule::Sampler;
@@ -44,6 +45,10 @@ pub struct GalleryMeta {
     pub model: String,
     pub parameters: String,
     pub created: f64,
+    /// The faces' likeness to the prompt's identities (`None`: not scored; images from before
+    /// scores have none).
+    #[serde(default)]
+    pub faces: Option<Vec<FaceScore>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -117,6 +122,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                         model: job.model_name.clone(),
                         parameters: image.parameters,
                         created: created + i as f64,
+                        faces: image.faces,
                     };
                     let saved = async {
                         let (s, _held) = library().await?;
@@ -571,6 +577,7 @@ fn Gallery() -> impl IntoView {
                             />
                             <figcaption>
                                 <p class="prompt">{meta.request.prompt.clone()}</p>
+                                {likeness(&meta.faces)}
                                 <p class="muted">
                                     {format!(
                                         "seed {} · {} steps · {} × {}{}",
@@ -611,4 +618,31 @@ fn Gallery() -> impl IntoView {
             />
         </div>
     }
+}
+
+/// How much an image's faces look like the prompt's identities, where they were scored.
+fn likeness(faces: &Option<Vec<FaceScore>>) -> Option<impl IntoView + use<>> {
+    let faces = faces.as_ref()?;
+    let line = if faces.is_empty() {
+        view! { <span>"No face found to score."</span> }.into_any()
+    } else {
+        faces
+            .iter()
+            .map(|f| {
+                let name = f.identity.clone().unwrap_or_default();
+                let (class, verdict) = if f.same_person {
+                    ("same", "looks like")
+                } else {
+                    ("", "unlike")
+                };
+                view! {
+                    <span class=class title="Cosine similarity of the face descriptors; 0.91 and above: the same person">
+                        {format!("{verdict} {name}: {:.2} ", f.similarity)}
+                    </span>
+                }
+            })
+            .collect_view()
+            .into_any()
+    };
+    Some(view! { <p class="likeness" data-testid="likeness">{line}</p> })
 }

@@ -19,7 +19,7 @@ use crate::store::{Store, StoreError};
 
 pub use generate::{GalleryItem, GenView};
 pub use gpu::GpuState;
-pub use identity::{IdentityEntry, TrainView};
+pub use identity::{IdentityEntry, PhotoEntry, TrainView};
 pub use widgets::{ErrorKind, UiError};
 
 /// Mounts the app on `<body>`; called by the page binary.
@@ -66,6 +66,8 @@ pub struct Ctx {
     pub quota: RwSignal<Option<(f64, f64)>>,
     pub train: RwSignal<TrainView>,
     pub identities: RwSignal<Vec<IdentityEntry>>,
+    /// The photos to learn from, with their squares and faces.
+    pub photos: RwSignal<Vec<PhotoEntry>>,
     pub generation: RwSignal<GenView>,
     pub gallery: RwSignal<Vec<GalleryItem>>,
     pub prompt: RwSignal<String>,
@@ -178,7 +180,7 @@ impl Ctx {
             | Response::TrainFailed(_)
             | Response::GenDone { .. }
             | Response::GenFailed(_) => w.end(t),
-            Response::GpuCheck(_) | Response::Crashed(_) => {}
+            Response::GpuCheck(_) | Response::Crashed(_) | Response::Faces { .. } => {}
         });
         match response {
             Response::GpuCheck(r) => {
@@ -213,6 +215,7 @@ impl Ctx {
             Response::GenStep { .. } | Response::GenDone { .. } | Response::GenFailed(_) => {
                 generate::on_response(self, response)
             }
+            Response::Faces { key, faces } => identity::on_faces(self, key, faces),
             Response::Crashed(e) => self.on_crash(e),
         }
     }
@@ -309,6 +312,7 @@ fn App() -> impl IntoView {
         quota: RwSignal::new(None),
         train: RwSignal::new(TrainView::default()),
         identities: RwSignal::new(Vec::new()),
+        photos: RwSignal::new(Vec::new()),
         generation: RwSignal::new(GenView::default()),
         gallery: RwSignal::new(Vec::new()),
         prompt: RwSignal::new(String::new()),

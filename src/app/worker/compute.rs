@@ -47,6 +47,8 @@ pub struct State {
     /// Set by `StopTraining`: `Some(cancel)`.
     pub(super) stop_training: Cell<Option<bool>>,
     pub(super) cancel_generate: Cell<bool>,
+    /// The face models, once loaded.
+    pub(super) faces: RefCell<Option<Rc<crate::face::score::FaceModels>>>,
 }
 
 thread_local! {
@@ -151,6 +153,15 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
                             Err(e) => Response::GenFailed(e),
                         });
                     }
+                    Request::FindFaces {
+                        key,
+                        width,
+                        height,
+                        rgb,
+                    } => respond(Response::Faces {
+                        key,
+                        faces: super::faces::find(&state, width, height, rgb.into_vec()).await,
+                    }),
                     Request::StopTraining { .. } | Request::CancelGenerate => {}
                 }
             });
@@ -376,9 +387,13 @@ async fn train(
     };
     respond(
         match session::run(&trainer, &mut st, &schedule, &mut stop, &mut on_event).await? {
-            Finished::Done(identity) => Response::TrainDone {
-                identity: ByteBuf::from(identity.to_bytes()?),
-            },
+            Finished::Done(mut identity) => {
+                let squares: Vec<RgbImage> = photos.iter().map(|p| p.image.clone()).collect();
+                super::faces::record(state, &mut identity, &squares).await;
+                Response::TrainDone {
+                    identity: ByteBuf::from(identity.to_bytes()?),
+                }
+            }
             Finished::Stopped { step, checkpoint } => Response::TrainStopped {
                 step,
                 checkpoint: checkpoint.map(ByteBuf::from),
@@ -464,10 +479,15 @@ async fn generate(
     )
     .await
     .map_err(pipeline_error)?;
+    let scores =
+        super::faces::score(state, &req.prompt, &identities, &generated.images).await?;
     let mut images = Vec::new();
-    for (i, image) in generated.images.iter().enumerate() {
+    for ((i, image), faces) in generated.images.iter().enumerate().zip(scores) {
         let seed = req.seed.wrapping_add(i as u64);
-        let parameters = pipeline::png::parameters_text(&req, seed, &job.model_name);
+        let parameters = pipeline::png::with_likeness(
+            pipeline::png::parameters_text(&req, seed, &job.model_name),
+            &crate::face::score::likeness(faces.as_deref().unwrap_or_default()),
+        );
         let png = pipeline::png::encode(image, &parameters).map_err(WorkerError::Other)?;
         images.push(GenImage {
             png: ByteBuf::from(png),
@@ -475,6 +495,7 @@ async fn generate(
             width: image.width,
             height: image.height,
             parameters,
+            faces,
         });
     }
     Ok(Response::GenDone { images, warnings })

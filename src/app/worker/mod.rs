@@ -96,4 +96,6 @@ pub fn register() {
 #[cfg(feature = "compute")]
 mod compute;
 #[cfg(feature = "compute")]
+mod faces;
+#[cfg(feature = "compute")]
 mod load;

@@ -15,7 +15,8 @@ use crate::clip::tokenizer::{PLACEHOLDER_NAME_RULE, is_placeholder_name};
 use crate::identity::settings::{DEFAULT_CLASS_WORD, TrainConfig};
 use list::IdentityList;
 pub use list::{IdentityEntry, identity_bytes, load_list};
-use photos::{PhotoEntry, PhotoPicker};
+use photos::PhotoPicker;
+pub use photos::{PhotoEntry, on_faces};
 use training::{ResumeOffer, TrainProgress};
 pub use training::{look_for_unfinished_run, on_crash, on_response};
 
@@ -69,7 +70,7 @@ impl Settings {
 #[component]
 pub fn IdentityPanel() -> impl IntoView {
     let ctx = expect_context::<Ctx>();
-    let photos = RwSignal::new(Vec::<PhotoEntry>::new());
+    let photos = ctx.photos;
     let settings = Settings::new();
     let name = settings.name;
 

@@ -1,4 +1,5 @@
-//! The photos to learn from: adding them (picker or drop), and the square of each to train on.
+//! The photos to learn from: adding them (picker or drop), and the square of each to train on,
+//! placed around the face the worker finds (the user can still move it, or pick another face).
 
 use leptos::prelude::*;
 use leptos::task::spawn_local;
@@ -6,9 +7,13 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{HtmlImageElement, ImageEncodeOptions, OffscreenCanvas};
 
+use crate::app::protocol::{FACE_PHOTO_SIDE, Request, WorkerError};
 use crate::app::ui::widgets::{
     ErrorBox, ErrorKind, UiError, blob_url_of, dropped_files, input_files, revoke,
 };
+use crate::app::ui::{Ctx, GpuState};
+use crate::face::{Face, suggest_crop};
+use serde_bytes::ByteBuf;
 
 /// A photo the user added, with the square they chose (in the photo's pixels).
 #[derive(Clone, Debug, PartialEq)]
@@ -19,6 +24,77 @@ pub struct PhotoEntry {
     width: u32,
     height: u32,
     crop: (u32, u32, u32),
+    faces: PhotoFaces,
+    /// The user placed the square: a late answer about faces leaves it where it is.
+    moved: bool,
+}
+
+/// What is known of a photo's faces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PhotoFaces {
+    /// The worker is looking.
+    Looking,
+    /// The faces, in the photo's pixels, the most confident first (none: no face).
+    Found(Vec<Face>),
+    /// No GPU worker, or the face models could not load: the square is the user's to place.
+    Unavailable,
+}
+
+/// The photo's pixels as the page shows it (its orientation applied), at most
+/// [`FACE_PHOTO_SIDE`] on a side: width, height, RGB bytes, and the factor back to the photo.
+fn pixels(img: &HtmlImageElement) -> Option<(u32, u32, Vec<u8>, f32)> {
+    let (w, h) = (img.natural_width(), img.natural_height());
+    let scale = (FACE_PHOTO_SIDE as f64 / w.max(h) as f64).min(1.0);
+    let sw = ((w as f64 * scale).round() as u32).max(1);
+    let sh = ((h as f64 * scale).round() as u32).max(1);
+    let canvas = OffscreenCanvas::new(sw, sh).ok()?;
+    let c2d: web_sys::OffscreenCanvasRenderingContext2d =
+        canvas.get_context("2d").ok().flatten()?.dyn_into().ok()?;
+    c2d.draw_image_with_html_image_element_and_dw_and_dh(img, 0.0, 0.0, sw as f64, sh as f64)
+        .ok()?;
+    let rgba = c2d
+        .get_image_data(0.0, 0.0, sw as f64, sh as f64)
+        .ok()?
+        .data();
+    let rgb = rgba.0.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    Some((sw, sh, rgb, w as f32 / sw as f32))
+}
+
+thread_local! {
+    /// The factor from the pixels sent to the worker back to the photo's, per photo key.
+    static SENT_SCALE: std::cell::RefCell<std::collections::HashMap<u32, f32>> =
+        Default::default();
+}
+
+/// The worker's answer about a photo's faces: the square goes around the most confident one,
+/// unless the user placed it already.
+pub fn on_faces(ctx: Ctx, key: u32, faces: Result<Vec<Face>, WorkerError>) {
+    let scale = SENT_SCALE.with(|s| s.borrow_mut().remove(&key)).unwrap_or(1.0);
+    ctx.photos.update(|photos| {
+        let Some(p) = photos.iter_mut().find(|p| p.key == key) else {
+            return;
+        };
+        match faces {
+            Ok(faces) => {
+                let faces: Vec<Face> = faces
+                    .into_iter()
+                    .map(|f| Face {
+                        score: f.score,
+                        bbox: f.bbox.map(|v| v * scale),
+                        keypoints: f.keypoints.map(|k| k.map(|v| v * scale)),
+                    })
+                    .collect();
+                if let (Some(face), false) = (faces.first(), p.moved) {
+                    p.crop = suggest_crop(face, p.width, p.height);
+                }
+                p.faces = PhotoFaces::Found(faces);
+            }
+            Err(e) => {
+                web_sys::console::warn_1(&format!("no face search for {}: {e}", p.name).into());
+                p.faces = PhotoFaces::Unavailable;
+            }
+        }
+    });
 }
 
 async fn decoded(url: &str) -> Option<HtmlImageElement> {
@@ -73,6 +149,7 @@ pub async fn crop_png(p: &PhotoEntry) -> Result<Vec<u8>, UiError> {
 /// refused.
 #[component]
 pub fn PhotoPicker(photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
+    let ctx = expect_context::<Ctx>();
     let photo_error = RwSignal::new(None::<UiError>);
     let next_key = StoredValue::new(0u32);
     let add = move |files: Vec<web_sys::File>| {
@@ -86,6 +163,9 @@ pub fn PhotoPicker(photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                         let key = next_key.get_value();
                         next_key.set_value(key + 1);
                         photo_error.set(None);
+                        // The worker finds the faces (it holds the GPU and the models).
+                        let gpu = matches!(ctx.gpu.get_untracked(), GpuState::Ready(_));
+                        let sent = gpu.then(|| pixels(&img)).flatten();
                         photos.update(|p| {
                             p.push(PhotoEntry {
                                 key,
@@ -94,8 +174,23 @@ pub fn PhotoPicker(photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                                 width: w,
                                 height: h,
                                 crop: ((w - s) / 2, (h - s) / 2, s),
+                                faces: if sent.is_some() {
+                                    PhotoFaces::Looking
+                                } else {
+                                    PhotoFaces::Unavailable
+                                },
+                                moved: false,
                             })
                         });
+                        if let Some((width, height, rgb, scale)) = sent {
+                            SENT_SCALE.with(|m| m.borrow_mut().insert(key, scale));
+                            ctx.send(Request::FindFaces {
+                                key,
+                                width: width as usize,
+                                height: height as usize,
+                                rgb: ByteBuf::from(rgb),
+                            });
+                        }
                     }
                     _ => {
                         revoke(&url);
@@ -156,8 +251,37 @@ fn PhotoCrop(key: u32, photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                 let (x, y, s) = f(e.crop);
                 let s = s.clamp(8, w.min(h));
                 e.crop = (x.min(w - s), y.min(h - s), s);
+                e.moved = true;
             }
         })
+    };
+    let faces = move || match entry().map(|e| e.faces) {
+        Some(PhotoFaces::Found(f)) => f,
+        _ => Vec::new(),
+    };
+    // A click on a face's box puts the square around that face.
+    let choose = move |i: usize| {
+        photos.update(|p| {
+            if let Some(e) = p.iter_mut().find(|e| e.key == key)
+                && let PhotoFaces::Found(f) = &e.faces
+                && let Some(face) = f.get(i)
+            {
+                e.crop = suggest_crop(face, w, h);
+                e.moved = true;
+            }
+        })
+    };
+    let note = move || match entry().map(|e| e.faces) {
+        Some(PhotoFaces::Looking) => Some(("face-looking", "Looking for a face…".to_string())),
+        Some(PhotoFaces::Found(f)) => Some(match f.len() {
+            0 => (
+                "no-face",
+                "No face found: place the square by hand (as for a pet or a thing).".to_string(),
+            ),
+            1 => ("face-found", "The square is around the face.".to_string()),
+            n => ("face-found", format!("{n} faces: click one to train on it.")),
+        }),
+        _ => None,
     };
     let pct = move |v: u32, of: u32| format!("{:.3}%", v as f64 / of as f64 * 100.0);
     // Set through the CSSOM (style:...), which the CSP allows, not as a style attribute.
@@ -192,12 +316,43 @@ fn PhotoCrop(key: u32, photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                 <img src=first.url.clone() alt=first.name.clone() draggable="false" />
                 <div
                     class="crop-square"
+                    data-testid="crop-square"
+                    data-crop=move || {
+                        let (x, y, s) = crop();
+                        format!("{x},{y},{s}")
+                    }
                     style:left=move || pct(crop().0, w)
                     style:top=move || pct(crop().1, h)
                     style:width=move || pct(crop().2, w)
                     style:height=move || pct(crop().2, h)
                 ></div>
+                {move || {
+                    faces()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, f)| {
+                            let [x0, y0, x1, y1] = f.bbox.map(|v| v.max(0.0) as u32);
+                            view! {
+                                <button
+                                    class="face-box"
+                                    data-testid="face-box"
+                                    title=format!("Face {} ({:.0}% sure): train on it", i + 1, f.score * 100.0)
+                                    aria-label=format!("Train on face {}", i + 1)
+                                    style:left=pct(x0, w)
+                                    style:top=pct(y0, h)
+                                    style:width=pct(x1.saturating_sub(x0), w)
+                                    style:height=pct(y1.saturating_sub(y0), h)
+                                    on:click=move |ev| {
+                                        ev.stop_propagation();
+                                        choose(i);
+                                    }
+                                ></button>
+                            }
+                        })
+                        .collect_view()
+                }}
             </div>
+            {move || note().map(|(testid, text)| view! { <p class="muted face-note" data-testid=testid>{text}</p> })}
             <figcaption>
                 <input
                     type="range"
