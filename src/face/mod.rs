@@ -110,8 +110,14 @@ mod tests {
             (440, 350, 120)
         );
         // Near the top-left corner: moved inside.
-        assert_eq!(suggest_crop(&face([0.0, 0.0, 40.0, 40.0]), 1000, 800), (0, 0, 120));
+        assert_eq!(
+            suggest_crop(&face([0.0, 0.0, 40.0, 40.0]), 1000, 800),
+            (0, 0, 120)
+        );
         // Near the bottom-right corner of a small photo: shrunk to it and moved inside.
-        assert_eq!(suggest_crop(&face([60.0, 40.0, 100.0, 80.0]), 100, 90), (10, 0, 90));
+        assert_eq!(
+            suggest_crop(&face([60.0, 40.0, 100.0, 80.0]), 100, 90),
+            (10, 0, 90)
+        );
     }
 }

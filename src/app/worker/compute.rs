@@ -479,8 +479,7 @@ async fn generate(
     )
     .await
     .map_err(pipeline_error)?;
-    let scores =
-        super::faces::score(state, &req.prompt, &identities, &generated.images).await?;
+    let scores = super::faces::score(state, &req.prompt, &identities, &generated.images).await?;
     let mut images = Vec::new();
     for ((i, image), faces) in generated.images.iter().enumerate().zip(scores) {
         let seed = req.seed.wrapping_add(i as u64);

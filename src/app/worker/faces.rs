@@ -34,9 +34,13 @@ async fn fetch(path: &str) -> Result<Vec<u8>, WorkerError> {
     if !response.ok() {
         return Err(fail(format!("HTTP {}", response.status())));
     }
-    let buffer = JsFuture::from(response.array_buffer().map_err(|e| fail(format!("{e:?}")))?)
-        .await
-        .map_err(|e| fail(format!("{e:?}")))?;
+    let buffer = JsFuture::from(
+        response
+            .array_buffer()
+            .map_err(|e| fail(format!("{e:?}")))?,
+    )
+    .await
+    .map_err(|e| fail(format!("{e:?}")))?;
     Ok(js_sys::Uint8Array::new(&buffer).to_vec())
 }
 

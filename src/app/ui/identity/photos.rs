@@ -56,7 +56,11 @@ fn pixels(img: &HtmlImageElement) -> Option<(u32, u32, Vec<u8>, f32)> {
         .get_image_data(0.0, 0.0, sw as f64, sh as f64)
         .ok()?
         .data();
-    let rgb = rgba.0.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect();
+    let rgb = rgba
+        .0
+        .chunks_exact(4)
+        .flat_map(|p| [p[0], p[1], p[2]])
+        .collect();
     Some((sw, sh, rgb, w as f32 / sw as f32))
 }
 
@@ -69,7 +73,9 @@ thread_local! {
 /// The worker's answer about a photo's faces: the square goes around the most confident one,
 /// unless the user placed it already.
 pub fn on_faces(ctx: Ctx, key: u32, faces: Result<Vec<Face>, WorkerError>) {
-    let scale = SENT_SCALE.with(|s| s.borrow_mut().remove(&key)).unwrap_or(1.0);
+    let scale = SENT_SCALE
+        .with(|s| s.borrow_mut().remove(&key))
+        .unwrap_or(1.0);
     ctx.photos.update(|photos| {
         let Some(p) = photos.iter_mut().find(|p| p.key == key) else {
             return;
@@ -279,7 +285,10 @@ fn PhotoCrop(key: u32, photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                 "No face found: place the square by hand (as for a pet or a thing).".to_string(),
             ),
             1 => ("face-found", "The square is around the face.".to_string()),
-            n => ("face-found", format!("{n} faces: click one to train on it.")),
+            n => (
+                "face-found",
+                format!("{n} faces: click one to train on it."),
+            ),
         }),
         _ => None,
     };
