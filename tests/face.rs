@@ -336,6 +336,40 @@ fn sefi_score_compares_faces_with_a_photo() {
         "{text}"
     );
     assert!(lines[2].ends_with("chelsea.png: no face found"), "{text}");
+    // The models come from $SEFI_FACE_MODELS where it names a folder that holds them: a
+    // damaged one is a clear error.
+    let damaged = std::env::temp_dir().join(format!("sefi-face-models-{}", std::process::id()));
+    std::fs::create_dir_all(&damaged).unwrap();
+    std::fs::write(
+        damaged.join("face_detection_short_range.safetensors"),
+        b"not weights",
+    )
+    .unwrap();
+    for name in [
+        "face_recognition_model-weights_manifest.json",
+        "face_recognition_model.bin",
+    ] {
+        std::fs::write(damaged.join(name), site_model(name)).unwrap();
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sefi"))
+        .args([
+            "score",
+            "--photo",
+            &path("photos/camera.png"),
+            "--image",
+            &path("photos/camera.png"),
+        ])
+        .args(["--device", "cpu"])
+        .env("SEFI_FACE_MODELS", &damaged)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the face detector's weights cannot be used"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::remove_dir_all(&damaged).unwrap();
     // Nothing to compare with is a clear error.
     let o = common::sefi(&[
         "score",

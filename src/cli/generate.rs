@@ -247,7 +247,13 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .collect();
     let faces = match references.is_empty() {
         true => None,
-        false => Some(super::score::face_models(&dev.device)?),
+        false => match super::score::face_models(&dev.device) {
+            Ok(models) => Some(models),
+            Err(e) => {
+                eprintln!("faces not scored: {e}");
+                None
+            }
+        },
     };
     let mut written = Vec::new();
     for (i, image) in generated.images.iter().enumerate() {

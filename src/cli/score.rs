@@ -1,7 +1,7 @@
 //! `sefi score`: how much the faces in images look like identities (or photos), the numbers
 //! the page shows on every image.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use burn::tensor::Device;
@@ -13,17 +13,53 @@ use crate::face::score::{FaceModels, Reference};
 use crate::face::{FaceDetector, FaceError, FaceRecognizer};
 use crate::identity::Identity;
 
-// The face models the site serves, built into the command line.
-const DETECTOR: &[u8] = include_bytes!("../../www/models/face_detection_short_range.safetensors");
-const RECOGNITION_MANIFEST: &str =
-    include_str!("../../www/models/face_recognition_model-weights_manifest.json");
-const RECOGNITION_WEIGHTS: &[u8] = include_bytes!("../../www/models/face_recognition_model.bin");
+/// The face models' files, as the site serves them (`www/models/`).
+const DETECTOR: &str = "face_detection_short_range.safetensors";
+const RECOGNITION_MANIFEST: &str = "face_recognition_model-weights_manifest.json";
+const RECOGNITION_WEIGHTS: &str = "face_recognition_model.bin";
+/// Names a folder that holds them.
+pub(crate) const MODELS_ENV: &str = "SEFI_FACE_MODELS";
+
+/// Where the face models are: `$SEFI_FACE_MODELS`, else `models/` beside the binary, else the
+/// source tree's `www/models/` (what `cargo run` and `cargo install --path .` find). They are
+/// read from disk rather than built into the binary, which stays 4 MB smaller.
+fn models_dir() -> Result<PathBuf, String> {
+    let beside_binary = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("models")));
+    let candidates = std::env::var_os(MODELS_ENV)
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(beside_binary)
+        .chain([Path::new(env!("CARGO_MANIFEST_DIR")).join("www/models")]);
+    for dir in candidates {
+        if dir.join(DETECTOR).is_file() {
+            return Ok(dir);
+        }
+    }
+    Err(format!(
+        "the face models are not found: set {MODELS_ENV} to a folder holding {DETECTOR}, {RECOGNITION_MANIFEST} and {RECOGNITION_WEIGHTS} (the site's models/ folder, www/models in the sources)"
+    ))
+}
 
 /// The face detector and recognition network on a device.
-pub(crate) fn face_models(device: &Device) -> Result<FaceModels, FaceError> {
+pub(crate) fn face_models(device: &Device) -> Result<FaceModels, String> {
+    let dir = models_dir()?;
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| {
+            format!(
+                "cannot read the face model {}: {e}",
+                dir.join(name).display()
+            )
+        })
+    };
+    let bad = |e: FaceError| e.to_string();
+    let manifest = String::from_utf8(read(RECOGNITION_MANIFEST)?)
+        .map_err(|e| format!("{RECOGNITION_MANIFEST}: {e}"))?;
     Ok(FaceModels {
-        detector: FaceDetector::from_safetensors(DETECTOR, device)?,
-        recognizer: FaceRecognizer::from_tfjs(RECOGNITION_MANIFEST, RECOGNITION_WEIGHTS, device)?,
+        detector: FaceDetector::from_safetensors(&read(DETECTOR)?, device).map_err(bad)?,
+        recognizer: FaceRecognizer::from_tfjs(&manifest, &read(RECOGNITION_WEIGHTS)?, device)
+            .map_err(bad)?,
     })
 }
 

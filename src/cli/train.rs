@@ -257,20 +257,25 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         unreachable!("nothing stops a command-line run")
     };
     // The photos' faces travel with the identity: what generated images are scored against.
-    let models = super::score::face_models(&dev.device)?;
-    for (photo, path) in photos.iter().zip(&args.images) {
-        match crate::block_on(models.photo_face(&photo.image, photo.crop))? {
-            Some(face) => identity.faces.push(face.0),
-            None => eprintln!(
-                "no face found in {}{}: images will not be scored against it",
-                path.display(),
-                if photo.crop.is_some() {
-                    " inside --crop"
-                } else {
-                    ""
+    // Without the face models the identity is kept without them.
+    match super::score::face_models(&dev.device) {
+        Ok(models) => {
+            for (photo, path) in photos.iter().zip(&args.images) {
+                match crate::block_on(models.photo_face(&photo.image, photo.crop))? {
+                    Some(face) => identity.faces.push(face.0),
+                    None => eprintln!(
+                        "no face found in {}{}: images will not be scored against it",
+                        path.display(),
+                        if photo.crop.is_some() {
+                            " inside --crop"
+                        } else {
+                            ""
+                        }
+                    ),
                 }
-            ),
+            }
         }
+        Err(e) => eprintln!("faces not recorded, images will not be scored: {e}"),
     }
     std::fs::write(&args.out, identity.to_bytes()?)?;
     println!(
