@@ -70,6 +70,17 @@ thread_local! {
         Default::default();
 }
 
+/// The worker that was asked about faces is gone: photos still waiting get no square
+/// suggested (the user places it).
+pub fn no_answer(ctx: Ctx) {
+    SENT_SCALE.with(|s| s.borrow_mut().clear());
+    ctx.photos.update(|photos| {
+        for p in photos.iter_mut().filter(|p| p.faces == PhotoFaces::Looking) {
+            p.faces = PhotoFaces::Unavailable;
+        }
+    });
+}
+
 /// The worker's answer about a photo's faces: the square goes around the most confident one,
 /// unless the user placed it already.
 pub fn on_faces(ctx: Ctx, key: u32, faces: Result<Vec<Face>, WorkerError>) {

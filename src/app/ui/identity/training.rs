@@ -65,6 +65,8 @@ pub async fn look_for_unfinished_run(ctx: Ctx) {
 pub fn on_crash(ctx: Ctx, error: UiError) {
     release_run();
     ctx.train.update(|t| t.crashed(error));
+    // The worker that was looking for faces is gone.
+    super::photos::no_answer(ctx);
     spawn_local(look_for_unfinished_run(ctx));
 }
 
