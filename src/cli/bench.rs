@@ -378,7 +378,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 prompt: "a photo of an astronaut riding a horse".into(),
                 negative_prompt: String::new(),
                 steps: args.steps,
-                guidance: 7.5,
+                guidance: GenerateRequest::default().guidance,
                 sampler: Sampler::Euler,
                 seed: 0,
                 width: res,

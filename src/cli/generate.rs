@@ -15,7 +15,7 @@ use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatent
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
 use crate::weights::open::Variant;
-use crate::weights::{Family, FileSource, SafetensorsFile};
+use crate::weights::{FileSource, SafetensorsFile};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -146,11 +146,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         steps: args.steps,
-        guidance: args.guidance.unwrap_or(if ckpt.family == Family::Sdxl {
-            5.0
-        } else {
-            7.5
-        }),
+        guidance: args
+            .guidance
+            .unwrap_or_else(|| ckpt.family.default_guidance()),
         sampler: args.scheduler,
         seed,
         width: args.width.unwrap_or(native),

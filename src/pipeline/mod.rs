@@ -60,7 +60,7 @@ impl Default for GenerateRequest {
             prompt: String::new(),
             negative_prompt: String::new(),
             steps: 25,
-            guidance: 7.5,
+            guidance: crate::weights::Family::Sd1.default_guidance(),
             sampler: Sampler::DpmPp2mKarras,
             seed: 0,
             width: 512,

@@ -44,6 +44,15 @@ impl fmt::Display for Family {
 }
 
 impl Family {
+    /// The classifier-free guidance scale the family's pipelines default to in diffusers:
+    /// 5.0 for SDXL, 7.5 for the others.
+    pub fn default_guidance(self) -> f64 {
+        match self {
+            Family::Sdxl => 5.0,
+            _ => 7.5,
+        }
+    }
+
     /// Same text encoder, so identities transfer (sd2 and sd2-v share OpenCLIP ViT-H).
     pub fn base(self) -> Family {
         match self {

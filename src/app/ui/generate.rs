@@ -18,7 +18,6 @@ use crate::face::FaceScore;
 use crate::pipeline::GenerateRequest;
 use crate::pipeline::png::{Parameters, read_parameters};
 use crate::schedule::Sampler;
-use crate::weights::Family;
 
 /// Bytes read from the start of an image for its settings.
 const IMAGE_HEAD: usize = 1 << 20;
@@ -181,7 +180,7 @@ impl GenSettings {
     fn new() -> Self {
         Self {
             steps: RwSignal::new(25),
-            guidance: RwSignal::new(7.5),
+            guidance: RwSignal::new(GenerateRequest::default().guidance),
             sampler: RwSignal::new(Sampler::DpmPp2mKarras),
             size: RwSignal::new("512".to_string()),
             count: RwSignal::new(1),
@@ -247,11 +246,7 @@ pub fn GeneratePanel() -> impl IntoView {
             if SIZES.iter().any(|s| s.0 == native) {
                 settings.size.set(native);
             }
-            settings.guidance.set(if info.family == Family::Sdxl {
-                5.0
-            } else {
-                7.5
-            });
+            settings.guidance.set(info.family.default_guidance());
         }
     });
 
