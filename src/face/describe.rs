@@ -41,14 +41,7 @@ pub fn chip(image: &RgbImage, face: &Face) -> Vec<u8> {
     let b = (pey * qex - pex * qey) / norm;
     let (qcx, qcy) = ((qlx + qrx) / 2.0, (qly + qry) / 2.0);
     let (pcx, pcy) = ((plx + prx) / 2.0, (ply + pry) / 2.0);
-    let (w, h) = (image.width as i64, image.height as i64);
-    let pixel = |x: i64, y: i64, c: usize| -> f64 {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            f64::from(image.data[((y * w + x) * 3) as usize + c])
-        } else {
-            0.0
-        }
-    };
+    let pixel = |x: i64, y: i64, c: usize| f64::from(image.at_or_black(x, y, c));
     let mut out = vec![0u8; CHIP * CHIP * 3];
     for v in 0..CHIP {
         for u in 0..CHIP {

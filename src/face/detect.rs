@@ -77,13 +77,7 @@ pub fn letterbox(image: &RgbImage) -> (Vec<u8>, Letterbox) {
     let (x0, y0) = ((w as f64 - side) / 2.0, (h as f64 - side) / 2.0);
     // In 32ths of a pixel, rounded as OpenCV's cvRound does (half to even).
     let at = |origin: f64, i: usize| ((origin + i as f64 * scale) * 32.0).round_ties_even() as i64;
-    let pixel = |x: i64, y: i64, c: usize| -> i64 {
-        if (0..w).contains(&x) && (0..h).contains(&y) {
-            i64::from(image.data[((y * w + x) * 3) as usize + c])
-        } else {
-            0
-        }
-    };
+    let pixel = |x: i64, y: i64, c: usize| i64::from(image.at_or_black(x, y, c));
     let mut out = vec![0u8; INPUT * INPUT * 3];
     for v in 0..INPUT {
         let sy = at(y0, v);
