@@ -8,7 +8,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
-use crate::face::Descriptor;
 use crate::face::score::{Reference, likeness};
 use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
@@ -235,14 +234,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     // Faces are scored against the identities the prompt names that keep their photos' faces.
-    let references: Vec<Reference> = identities
-        .iter()
-        .filter(|i| !i.faces.is_empty() && req.prompt.contains(&format!("<{}>", i.token)))
-        .map(|i| Reference {
-            name: format!("<{}>", i.token),
-            faces: i.faces.iter().cloned().map(Descriptor).collect(),
-        })
-        .collect();
+    let references = Reference::named_in(&req.prompt, &identities);
     let faces = match references.is_empty() {
         true => None,
         false => match super::score::face_models(&dev.device) {

@@ -98,21 +98,13 @@ pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read the identity {}: {e}", path.display()))?;
         let identity = crate::block_on(Identity::from_bytes(&path.display().to_string(), bytes))?;
-        if identity.faces.is_empty() {
-            eprintln!(
+        match Reference::of(&identity) {
+            Some(reference) => references.push(reference),
+            None => eprintln!(
                 "{} holds no faces (learned before scores existed, or its photos show none): give its photo with --photo",
                 path.display()
-            );
-            continue;
+            ),
         }
-        references.push(Reference {
-            name: format!("<{}>", identity.token),
-            faces: identity
-                .faces
-                .into_iter()
-                .map(crate::face::Descriptor)
-                .collect(),
-        });
     }
     for path in &args.photos {
         let image = super::train::read_photo(path)?;

@@ -10,7 +10,7 @@ use wasm_bindgen_futures::JsFuture;
 use super::compute::{State, device};
 use crate::app::protocol::WorkerError;
 use crate::face::score::{FaceModels, Reference};
-use crate::face::{Descriptor, Face, FaceDetector, FaceRecognizer, FaceScore};
+use crate::face::{Face, FaceDetector, FaceRecognizer, FaceScore};
 use crate::identity::Identity;
 use crate::rgb::RgbImage;
 
@@ -119,14 +119,7 @@ pub(super) async fn score(
     identities: &[Identity],
     images: &[RgbImage],
 ) -> Result<Vec<Option<Vec<FaceScore>>>, WorkerError> {
-    let references: Vec<Reference> = identities
-        .iter()
-        .filter(|i| !i.faces.is_empty() && prompt.contains(&format!("<{}>", i.token)))
-        .map(|i| Reference {
-            name: format!("<{}>", i.token),
-            faces: i.faces.iter().cloned().map(Descriptor).collect(),
-        })
-        .collect();
+    let references = Reference::named_in(prompt, identities);
     if references.is_empty() {
         return Ok(vec![None; images.len()]);
     }
