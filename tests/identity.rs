@@ -19,7 +19,7 @@ use sefi::identity::{Identity, IdentityError, stage_of};
 use sefi::pipeline::{self, GenerateRequest, GivenNoise};
 use sefi::schedule::Sampler;
 use sefi::sd::StableDiffusion;
-use sefi::weights::Family;
+use sefi::weights::{Checkpoint, Family};
 
 fn astronaut() -> Photo {
     let bytes = std::fs::read(fixture("photos/astronaut.png")).unwrap();
@@ -222,6 +222,23 @@ fn identity_files_round_trip_and_refuse_other_models() {
     assert!(matches!(err, IdentityError::NotIdentity { .. }), "{err:?}");
 }
 
+/// A trainer on the astronaut photo with `config`.
+fn astronaut_trainer<'a>(
+    ckpt: &Checkpoint,
+    sd: &'a StableDiffusion,
+    config: TrainConfig,
+    device: &Device,
+) -> Trainer<'a> {
+    block_on(Trainer::new(
+        sd,
+        &ckpt.scheduler,
+        &[astronaut()],
+        config,
+        device,
+    ))
+    .unwrap()
+}
+
 fn trainer_config(steps: usize) -> TrainConfig {
     let mut c = TrainConfig::new("alice", "person", 64);
     c.steps = steps;
@@ -258,14 +275,7 @@ fn names_that_prompts_cannot_hold_are_refused() {
 /// after, and the step reports.
 fn three_steps(device: Device, dtype: DType) -> (TrainState, TrainState, Vec<StepReport>) {
     let (ckpt, sd) = load_model_in("tiny-sd1", &device, dtype);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(3),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(3), &device);
     let start = trainer.initial_state();
     let mut state = start.clone();
     let reports = (0..3)
@@ -278,14 +288,7 @@ fn three_steps(device: Device, dtype: DType) -> (TrainState, TrainState, Vec<Ste
 fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model("tiny-sd1", &device);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(1),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(1), &device);
     let start = trainer.initial_state();
     let noise: Vec<f32> = (0..4 * 8 * 8).map(|i| ((i as f32) * 0.37).sin()).collect();
     let at_start = scalar(trainer.evaluate(&start, 500, &noise).attention);
@@ -337,14 +340,7 @@ fn the_attention_term_is_zero_at_the_class_word_and_pulls_back() {
 fn resuming_reproduces_the_uninterrupted_run() {
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model("tiny-sd1", &device);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(6),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(6), &device);
     let mut straight = trainer.initial_state();
     for _ in 0..6 {
         block_on(trainer.step(&mut straight)).unwrap();
@@ -375,14 +371,7 @@ fn a_paused_run_resumes_to_the_same_identity() {
     use sefi::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model("tiny-sd1", &device);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(4),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(4), &device);
     let schedule = Schedule {
         checkpoint: Due {
             every: 1,
@@ -468,14 +457,7 @@ fn a_paused_run_resumes_to_the_same_identity() {
 fn steps_in_one_readback_train_as_single_steps() {
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model("tiny-sd1", &device);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(5),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(5), &device);
     let before = sefi::nn::readbacks();
     let mut single = trainer.initial_state();
     let single_reports: Vec<StepReport> = (0..5)
@@ -517,14 +499,7 @@ fn a_run_reads_back_once_a_batch() {
     use sefi::identity::session::{self, Due, Finished, Schedule, TrainEvent};
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model("tiny-sd1", &device);
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        trainer_config(40),
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(40), &device);
     let schedule = Schedule {
         checkpoint: Due {
             every: 30,
@@ -566,16 +541,9 @@ fn an_overflowing_loss_scale_ends_the_batch_and_is_lowered() {
     let device = Device::flex().autodiff();
     let (ckpt, sd) = load_model_in("tiny-sd1", &device, DType::F16);
     let trainer = || {
-        block_on(Trainer::new(
-            &sd,
-            &ckpt.scheduler,
-            &[astronaut()],
-            trainer_config(4),
-            &device,
-        ))
-        .unwrap()
-        // Far beyond f16's range: the first backward pass overflows.
-        .with_loss_scale(2f32.powi(24))
+        astronaut_trainer(&ckpt, &sd, trainer_config(4), &device)
+            // Far beyond f16's range: the first backward pass overflows.
+            .with_loss_scale(2f32.powi(24))
     };
     let single_trainer = trainer();
     let mut single = single_trainer.initial_state();
@@ -612,14 +580,7 @@ fn training_lowers_the_noise_loss_on_fixed_draws() {
     let (ckpt, sd) = load_model("tiny-sd1", &device);
     let mut config = trainer_config(200);
     config.lr = 2e-2;
-    let trainer = block_on(Trainer::new(
-        &sd,
-        &ckpt.scheduler,
-        &[astronaut()],
-        config,
-        &device,
-    ))
-    .unwrap();
+    let trainer = astronaut_trainer(&ckpt, &sd, config, &device);
     // The per-step loss is too noisy to show progress: measure on fixed (timestep, noise) pairs.
     let fixed: Vec<Draw> = (0..16)
         .map(|i| Draw {
