@@ -32,8 +32,11 @@ pub struct PhotoEntry {
 /// What is known of a photo's faces.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PhotoFaces {
-    /// The worker is looking.
-    Looking,
+    /// The worker is looking, in pixels this many times smaller than the photo's.
+    Looking {
+        /// The factor from the pixels sent back to the photo's.
+        scale: f32,
+    },
     /// The faces, in the photo's pixels, the most confident first (none: no face).
     Found(Vec<Face>),
     /// No GPU worker, or the face models could not load: the square is the user's to place.
@@ -64,18 +67,14 @@ fn pixels(img: &HtmlImageElement) -> Option<(u32, u32, Vec<u8>, f32)> {
     Some((sw, sh, rgb, w as f32 / sw as f32))
 }
 
-thread_local! {
-    /// The factor from the pixels sent to the worker back to the photo's, per photo key.
-    static SENT_SCALE: std::cell::RefCell<std::collections::HashMap<u32, f32>> =
-        Default::default();
-}
-
 /// The worker that was asked about faces is gone: photos still waiting get no square
 /// suggested (the user places it).
 pub fn no_answer(ctx: Ctx) {
-    SENT_SCALE.with(|s| s.borrow_mut().clear());
     ctx.photos.update(|photos| {
-        for p in photos.iter_mut().filter(|p| p.faces == PhotoFaces::Looking) {
+        for p in photos
+            .iter_mut()
+            .filter(|p| matches!(p.faces, PhotoFaces::Looking { .. }))
+        {
             p.faces = PhotoFaces::Unavailable;
         }
     });
@@ -84,11 +83,12 @@ pub fn no_answer(ctx: Ctx) {
 /// The worker's answer about a photo's faces: the square goes around the most confident one,
 /// unless the user placed it already.
 pub fn on_faces(ctx: Ctx, key: u32, faces: Result<Vec<Face>, WorkerError>) {
-    let scale = SENT_SCALE
-        .with(|s| s.borrow_mut().remove(&key))
-        .unwrap_or(1.0);
     ctx.photos.update(|photos| {
         let Some(p) = photos.iter_mut().find(|p| p.key == key) else {
+            return;
+        };
+        // An answer nobody waits for any more (the worker was replaced) changes nothing.
+        let PhotoFaces::Looking { scale } = p.faces else {
             return;
         };
         match faces {
@@ -191,16 +191,14 @@ pub fn PhotoPicker(photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
                                 width: w,
                                 height: h,
                                 crop: ((w - s) / 2, (h - s) / 2, s),
-                                faces: if sent.is_some() {
-                                    PhotoFaces::Looking
-                                } else {
-                                    PhotoFaces::Unavailable
+                                faces: match &sent {
+                                    Some((.., scale)) => PhotoFaces::Looking { scale: *scale },
+                                    None => PhotoFaces::Unavailable,
                                 },
                                 moved: false,
                             })
                         });
-                        if let Some((width, height, rgb, scale)) = sent {
-                            SENT_SCALE.with(|m| m.borrow_mut().insert(key, scale));
+                        if let Some((width, height, rgb, _)) = sent {
                             ctx.send(Request::FindFaces {
                                 key,
                                 width: width as usize,
@@ -289,7 +287,9 @@ fn PhotoCrop(key: u32, photos: RwSignal<Vec<PhotoEntry>>) -> impl IntoView {
         })
     };
     let note = move || match entry().map(|e| e.faces) {
-        Some(PhotoFaces::Looking) => Some(("face-looking", "Looking for a face…".to_string())),
+        Some(PhotoFaces::Looking { .. }) => {
+            Some(("face-looking", "Looking for a face…".to_string()))
+        }
         Some(PhotoFaces::Found(f)) => Some(match f.len() {
             0 => (
                 "no-face",
