@@ -16,7 +16,7 @@ use burn::tensor::{
 };
 
 use crate::device::binding_limit;
-use crate::weights::{Checkpoint, Component, HostData, WeightsError};
+use crate::weights::{Component, HostData, TensorSource, WeightsError};
 
 /// Where tensors come from while a model is built.
 enum Mode {
@@ -270,7 +270,7 @@ pub struct LoadProgress {
 /// (`build` on a shape-recording store), checks the checkpoint has exactly that, then streams
 /// the tensors in file order, one on the host at a time, and builds the model from them.
 pub async fn load<M>(
-    checkpoint: &Checkpoint,
+    checkpoint: &impl TensorSource,
     component: Component,
     device: &Device,
     dtype: DType,
@@ -317,7 +317,7 @@ pub async fn load<M>(
         mode: Mode::Loaded(RefCell::new(map)),
         requested: Default::default(),
         in_rows: Default::default(),
-        path: checkpoint.path.clone(),
+        path: checkpoint.path().to_string(),
         component,
     };
     build(store.root())
@@ -377,6 +377,22 @@ impl Conv2d {
             weight: vars.get("weight", [c_out, c_in, kernel, kernel])?,
             bias: Some(vars.get("bias", [c_out])?),
             options: ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1),
+        })
+    }
+
+    /// Reads `weight` only: a `kernel` x `kernel` convolution without bias or padding, such as
+    /// CLIP's patch projection.
+    pub fn without_bias(
+        vars: Vars,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+    ) -> Result<Self, WeightsError> {
+        Ok(Self {
+            weight: vars.get("weight", [c_out, c_in, kernel, kernel])?,
+            bias: None,
+            options: ConvOptions::new([stride; 2], [0; 2], [1, 1], 1),
         })
     }
 

@@ -1,9 +1,9 @@
 //! A whole Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE (and for
 //! SDXL a second tokenizer and text encoder).
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor};
 
-use crate::clip::{ClipTextModel, ClipTokenizer, ids_tensor};
+use crate::clip::{ClipTextModel, ClipTokenizer, end_positions, ids_tensor};
 use crate::config::SdConfig;
 use crate::nn::{self, LoadProgress, VarStore};
 use crate::unet::UNet2DConditionModel;
@@ -55,18 +55,6 @@ fn repad(windows: &[Vec<u32>], end: u32, pad: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Each window's first end token (its largest id): where CLIP pools, `[windows]`.
-fn end_positions(windows: &[Vec<u32>], device: &Device) -> Tensor<1, Int> {
-    let eos: Vec<i64> = windows
-        .iter()
-        .map(|w| {
-            let max = w.iter().copied().max().unwrap_or(0);
-            w.iter().position(|&i| i == max).unwrap_or(0) as i64
-        })
-        .collect();
-    Tensor::from_data(TensorData::new(eos, [windows.len()]), device)
-}
-
 /// One model of a config built on a store that only records the names and shapes it asks
 /// for (no weights allocated); SD 1.x/2.x's absent second text encoder asks for nothing.
 fn shapes(
@@ -84,6 +72,7 @@ fn shapes(
             Some(c) => ClipTextModel::with_projection(v, c).map(drop),
             None => Ok(()),
         },
+        Component::Clip => Ok(()),
     }?;
     Ok(store)
 }

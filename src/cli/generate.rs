@@ -72,9 +72,13 @@ pub struct GenerateArgs {
     /// The PNG to write; with several images, NAME-1.png, NAME-2.png, ...
     #[arg(long)]
     pub out: PathBuf,
-    /// Print one JSON object (each image's file, seed and face scores) instead of text.
+    /// Print one JSON object (each image's file, seed, face scores and CLIP-T) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// A CLIP model folder (openai/clip-vit-large-patch14 from the Hub): score each image's
+    /// prompt fidelity (CLIP-T), the prompt read with each `<name>` as its class word.
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
 }
 
 fn parse_sampler(s: &str) -> Result<Sampler, String> {
@@ -245,8 +249,23 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
         },
     };
+    let clip_t = match &args.clip {
+        Some(dir) => {
+            let clip = super::score::prompt_fidelity(dir, &dev)?;
+            let class_words: Vec<(&str, &str)> = identities
+                .iter()
+                .map(|i| (i.token.as_str(), i.class_word.as_str()))
+                .collect();
+            let prompt = crate::clip::plain_prompt(&req.prompt, &class_words);
+            crate::block_on(clip.scores(&prompt, &generated.images))?
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => vec![None; generated.images.len()],
+    };
     let mut written = Vec::new();
-    for (i, image) in generated.images.iter().enumerate() {
+    for ((i, image), clip_t) in generated.images.iter().enumerate().zip(clip_t) {
         let seed = req.seed.wrapping_add(i as u64);
         let scores = match &faces {
             Some(models) => crate::block_on(models.score(image, &references))?,
@@ -264,11 +283,15 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             if faces.is_some() {
                 super::score::print_scores(&path.display().to_string(), &scores);
             }
+            if let Some(c) = clip_t {
+                super::score::print_clip_t(&path.display().to_string(), c);
+            }
         }
         written.push(serde_json::json!({
             "file": path.display().to_string(),
             "seed": seed,
             "faces": scores,
+            "clip_t": clip_t,
         }));
     }
     if args.json {

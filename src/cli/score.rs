@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use burn::tensor::Device;
 use clap::Args;
 
-use crate::device::DeviceChoice;
+use crate::clip::{ClipFolder, PromptFidelity, plain_prompt};
+use crate::device::{ComputeDevice, DeviceChoice, Precision};
 use crate::face::FaceScore;
 use crate::face::score::{FaceModels, Reference};
 use crate::face::{FaceDetector, FaceError, FaceRecognizer};
@@ -76,6 +77,14 @@ pub struct ScoreArgs {
     /// The images to score (PNG or JPEG).
     #[arg(long = "image", required = true, num_args = 1..)]
     pub images: Vec<PathBuf>,
+    /// A CLIP model folder (openai/clip-vit-large-patch14 from the Hub) to score prompt
+    /// fidelity (CLIP-T): the cosine between each image and its prompt.
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
+    /// The prompt the images were made from, for --clip; by default each PNG's own (its
+    /// parameters). Identities' `<name>`s are read as their class words.
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -88,16 +97,37 @@ pub struct ScoreArgs {
 struct Scored {
     image: String,
     faces: Vec<FaceScore>,
+    /// Prompt fidelity, where a CLIP model was given.
+    clip_t: Option<f32>,
+}
+
+/// A CLIP folder's model on `dev`, in f16 on GPUs that have it (CLIP ViT-L/14 is 1.7 GB in f32).
+pub(crate) fn prompt_fidelity(dir: &Path, dev: &ComputeDevice) -> Result<PromptFidelity, String> {
+    let what = |e: &dyn std::fmt::Display| format!("--clip: {e}");
+    let folder = crate::block_on(ClipFolder::open_dir(dir)).map_err(|e| what(&e))?;
+    let precision = dev.info.resolve(Precision::Auto).map_err(|e| what(&e))?;
+    crate::block_on(PromptFidelity::load(folder, &dev.device, precision.dtype()))
+        .map_err(|e| what(&e))
+}
+
+/// The prompt of a generated PNG, from its parameters.
+fn png_prompt(path: &Path) -> Result<String, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::pipeline::png::read_parameters(&path.display().to_string(), &bytes)
+        .map_err(|e| format!("{e}; give the prompt with --prompt"))?;
+    Ok(crate::pipeline::png::Parameters::parse(&text).prompt)
 }
 
 pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let dev = crate::block_on(args.device.open())?;
     let models = face_models(&dev.device)?;
     let mut references = Vec::new();
+    let mut class_words = Vec::new();
     for path in &args.identities {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read the identity {}: {e}", path.display()))?;
         let identity = crate::block_on(Identity::from_bytes(&path.display().to_string(), bytes))?;
+        class_words.push((identity.token.clone(), identity.class_word.clone()));
         match Reference::of(&identity) {
             Some(reference) => references.push(reference),
             None => eprintln!(
@@ -115,25 +145,59 @@ pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             faces: vec![face],
         });
     }
-    if references.is_empty() {
-        return Err("nothing to compare with: give --identity (a file that holds its photos' faces) or --photo".into());
+    if references.is_empty() && args.clip.is_none() {
+        return Err("nothing to compare with: give --identity (a file that holds its photos' faces), --photo, or --clip for prompt fidelity".into());
     }
+    let clip = args
+        .clip
+        .as_deref()
+        .map(|dir| prompt_fidelity(dir, &dev))
+        .transpose()?;
+    let class_words: Vec<(&str, &str)> = class_words
+        .iter()
+        .map(|(t, c)| (t.as_str(), c.as_str()))
+        .collect();
     let mut scored = Vec::new();
     for path in &args.images {
         let image = super::train::read_photo(path)?;
-        let faces = crate::block_on(models.score(&image, &references))?;
+        let faces = match references.is_empty() {
+            true => Vec::new(),
+            false => crate::block_on(models.score(&image, &references))?,
+        };
+        let clip_t = match &clip {
+            Some(clip) => {
+                let prompt = match &args.prompt {
+                    Some(p) => p.clone(),
+                    None => png_prompt(path)?,
+                };
+                let plain = plain_prompt(&prompt, &class_words);
+                Some(crate::block_on(clip.scores(&plain, std::slice::from_ref(&image)))?[0])
+            }
+            None => None,
+        };
         if !args.json {
-            print_scores(&path.display().to_string(), &faces);
+            if !references.is_empty() {
+                print_scores(&path.display().to_string(), &faces);
+            }
+            if let Some(c) = clip_t {
+                print_clip_t(&path.display().to_string(), c);
+            }
         }
         scored.push(Scored {
             image: path.display().to_string(),
             faces,
+            clip_t,
         });
     }
     if args.json {
         println!("{}", serde_json::json!({ "images": scored }));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line an image: how well it follows its prompt.
+pub(crate) fn print_clip_t(image: &str, score: f32) {
+    println!("{image}: prompt fidelity (CLIP-T) {score:.3}");
 }
 
 /// One line an image: each face's most similar reference and its similarity.

@@ -3,10 +3,9 @@
 //! ViT-bigG/14 with its text projection (`CLIPTextModelWithProjection`). It takes token ids, or
 //! token embeddings so that learned identity vectors can be spliced in at placeholder positions.
 
-use burn::tensor::{
-    DType, Device, Int, Tensor, TensorData, module::attention, ops::AttentionModuleOptions,
-};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
+use super::encoder::{EncoderLayer, LayerShape};
 use crate::config::TextConfig;
 use crate::nn::{Activation, Embedding, LayerNorm, Linear, Vars};
 use crate::weights::WeightsError;
@@ -18,6 +17,18 @@ pub fn ids_tensor(ids: &[u32], rows: usize, device: &Device) -> Tensor<2, Int> {
         TensorData::new(data, [rows, ids.len() / rows.max(1)]),
         device,
     )
+}
+
+/// Each window's first end token (its largest id): where CLIP pools, `[windows]`.
+pub fn end_positions(windows: &[Vec<u32>], device: &Device) -> Tensor<1, Int> {
+    let eos: Vec<i64> = windows
+        .iter()
+        .map(|w| {
+            let max = w.iter().copied().max().unwrap_or(0);
+            w.iter().position(|&i| i == max).unwrap_or(0) as i64
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(eos, [windows.len()]), device)
 }
 
 /// What the encoder returns.
@@ -34,81 +45,6 @@ pub struct TextOutput {
     /// `pooled` through the text projection, `[batch, projection_dim]`: SDXL's pooled
     /// conditioning (`text_embeds`). `None` for models without a projection.
     pub text_embeds: Option<Tensor<2>>,
-}
-
-#[derive(Clone, Debug)]
-struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    heads: usize,
-}
-
-impl SelfAttention {
-    fn new(vars: Vars, dim: usize, heads: usize) -> Result<Self, WeightsError> {
-        Ok(Self {
-            q_proj: Linear::new(vars.pp("q_proj"), dim, dim, true)?,
-            k_proj: Linear::new(vars.pp("k_proj"), dim, dim, true)?,
-            v_proj: Linear::new(vars.pp("v_proj"), dim, dim, true)?,
-            out_proj: Linear::new(vars.pp("out_proj"), dim, dim, true)?,
-            heads,
-        })
-    }
-
-    /// Causal self-attention, `[b, s, d]` -> `[b, s, d]`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let [b, s, d] = x.dims();
-        let split = |t: Tensor<3>| {
-            t.reshape([b, s, self.heads, d / self.heads])
-                .swap_dims(1, 2)
-        };
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
-        let options = AttentionModuleOptions {
-            scale: None,
-            softcap: None,
-            is_causal: true,
-        };
-        let out = attention(q, k, v, None, None, options)
-            .swap_dims(1, 2)
-            .reshape([b, s, d]);
-        self.out_proj.forward(out)
-    }
-}
-
-#[derive(Clone, Debug)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    self_attn: SelfAttention,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn new(vars: Vars, c: &TextConfig, act: Activation) -> Result<Self, WeightsError> {
-        let d = c.hidden_size;
-        Ok(Self {
-            layer_norm1: LayerNorm::new(vars.pp("layer_norm1"), d, c.layer_norm_eps)?,
-            self_attn: SelfAttention::new(vars.pp("self_attn"), d, c.num_attention_heads)?,
-            layer_norm2: LayerNorm::new(vars.pp("layer_norm2"), d, c.layer_norm_eps)?,
-            fc1: Linear::new(vars.pp("mlp").pp("fc1"), d, c.intermediate_size, true)?,
-            fc2: Linear::new(vars.pp("mlp").pp("fc2"), c.intermediate_size, d, true)?,
-            act,
-        })
-    }
-
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        x.clone()
-            + self.fc2.forward(
-                self.act
-                    .forward(self.fc1.forward(self.layer_norm2.forward(x))),
-            )
-    }
 }
 
 /// `CLIPTextModel` (its `text_model.` part), or `CLIPTextModelWithProjection` (that and
@@ -132,14 +68,20 @@ impl ClipTextModel {
         let vars = vars.pp("text_model");
         let emb = vars.pp("embeddings");
         let d = c.hidden_size;
+        let shape = LayerShape {
+            hidden_size: d,
+            intermediate_size: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layer_norm_eps: c.layer_norm_eps,
+            act,
+            causal: true,
+        };
         Ok(Self {
             token_embedding: Embedding::new(emb.pp("token_embedding"), c.vocab_size, d)?,
             position_embedding: emb
                 .pp("position_embedding")
                 .get("weight", [c.max_position_embeddings, d])?,
-            layers: (0..c.num_hidden_layers)
-                .map(|i| EncoderLayer::new(vars.pp("encoder").pp("layers").pp(i), c, act))
-                .collect::<Result<_, _>>()?,
+            layers: EncoderLayer::stack(vars.clone(), c.num_hidden_layers, &shape)?,
             final_layer_norm: LayerNorm::new(vars.pp("final_layer_norm"), d, c.layer_norm_eps)?,
             text_projection: None,
         })

@@ -96,6 +96,9 @@ pub enum Component {
     /// SDXL's second text encoder, OpenCLIP bigG with its projection (`text_encoder_2/`,
     /// `conditioner.embedders.1.model.*` in a single file). SD 1.x/2.x have none.
     TextEncoder2,
+    /// A CLIP model with both towers (`openai/clip-vit-large-patch14`), which scores how well
+    /// images follow their prompts; a folder of its own, never part of a checkpoint.
+    Clip,
 }
 
 impl Component {
@@ -114,6 +117,7 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::Vae => "vae",
             Component::TextEncoder2 => "text_encoder_2",
+            Component::Clip => "",
         }
     }
 
@@ -126,7 +130,7 @@ impl Component {
     /// The file name of the weights in its diffusers folder, without `.safetensors` (and
     /// without the `.fp16` of the half-precision variant).
     pub fn weights_stem(self) -> &'static str {
-        if self.is_text_encoder() {
+        if self.is_text_encoder() || self == Component::Clip {
             "model"
         } else {
             "diffusion_pytorch_model"
@@ -137,15 +141,16 @@ impl Component {
     /// wrote these before safetensors; many folders still hold them beside the safetensors
     /// files). Never opened: only named when they are all a folder has.
     pub fn pickle_files(self) -> [String; 2] {
-        let stem = if self.is_text_encoder() {
+        let stem = if self.is_text_encoder() || self == Component::Clip {
             "pytorch_model"
         } else {
             "diffusion_pytorch_model"
         };
-        [
-            format!("{}/{stem}.bin", self.folder()),
-            format!("{}/{stem}.fp16.bin", self.folder()),
-        ]
+        let dir = match self.folder() {
+            "" => String::new(),
+            folder => format!("{folder}/"),
+        };
+        [format!("{dir}{stem}.bin"), format!("{dir}{stem}.fp16.bin")]
     }
 }
 
@@ -156,6 +161,7 @@ impl fmt::Display for Component {
             Component::TextEncoder => "text encoder",
             Component::Vae => "VAE",
             Component::TextEncoder2 => "second text encoder",
+            Component::Clip => "CLIP model",
         })
     }
 }
@@ -334,7 +340,7 @@ fn refiner(path: &str) -> WeightsError {
 
 /// The tensors of one model's files (a file, or shards), under today's diffusers names; the
 /// files are appended to `files` and what older layouts needed to `adaptations`.
-async fn index(
+pub(crate) async fn index(
     path: &str,
     component: Component,
     sources: Shards,
@@ -715,60 +721,13 @@ impl Checkpoint {
         component: Component,
         expected: &BTreeMap<String, Vec<usize>>,
     ) -> Result<(), WeightsError> {
-        let have = self.entries(component);
-        for (name, shape) in expected {
-            match have.get(name) {
-                None => {
-                    return Err(WeightsError::Missing {
-                        path: self.path.clone(),
-                        component,
-                        name: name.clone(),
-                    });
-                }
-                Some(e) if &e.shape != shape => {
-                    return Err(WeightsError::Shape {
-                        path: self.path.clone(),
-                        component,
-                        name: name.clone(),
-                        expected: shape.clone(),
-                        found: e.shape.clone(),
-                    });
-                }
-                Some(_) => {}
-            }
-        }
-        let extra: Vec<&String> = have.keys().filter(|k| !expected.contains_key(*k)).collect();
-        if let Some(first) = extra.first() {
-            return Err(WeightsError::Unexpected {
-                path: self.path.clone(),
-                component,
-                count: extra.len(),
-                first: (*first).clone(),
-            });
-        }
-        Ok(())
+        check_entries(&self.path, component, self.entries(component), expected)
     }
 
     /// Names of one model's tensors in the order their bytes lie in the files, so that reads
     /// stream forward.
     pub fn read_order(&self, component: Component) -> Vec<String> {
-        let mut names: Vec<(&String, (usize, usize))> = self
-            .entries(component)
-            .iter()
-            .map(|(name, e)| {
-                (
-                    name,
-                    (
-                        e.file,
-                        self.files[e.file]
-                            .info(&e.key)
-                            .map_or(0, |i| i.data_offsets.0),
-                    ),
-                )
-            })
-            .collect();
-        names.sort_by_key(|(_, at)| *at);
-        names.into_iter().map(|(n, _)| n.clone()).collect()
+        read_order(&self.files, self.entries(component))
     }
 
     /// Reads one tensor (diffusers name) from its file and applies its transform.
@@ -781,20 +740,113 @@ impl Checkpoint {
                 component,
                 name: name.into(),
             })?;
-        let t = self.files[e.file].read(&e.key).await?;
-        let data = match &e.transform {
-            Transform::Copy | Transform::Squeeze => t.data,
-            transform => match t.data {
-                HostData::F32(v) => HostData::F32(transform.apply_data(&v, &t.shape)),
-                HostData::F16(v) => HostData::F16(transform.apply_data(&v, &t.shape)),
-                HostData::BF16(v) => HostData::BF16(transform.apply_data(&v, &t.shape)),
-            },
-        };
-        Ok(HostTensor {
-            shape: e.shape.clone(),
-            data,
-        })
+        read_entry(&self.files, e).await
     }
+}
+
+impl super::TensorSource for Checkpoint {
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    fn check(
+        &self,
+        component: Component,
+        expected: &BTreeMap<String, Vec<usize>>,
+    ) -> Result<(), WeightsError> {
+        Checkpoint::check(self, component, expected)
+    }
+
+    fn read_order(&self, component: Component) -> Vec<String> {
+        Checkpoint::read_order(self, component)
+    }
+
+    async fn read(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError> {
+        Checkpoint::read(self, component, name).await
+    }
+}
+
+/// Checks the tensors a model's files hold (`have`) against what it expects: every expected
+/// tensor present with its shape, and nothing left over.
+pub(crate) fn check_entries(
+    path: &str,
+    component: Component,
+    have: &BTreeMap<String, Entry>,
+    expected: &BTreeMap<String, Vec<usize>>,
+) -> Result<(), WeightsError> {
+    for (name, shape) in expected {
+        match have.get(name) {
+            None => {
+                return Err(WeightsError::Missing {
+                    path: path.into(),
+                    component,
+                    name: name.clone(),
+                });
+            }
+            Some(e) if &e.shape != shape => {
+                return Err(WeightsError::Shape {
+                    path: path.into(),
+                    component,
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    found: e.shape.clone(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    let extra: Vec<&String> = have.keys().filter(|k| !expected.contains_key(*k)).collect();
+    if let Some(first) = extra.first() {
+        return Err(WeightsError::Unexpected {
+            path: path.into(),
+            component,
+            count: extra.len(),
+            first: (*first).clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The names of `entries` in the order their bytes lie in `files`, so that reads stream
+/// forward.
+pub(crate) fn read_order(
+    files: &[SafetensorsFile],
+    entries: &BTreeMap<String, Entry>,
+) -> Vec<String> {
+    let mut names: Vec<(&String, (usize, usize))> = entries
+        .iter()
+        .map(|(name, e)| {
+            (
+                name,
+                (
+                    e.file,
+                    files[e.file].info(&e.key).map_or(0, |i| i.data_offsets.0),
+                ),
+            )
+        })
+        .collect();
+    names.sort_by_key(|(_, at)| *at);
+    names.into_iter().map(|(n, _)| n.clone()).collect()
+}
+
+/// Reads one entry's tensor from its file and applies its transform.
+pub(crate) async fn read_entry(
+    files: &[SafetensorsFile],
+    e: &Entry,
+) -> Result<HostTensor, WeightsError> {
+    let t = files[e.file].read(&e.key).await?;
+    let data = match &e.transform {
+        Transform::Copy | Transform::Squeeze => t.data,
+        transform => match t.data {
+            HostData::F32(v) => HostData::F32(transform.apply_data(&v, &t.shape)),
+            HostData::F16(v) => HostData::F16(transform.apply_data(&v, &t.shape)),
+            HostData::BF16(v) => HostData::BF16(transform.apply_data(&v, &t.shape)),
+        },
+    };
+    Ok(HostTensor {
+        shape: e.shape.clone(),
+        data,
+    })
 }
 
 /// Family guesses from tensor shapes alone (a diffusers folder without config files).

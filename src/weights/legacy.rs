@@ -48,6 +48,17 @@ pub fn adapt(component: Component, name: &str, shape: &[usize]) -> Adapted {
         {
             Adapted::Buffer
         }
+        // The same buffer in both towers of a CLIP model of that time (openai's own folders).
+        Component::Clip
+            if matches!(
+                name,
+                "text_model.embeddings.position_ids" | "vision_model.embeddings.position_ids"
+            ) =>
+        {
+            Adapted::Buffer
+        }
+        // The temperature of CLIP's training loss: a cosine score needs none.
+        Component::Clip if name == "logit_scale" => Adapted::Buffer,
         Component::Vae => vae(name, shape),
         _ => Adapted::Current,
     }

@@ -82,6 +82,16 @@ pub enum WeightsError {
         /// What was missing or out of place.
         reason: String,
     },
+    /// A folder given as a CLIP model is not one (a `CLIPModel` with both towers).
+    #[error(
+        "{path} is not a CLIP model with both towers: {reason}. Give the folder of openai/clip-vit-large-patch14 as downloaded from the Hub"
+    )]
+    NotClip {
+        /// The folder's path.
+        path: String,
+        /// What was missing or out of place.
+        reason: String,
+    },
     /// The checkpoint is a recognised model of a kind not supported yet (e.g. SDXL).
     #[error(
         "{path} is {what}, which SeFi Studio does not support yet. Supported: Stable Diffusion 1.x and 2.x"
@@ -169,6 +179,27 @@ pub enum WeightsError {
         /// What is wrong with it.
         reason: String,
     },
+}
+
+/// Where a model's tensors are read from: one model of a Stable Diffusion checkpoint, or a
+/// CLIP folder. [`crate::nn::load`] streams any of them onto a device.
+// The futures are awaited on the thread that made them (the page's worker, or `block_on`), so
+// they need not be `Send`.
+#[allow(async_fn_in_trait)]
+pub trait TensorSource {
+    /// The path or name to give in messages.
+    fn path(&self) -> &str;
+    /// Checks the stored tensors of `component` against what its model expects: every expected
+    /// tensor present with its shape, and nothing left over.
+    fn check(
+        &self,
+        component: Component,
+        expected: &std::collections::BTreeMap<String, Vec<usize>>,
+    ) -> Result<(), WeightsError>;
+    /// Names of the tensors of `component` in the order their bytes lie in the files.
+    fn read_order(&self, component: Component) -> Vec<String>;
+    /// Reads one tensor, under the name the model asks for.
+    async fn read(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError>;
 }
 
 impl From<crate::config::ConfigError> for WeightsError {

@@ -16,7 +16,7 @@ pub enum Variant {
     Fp16,
 }
 
-fn read_text(path: &Path) -> Result<Option<String>, WeightsError> {
+pub(crate) fn read_text(path: &Path) -> Result<Option<String>, WeightsError> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -72,7 +72,7 @@ fn weights_in(dir: &Path, stem: &str, variant: Variant) -> Result<Option<Shards>
 }
 
 /// The weight file of one model of a diffusers folder, or its shards.
-fn weight_file(
+pub(crate) fn weight_file(
     folder: &Path,
     component: Component,
     variant: Variant,
@@ -99,7 +99,7 @@ fn weight_file(
 }
 
 /// The tokenizer files of a diffusers folder, with its pad token.
-fn tokenizer(dir: &Path) -> Result<Option<TokenizerSource>, WeightsError> {
+pub(crate) fn tokenizer(dir: &Path) -> Result<Option<TokenizerSource>, WeightsError> {
     let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
     if !vocab.exists() || !merges.exists() {
         return Ok(None);
