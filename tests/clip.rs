@@ -374,3 +374,26 @@ fn the_command_line_scores_prompt_fidelity() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("is not a CLIP model"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// openai/clip-vit-large-patch14's config builds the model of its published size: 427,616,513
+/// parameters in transformers, `logit_scale` (not needed for a cosine) included.
+#[test]
+fn vit_l_14_has_the_published_parameter_count() {
+    let mut text = sefi::config::TextConfig::v1_5();
+    text.projection_dim = 768;
+    let config = sefi::clip::ClipConfig {
+        text,
+        vision: sefi::clip::VisionConfig {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            patch_size: 14,
+            ..Default::default()
+        },
+        projection_dim: 768,
+    };
+    let store = sefi::nn::VarStore::shapes(&Device::flex(), sefi::weights::Component::Clip);
+    sefi::clip::ClipModel::new(store.root(), &config).unwrap();
+    assert_eq!(store.param_count() + 1, 427_616_513);
+}
