@@ -395,6 +395,7 @@ fn a_paused_run_resumes_to_the_same_identity() {
             &trainer,
             state,
             &schedule,
+            None,
             &mut stop,
             &mut |e| -> Result<(), Box<dyn std::error::Error>> {
                 events.push(match e {
@@ -404,6 +405,8 @@ fn a_paused_run_resumes_to_the_same_identity() {
                         assert_eq!((maps.width, maps.height), (16, 8));
                         format!("maps {step}")
                     }
+                    TrainEvent::Preview { step, .. } => format!("preview {step}"),
+                    TrainEvent::PreviewStep { step, .. } => format!("preview step {step}"),
                 });
                 Ok(())
             },
@@ -515,12 +518,15 @@ fn a_run_reads_back_once_a_batch() {
         &trainer,
         &mut state,
         &schedule,
+        None,
         &mut || None,
         &mut |e| -> Result<(), Box<dyn std::error::Error>> {
             events.push(match e {
                 TrainEvent::Step(r) => format!("step {}", r.step),
                 TrainEvent::Checkpoint { step, .. } => format!("checkpoint {step}"),
                 TrainEvent::Maps { step, .. } => format!("maps {step}"),
+                TrainEvent::Preview { step, .. } => format!("preview {step}"),
+                TrainEvent::PreviewStep { step, .. } => format!("preview step {step}"),
             });
             Ok(())
         },
@@ -715,15 +721,24 @@ fn train_then_generate_with_two_identities() {
         &log,
         "--attention-maps",
         &out("maps"),
+        "--previews",
+        &out("previews"),
         "--out",
         &out("alice.safetensors"),
     ]);
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+    let (lines, previews): (Vec<serde_json::Value>, _) = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .partition(|l| l.get("preview").is_none());
     assert_eq!(lines.len(), 4);
+    // A preview every --save-every steps, unscored: the tiny model draws no face.
+    assert_eq!(previews.len(), 2);
+    for (p, step) in previews.iter().zip([2, 4]) {
+        assert_eq!(p["step"], step);
+        assert_eq!(p["likeness"], serde_json::Value::Null);
+        assert!(std::path::Path::new(p["preview"].as_str().unwrap()).exists());
+    }
     for key in [
         "step",
         "loss",
@@ -862,4 +877,116 @@ fn train_then_generate_with_two_identities() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// Previews during a run are the images the identity so far generates (same request, same
+/// seed), scored against the photos' faces; a stop asked for while one is drawn pauses the run
+/// at that step.
+#[test]
+fn previews_show_the_identity_so_far_and_a_stop_during_one_pauses() {
+    use sefi::identity::session::{self, Due, Finished, Previews, Schedule, Stop, TrainEvent};
+    let device = Device::flex().autodiff();
+    let (ckpt, sd) = load_model("tiny-sd1", &device);
+    let trainer = astronaut_trainer(&ckpt, &sd, trainer_config(4), &device);
+    let faces = common::face_models(&Device::flex());
+    let astronaut_face = block_on(faces.photo_face(&astronaut().image, None))
+        .unwrap()
+        .expect("the astronaut's face");
+    let previews = Previews {
+        due: Due {
+            every: 2,
+            last_step: true,
+            ..Due::default()
+        },
+        request: GenerateRequest {
+            steps: 3,
+            ..Previews::request("alice", 64, 7.5, 5)
+        },
+        scheduler: &ckpt.scheduler,
+        faces: Some((&faces, vec![astronaut_face])),
+    };
+    let schedule = Schedule {
+        read_every: std::time::Duration::ZERO,
+        ..Schedule::default()
+    };
+    let run = |state: &mut TrainState, pause_at_call: usize| {
+        let mut events = Vec::new();
+        let mut images = Vec::new();
+        let mut denoised = Vec::new();
+        let mut asked = 0;
+        let finished = block_on(session::run(
+            &trainer,
+            state,
+            &schedule,
+            Some(&previews),
+            &mut || {
+                asked += 1;
+                (asked == pause_at_call).then_some(Stop::Pause)
+            },
+            &mut |e| -> Result<(), Box<dyn std::error::Error>> {
+                match e {
+                    TrainEvent::Step(r) => events.push(format!("step {}", r.step)),
+                    TrainEvent::Preview {
+                        step,
+                        image,
+                        likeness,
+                    } => {
+                        // The tiny model draws no face.
+                        assert_eq!(likeness, None);
+                        events.push(format!("preview {step}"));
+                        images.push(image);
+                    }
+                    TrainEvent::PreviewStep { step, total } => {
+                        denoised.push(format!("{step}/{total}"))
+                    }
+                    _ => {}
+                }
+                Ok(())
+            },
+        ))
+        .unwrap();
+        (finished, events, images, denoised)
+    };
+    let mut state = trainer.initial_state();
+    let (finished, events, images, denoised) = run(&mut state, 0);
+    assert!(matches!(finished, Finished::Done(_)));
+    // Each denoising step is reported: the run is busy, not stuck.
+    assert_eq!(denoised, ["1/3", "2/3", "3/3", "1/3", "2/3", "3/3"]);
+    assert_eq!(
+        events,
+        [
+            "step 1",
+            "step 2",
+            "preview 2",
+            "step 3",
+            "step 4",
+            "preview 4"
+        ]
+    );
+    assert_eq!((images[0].width, images[0].height), (64, 64));
+    // The preview at step 2 is what generating with the identity after two steps gives.
+    let mut two = trainer.initial_state();
+    block_on(trainer.steps(&mut two, 2)).unwrap();
+    let generated = block_on(pipeline::generate(
+        &sd,
+        &ckpt.scheduler,
+        &previews.request,
+        &[trainer.identity(&two)],
+        &GivenNoise::default(),
+        &device,
+        &mut |_| sefi::pipeline::Flow::Continue,
+    ))
+    .unwrap();
+    assert_eq!(generated.images[0], images[0]);
+    assert_ne!(images[0], images[1], "the identity moved between previews");
+    // Asked before steps 1 and 2, then during the preview's first denoising step: the run
+    // pauses at step 2 with a checkpoint, the preview left undrawn.
+    let mut paused = trainer.initial_state();
+    let (finished, events, _, denoised) = run(&mut paused, 3);
+    assert_eq!(denoised, ["1/3"]);
+    let Finished::Stopped { step, checkpoint } = finished else {
+        panic!("the stop was not seen")
+    };
+    assert_eq!((step, checkpoint.is_some()), (2, true));
+    assert_eq!(events, ["step 1", "step 2"]);
 }

@@ -67,6 +67,9 @@ pub struct TrainJob {
     pub checkpoint_every: usize,
     /// Send attention maps every this many steps.
     pub maps_every: usize,
+    /// Draw a preview image of the identity so far every this many steps, scored against the
+    /// photos' faces (0: none).
+    pub previews_every: usize,
 }
 
 /// A generation to run.
@@ -107,6 +110,22 @@ pub enum Response {
         identity: ByteBuf,
         /// The class word's map (the target).
         class: ByteBuf,
+    },
+    /// A denoising step of a preview done (training is busy drawing it).
+    TrainPreviewStep {
+        /// Denoising steps done.
+        step: usize,
+        /// Denoising steps in the preview.
+        total: usize,
+    },
+    /// A preview of the identity so far: "a photo of <token>".
+    TrainPreview {
+        /// Steps done when it was drawn.
+        step: usize,
+        /// The image, as PNG.
+        png: ByteBuf,
+        /// Its face's similarity to the photos' faces; `None` where it shows none.
+        likeness: Option<f32>,
     },
     /// A checkpoint to store (an identity file with the optimizer's state).
     TrainCheckpoint {

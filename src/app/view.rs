@@ -194,6 +194,12 @@ pub struct TrainView {
     pub maps: Option<(String, String, usize)>,
     /// The first training square, under the heat-maps.
     pub underlay: Option<String>,
+    /// The last preview image as a blob URL, and the step it is from.
+    pub preview: Option<(String, usize)>,
+    /// (step, likeness) of the previews that showed a face: the likeness curve.
+    pub likeness: Vec<(usize, f32)>,
+    /// Denoising steps done and in all of the preview being drawn, while one is.
+    pub drawing: Option<(usize, usize)>,
     /// The last error, shown until the next run starts.
     pub error: Option<UiError>,
     /// An unfinished run found in storage.
@@ -218,6 +224,12 @@ impl TrainView {
             checkpoint_step: (start > 0).then_some(start),
             underlay,
             maps: self.maps.take(),
+            preview: self.preview.take(),
+            // A continued run goes on with its curve.
+            likeness: match start {
+                0 => Vec::new(),
+                _ => std::mem::take(&mut self.likeness),
+            },
             ..TrainView::default()
         };
         old
@@ -231,6 +243,7 @@ impl TrainView {
     /// A step's report: progress, the loss chart, and a smoothed speed (one slow step, a
     /// checkpoint or the heat-maps, does not make it jump).
     pub fn step_done(&mut self, r: &StepReport) {
+        self.drawing = None;
         self.step = r.step;
         self.total = r.total;
         self.points.push((r.step, r.loss, r.attn_loss));
@@ -251,6 +264,22 @@ impl TrainView {
         let old = self.maps.take().map(|(a, b, _)| (a, b));
         self.maps = Some((identity, class, step));
         old
+    }
+
+    /// A new preview (its likeness on the curve, where it shows a face). Returns the old
+    /// preview's URL.
+    pub fn show_preview(
+        &mut self,
+        url: String,
+        step: usize,
+        likeness: Option<f32>,
+    ) -> Option<String> {
+        self.drawing = None;
+        if let Some(l) = likeness {
+            self.likeness.retain(|&(s, _)| s < step);
+            self.likeness.push((step, l));
+        }
+        self.preview.replace((url, step)).map(|(old, _)| old)
     }
 
     /// A checkpoint was written to storage (or could not be).
@@ -495,6 +524,30 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn previews_replace_each_other_and_draw_the_likeness_curve() {
+        let mut t = TrainView {
+            drawing: Some((3, 20)),
+            ..TrainView::default()
+        };
+        assert_eq!(t.show_preview("a".into(), 100, Some(0.5)), None);
+        assert_eq!(t.drawing, None);
+        assert_eq!(t.show_preview("b".into(), 200, None), Some("a".into()));
+        assert_eq!(t.show_preview("c".into(), 300, Some(0.8)), Some("b".into()));
+        // A preview without a face leaves no point.
+        assert_eq!(t.likeness, [(100, 0.5), (300, 0.8)]);
+        // A run continued from an earlier checkpoint redraws the curve from there.
+        t.show_preview("d".into(), 200, Some(0.7));
+        assert_eq!(t.likeness, [(100, 0.5), (200, 0.7)]);
+        let config = TrainConfig::new("alice", "person", 512);
+        let old = t.start(&config, 200, None);
+        assert_eq!(old, None);
+        assert_eq!(t.likeness.len(), 2, "a continued run keeps its curve");
+        assert_eq!(t.preview, Some(("d".into(), 200)));
+        t.start(&config, 0, None);
+        assert!(t.likeness.is_empty(), "a new run starts a new curve");
+    }
 
     fn report(step: usize, speed: f64) -> StepReport {
         StepReport {

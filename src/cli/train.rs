@@ -9,8 +9,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
+use crate::face::score::FaceModels;
+use crate::face::{Descriptor, FaceError};
 use crate::identity::Identity;
-use crate::identity::session::{self, Due, Finished, Schedule, TrainEvent};
+use crate::identity::session::{self, Due, Finished, Previews, Schedule, TrainEvent};
 use crate::identity::settings;
 use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
 use crate::pipeline::RgbImage;
@@ -66,6 +68,11 @@ pub struct TrainArgs {
     /// the class word's into this folder as PNG.
     #[arg(long)]
     pub attention_maps: Option<PathBuf>,
+    /// Every --save-every steps (or every 100) and at the end, draw "a photo of <TOKEN>" with
+    /// the identity so far (20 steps, the same seed each time) into this folder as PNG, and
+    /// score its face against the photos' faces: the likeness curve, printed and in --log-json.
+    #[arg(long)]
+    pub previews: Option<PathBuf>,
     /// Recompute memory-bound activations in the backward pass instead of keeping them
     /// (burn's gradient checkpointing): less memory, more time.
     #[arg(long)]
@@ -164,6 +171,34 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     tc.stages = args.stages;
     tc.seed = args.seed;
     let trainer = crate::block_on(Trainer::new(&sd, &ckpt.scheduler, &photos, tc, &device))?;
+    // The photos' faces travel with the identity (what generated images are scored against)
+    // and score the previews. Without the face models the identity is kept without them.
+    let face_models = super::score::face_models(&dev.device)
+        .inspect_err(|e| eprintln!("faces not recorded, images will not be scored: {e}"))
+        .ok();
+    let faces = match &face_models {
+        Some(models) => photo_faces(models, &photos, &args.images)?,
+        None => Vec::new(),
+    };
+    let previews = args.previews.as_ref().map(|_| Previews {
+        due: Due {
+            every: if args.save_every > 0 {
+                args.save_every
+            } else {
+                100
+            },
+            last_step: true,
+            ..Due::default()
+        },
+        request: Previews::request(
+            &args.token,
+            resolution,
+            sd.family.default_guidance(),
+            args.seed,
+        ),
+        scheduler: &ckpt.scheduler,
+        faces: face_models.as_ref().map(|m| (m, faces.clone())),
+    });
     let checkpoint = checkpoint_path(&args.out);
     let mut state = if args.resume {
         let bytes = std::fs::read(&checkpoint)
@@ -224,6 +259,37 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
             TrainEvent::Checkpoint { bytes, .. } => std::fs::write(&checkpoint, bytes)?,
+            TrainEvent::PreviewStep { step, total } => {
+                bar.set_message(format!("drawing a preview: step {step}/{total}"))
+            }
+            TrainEvent::Preview {
+                step,
+                image,
+                likeness,
+            } => {
+                let Some(dir) = &args.previews else {
+                    return Ok(());
+                };
+                std::fs::create_dir_all(dir)?;
+                let file = dir.join(format!("step-{step:06}.png"));
+                let mut text = format!("a photo of <{}>, step {step}", args.token);
+                if let Some(l) = likeness {
+                    text.push_str(&format!(", likeness {l:.3}"));
+                }
+                std::fs::write(&file, crate::pipeline::png::encode(&image, &text)?)?;
+                bar.println(match likeness {
+                    Some(l) => format!("step {step}: likeness {l:.3} ({})", file.display()),
+                    None => format!("step {step}: no face to score ({})", file.display()),
+                });
+                if let Some(f) = log.as_mut() {
+                    let line = serde_json::json!({
+                        "step": step,
+                        "preview": file.display().to_string(),
+                        "likeness": likeness,
+                    });
+                    writeln!(f, "{line}")?;
+                }
+            }
             TrainEvent::Maps {
                 step,
                 timestep,
@@ -249,6 +315,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         &trainer,
         &mut state,
         &schedule,
+        previews.as_ref(),
         &mut || None,
         &mut on_event,
     ))?;
@@ -256,27 +323,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let Finished::Done(mut identity) = finished else {
         unreachable!("nothing stops a command-line run")
     };
-    // The photos' faces travel with the identity: what generated images are scored against.
-    // Without the face models the identity is kept without them.
-    match super::score::face_models(&dev.device) {
-        Ok(models) => {
-            for (photo, path) in photos.iter().zip(&args.images) {
-                match crate::block_on(models.photo_face(&photo.image, photo.crop))? {
-                    Some(face) => identity.faces.push(face.0),
-                    None => eprintln!(
-                        "no face found in {}{}: images will not be scored against it",
-                        path.display(),
-                        if photo.crop.is_some() {
-                            " inside --crop"
-                        } else {
-                            ""
-                        }
-                    ),
-                }
-            }
-        }
-        Err(e) => eprintln!("faces not recorded, images will not be scored: {e}"),
-    }
+    identity.faces = faces.into_iter().map(|d| d.0).collect();
     std::fs::write(&args.out, identity.to_bytes()?)?;
     println!(
         "{} (<{}>, class word {})",
@@ -285,6 +332,30 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         args.class_word
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The descriptors of the photos' faces (inside their crops), saying which photo shows none.
+fn photo_faces(
+    models: &FaceModels,
+    photos: &[Photo],
+    paths: &[PathBuf],
+) -> Result<Vec<Descriptor>, FaceError> {
+    let mut faces = Vec::new();
+    for (photo, path) in photos.iter().zip(paths) {
+        match crate::block_on(models.photo_face(&photo.image, photo.crop))? {
+            Some(face) => faces.push(face),
+            None => eprintln!(
+                "no face found in {}{}: images will not be scored against it",
+                path.display(),
+                if photo.crop.is_some() {
+                    " inside --crop"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+    Ok(faces)
 }
 
 /// The run's verdict before loading (`check_fit`), and whether it trains checkpointed: as

@@ -8,8 +8,12 @@ use web_time::Instant;
 
 use super::train::{TrainError, TrainState, Trainer};
 use super::{Identity, IdentityError};
+use crate::face::Descriptor;
+use crate::face::score::{FaceModels, Reference};
 use crate::identity::settings::StepReport;
+use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, PipelineError};
 use crate::rgb::RgbImage;
+use crate::schedule::SchedulerConfig;
 
 /// When a periodic piece of work (a checkpoint, attention maps) is due.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -84,6 +88,23 @@ pub enum TrainEvent {
         /// with [`Identity::from_bytes`], then resume with [`Trainer::resume_state`]).
         bytes: Vec<u8>,
     },
+    /// A denoising step of a preview done: the run is busy drawing, not stuck.
+    PreviewStep {
+        /// Denoising steps done.
+        step: usize,
+        /// Denoising steps in the preview.
+        total: usize,
+    },
+    /// A preview image of the identity so far ([`Previews`]).
+    Preview {
+        /// Steps done when it was drawn.
+        step: usize,
+        /// The image.
+        image: RgbImage,
+        /// The cosine similarity of its most confident face to the photos' faces; `None` where
+        /// it shows no face or previews are not scored.
+        likeness: Option<f32>,
+    },
     /// The identity token's attention map beside the class word's, for the draw of the last
     /// step (`step` 0: before training, at the first draw).
     Maps {
@@ -95,6 +116,37 @@ pub enum TrainEvent {
         /// class word's on the right (see [`Trainer::attention_maps`]).
         maps: RgbImage,
     },
+}
+
+/// Preview images during a run: the identity as it is so far, drawn by the model, and how much
+/// its face looks like the photos' (the likeness curve that shows when more steps stop helping).
+pub struct Previews<'a> {
+    /// When one is drawn.
+    pub due: Due,
+    /// The generation; its prompt names the identity as `<token>`. The same request (and seed)
+    /// each time, so that what changes between previews is the identity.
+    pub request: GenerateRequest,
+    /// The model's scheduler.
+    pub scheduler: &'a SchedulerConfig,
+    /// The face models and the faces of the photos, to score each preview; `None` leaves them
+    /// unscored (no face models, or a subject without a face).
+    pub faces: Option<(&'a FaceModels, Vec<Descriptor>)>,
+}
+
+impl Previews<'_> {
+    /// The usual preview of an identity: "a photo of <token>" at the training resolution, 20
+    /// steps of the default sampler at the family's guidance, with `seed`.
+    pub fn request(token: &str, resolution: usize, guidance: f64, seed: u64) -> GenerateRequest {
+        GenerateRequest {
+            prompt: format!("a photo of <{token}>"),
+            steps: 20,
+            guidance,
+            seed,
+            width: resolution,
+            height: resolution,
+            ..GenerateRequest::default()
+        }
+    }
 }
 
 /// Asked of the stop signal before each step.
@@ -121,11 +173,13 @@ pub enum Finished {
 }
 
 /// Trains from `state` until the configured number of steps or until `stop` says so, passing
-/// every event to `on_event`. Errors of the consumer (`E`) stop the run as training errors do.
+/// every event to `on_event`, with preview images where `previews` asks for them. Errors of
+/// the consumer (`E`) stop the run as training errors do.
 pub async fn run<E>(
     trainer: &Trainer<'_>,
     state: &mut TrainState,
     schedule: &Schedule,
+    previews: Option<&Previews<'_>>,
     stop: &mut dyn FnMut() -> Option<Stop>,
     on_event: &mut dyn FnMut(TrainEvent) -> Result<(), E>,
 ) -> Result<Finished, E>
@@ -136,11 +190,15 @@ where
     if schedule.maps_before_training {
         on_event(maps(trainer, state).await?)?;
     }
-    let (mut last_checkpoint, mut last_maps) = (Instant::now(), Instant::now());
+    let now = Instant::now();
+    let (mut last_checkpoint, mut last_maps, mut last_preview) = (now, now, now);
     // Steps a second, from the last batch: the first runs one step to measure it.
     let mut speed: Option<f64> = None;
+    // A stop asked for while a preview was drawn, acted on before the next step.
+    let mut stopped: Option<Stop> = None;
+    let preview_due = previews.map_or(Due::default(), |p| p.due);
     while state.step < total {
-        if let Some(how) = stop() {
+        if let Some(how) = stopped.take().or_else(&mut *stop) {
             let checkpoint = match how {
                 Stop::Pause => Some(trainer.checkpoint(state)?),
                 Stop::Cancel => None,
@@ -157,6 +215,7 @@ where
             .clamp(1, MAX_STEPS_PER_READ)
             .min(schedule.checkpoint.steps_to_next(state.step, total))
             .min(schedule.maps.steps_to_next(state.step, total))
+            .min(preview_due.steps_to_next(state.step, total))
             .max(1);
         // Events due by count fall on a batch's last step (`n` stops there).
         let reports = trainer.steps(state, n).await?;
@@ -176,8 +235,85 @@ where
             on_event(maps(trainer, state).await?)?;
             last_maps = Instant::now();
         }
+        if let Some(previews) = previews
+            && previews.due.at(step, total, last_preview)
+        {
+            let drawn = preview(trainer, state, previews, stop, &mut stopped, on_event).await?;
+            if let Some(event) = drawn {
+                on_event(event)?;
+            }
+            last_preview = Instant::now();
+        }
     }
     Ok(Finished::Done(Box::new(trainer.identity(state))))
+}
+
+/// A preview of the identity as it is, scored where faces are given, each denoising step
+/// reported to `on_event`; `None` where the stop signal ended it (kept in `stopped` for the run
+/// to act on).
+async fn preview<E: From<TrainError>>(
+    trainer: &Trainer<'_>,
+    state: &TrainState,
+    previews: &Previews<'_>,
+    stop: &mut dyn FnMut() -> Option<Stop>,
+    stopped: &mut Option<Stop>,
+    on_event: &mut dyn FnMut(TrainEvent) -> Result<(), E>,
+) -> Result<Option<TrainEvent>, E> {
+    let identity = trainer.identity(state);
+    let mut failed = None;
+    let generated = pipeline::generate(
+        trainer.sd(),
+        previews.scheduler,
+        &previews.request,
+        std::slice::from_ref(&identity),
+        &GivenNoise::default(),
+        trainer.device(),
+        &mut |event| {
+            let Event::Step { step, total, .. } = event else {
+                return Flow::Continue;
+            };
+            if let Err(e) = on_event(TrainEvent::PreviewStep { step, total }) {
+                failed = Some(e);
+                return Flow::Cancel;
+            }
+            match stop() {
+                Some(how) => {
+                    *stopped = Some(how);
+                    Flow::Cancel
+                }
+                None => Flow::Continue,
+            }
+        },
+    )
+    .await;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let image = match generated {
+        Ok(g) => g.images.into_iter().next().expect("one image asked for"),
+        Err(PipelineError::Cancelled) => return Ok(None),
+        Err(PipelineError::Read(e)) => return Err(TrainError::Read(e).into()),
+        Err(e) => return Err(TrainError::Setup(format!("the preview image: {e}")).into()),
+    };
+    let likeness = match &previews.faces {
+        Some((models, faces)) if !faces.is_empty() => {
+            let reference = Reference {
+                name: format!("<{}>", identity.token),
+                faces: faces.clone(),
+            };
+            let scores = models
+                .score(&image, std::slice::from_ref(&reference))
+                .await
+                .map_err(|e| TrainError::Read(e.to_string()))?;
+            scores.first().map(|s| s.similarity)
+        }
+        _ => None,
+    };
+    Ok(Some(TrainEvent::Preview {
+        step: state.step,
+        image,
+        likeness,
+    }))
 }
 
 /// The attention maps of the last step's draw (the first draw before any step).

@@ -779,6 +779,16 @@ impl<'a> Trainer<'a> {
         }
     }
 
+    /// The model it trains on.
+    pub fn sd(&self) -> &StableDiffusion {
+        self.sd
+    }
+
+    /// The device it trains on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The identity the state holds.
     pub fn identity(&self, state: &TrainState) -> Identity {
         Identity {

@@ -266,3 +266,29 @@ pub fn check_parity(model: &str, sd: &StableDiffusion, device: &Device, tol: f32
         &what("vae tiled decode"),
     );
 }
+
+/// The face models as the site serves them (`www/models/`).
+pub fn face_models(device: &Device) -> sefi::face::score::FaceModels {
+    let read = |name: &str| {
+        std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("www/models")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let manifest = read("face_recognition_model-weights_manifest.json");
+    sefi::face::score::FaceModels {
+        detector: sefi::face::FaceDetector::from_safetensors(
+            &read("face_detection_short_range.safetensors"),
+            device,
+        )
+        .unwrap(),
+        recognizer: sefi::face::FaceRecognizer::from_tfjs(
+            std::str::from_utf8(&manifest).unwrap(),
+            &read("face_recognition_model.bin"),
+            device,
+        )
+        .unwrap(),
+    }
+}

@@ -1521,3 +1521,31 @@ test("a GPU lost during generation is reported, the model loads again on a new w
     await context.close();
   }
 });
+
+test("a preview during training shows the identity so far, scored or said to show no face (a fresh page and storage, ?preview-every=1)", { timeout: TEST_TIMEOUT }, async (t) => {
+  // `?preview-every=1` draws a preview every step instead of every 100; the one-step run draws
+  // one, at its end. The tiny model draws noise: no face to score.
+  const context = await freshContext();
+  const opened = await openPage(browser, `${server.url}?preview-every=1`, { context });
+  const { page } = opened;
+  try {
+    await waitFor(page, "the GPU check", (s) => s.gpu?.state === "ok", { timeout: GPU_CHECK_TIMEOUT });
+    await loadModel(page, "for a run with previews");
+    await fillTraining(page, "carol", 1);
+    await waitFor(page, "train-start to be enabled", (s) => s.trainStart === true);
+    const started = Date.now();
+    await page.getByTestId("train-start").click();
+    const preview = page.getByTestId("train-preview");
+    await preview.waitFor({ timeout: TRAIN_TIMEOUT });
+    t.diagnostic(`a one-step run and its 20-step preview: ${Date.now() - started} ms`);
+    assert.equal(await preview.getAttribute("data-step"), "1");
+    assert.match(await preview.textContent(), /no face to score/, "the caption should say the preview shows no face");
+    const width = await preview.locator("img").evaluate((img) => (img.complete ? img.naturalWidth : 0));
+    assert.equal(width, TRAIN_RESOLUTION, "the preview is drawn at the training resolution");
+    assert.equal(await page.getByTestId("train-likeness").count(), 0, "no likeness curve without a scored face");
+    await waitFor(page, "<carol> to be learned and listed", (s) => s.identities.includes("carol"), { timeout: TRAIN_TIMEOUT });
+    assertConsoleClean(opened, 0);
+  } finally {
+    await context.close();
+  }
+});

@@ -172,6 +172,8 @@ impl Ctx {
             Response::TrainStep(_) | Response::GenStep { .. } => w.report(t, Report::Step),
             Response::ModelProgress { .. }
             | Response::TrainMaps { .. }
+            | Response::TrainPreviewStep { .. }
+            | Response::TrainPreview { .. }
             | Response::TrainCheckpoint { .. } => w.report(t, Report::Other),
             Response::ModelReady(_)
             | Response::ModelFailed(_)
@@ -208,6 +210,8 @@ impl Ctx {
             }
             Response::TrainStep(_)
             | Response::TrainMaps { .. }
+            | Response::TrainPreviewStep { .. }
+            | Response::TrainPreview { .. }
             | Response::TrainCheckpoint { .. }
             | Response::TrainStopped { .. }
             | Response::TrainDone { .. }

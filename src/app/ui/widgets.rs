@@ -159,6 +159,64 @@ pub fn LossChart(points: Signal<Vec<(usize, f64, f64)>>, total: Signal<usize>) -
     }
 }
 
+/// The likeness of the training previews, step by step: the cosine similarity of each
+/// preview's face to the photos' (0.5 at the bottom, 1 at the top), with the line above which
+/// faces are taken for the same person.
+#[component]
+pub fn LikenessChart(points: Signal<Vec<(usize, f32)>>, total: Signal<usize>) -> impl IntoView {
+    const W: f64 = 480.0;
+    const H: f64 = 140.0;
+    const LOW: f64 = 0.5;
+    let y = |v: f64| H - (v.clamp(LOW, 1.0) - LOW) / (1.0 - LOW) * (H - 8.0) - 4.0;
+    let x = move |step: usize| step as f64 / total.get().max(1) as f64 * W;
+    let path = move || {
+        points.with(|p| {
+            p.iter()
+                .enumerate()
+                .map(|(i, &(s, v))| {
+                    format!(
+                        "{}{:.1},{:.1}",
+                        if i == 0 { "M" } else { " L" },
+                        x(s),
+                        y(v as f64)
+                    )
+                })
+                .collect::<String>()
+        })
+    };
+    let dots = move || {
+        points.with(|p| {
+            p.iter()
+                .map(|&(s, v)| view! { <circle class="likeness-dot" cx=x(s) cy=y(v as f64) r="3" /> })
+                .collect::<Vec<_>>()
+        })
+    };
+    let same = y(crate::face::SAME_PERSON as f64);
+    let last = move || points.with(|p| p.last().map(|q| q.1));
+    view! {
+        <figure class="chart">
+            <svg
+                data-testid="train-likeness"
+                data-points=move || points.with(Vec::len)
+                viewBox=format!("0 0 {W} {H}")
+                preserveAspectRatio="none"
+                role="img"
+                aria-label="Likeness of the previews"
+            >
+                <line class="same-person" x1="0" x2=W y1=same y2=same />
+                <path class="likeness" d=path />
+                {dots}
+            </svg>
+            <figcaption>
+                <span class="key likeness">"likeness"</span>
+                " "
+                {move || last().map_or("–".into(), |l| format!("{l:.2}"))}
+                " (of the previews' faces to your photos'; the dashed line: same person)"
+            </figcaption>
+        </figure>
+    }
+}
+
 /// The value of the `<meta http-equiv=Content-Security-Policy>` of the page.
 pub fn page_policy() -> String {
     web_sys::window()

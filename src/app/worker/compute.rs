@@ -18,7 +18,7 @@ use crate::app::protocol::{
     WorkerError,
 };
 use crate::device::{ComputeDevice, DeviceChoice, DeviceError};
-use crate::identity::session::{self, Due, Finished, Schedule, Stop, TrainEvent};
+use crate::identity::session::{self, Due, Finished, Previews, Schedule, Stop, TrainEvent};
 use crate::identity::train::{Photo, TrainError, Trainer, decode_photo};
 use crate::identity::{Fingerprint, Identity, IdentityError};
 use crate::pipeline::{self, Event, Flow, GivenNoise, PipelineError, RgbImage};
@@ -360,6 +360,42 @@ async fn train(
         maps_before_training: true,
         read_every: session::READ_EVERY,
     };
+    // Previews are scored against the training squares' faces; a run too short for a preview
+    // does not fetch the face models.
+    let squares: Vec<RgbImage> = photos.iter().map(|p| p.image.clone()).collect();
+    let wants_previews = job.previews_every > 0 && trainer.config.steps >= job.previews_every;
+    let face_models = match wants_previews {
+        true => super::faces::models(state)
+            .await
+            .inspect_err(|e| web_sys::console::warn_1(&format!("previews not scored: {e}").into()))
+            .ok(),
+        false => None,
+    };
+    let mut faces = Vec::new();
+    if let Some(models) = &face_models {
+        for square in &squares {
+            if let Ok(Some(face)) = models.photo_face(square, None).await {
+                faces.push(face);
+            }
+        }
+    }
+    let token = trainer.config.token.clone();
+    let previews = wants_previews.then(|| Previews {
+        due: Due {
+            every: job.previews_every,
+            // The last point of the likeness curve: where the run ended.
+            last_step: true,
+            ..Due::default()
+        },
+        request: Previews::request(
+            &token,
+            trainer.config.resolution,
+            loaded.sd.family.default_guidance(),
+            trainer.config.seed,
+        ),
+        scheduler: &loaded.scheduler,
+        faces: face_models.as_deref().map(|m| (m, faces)),
+    });
     let mut stop = || {
         state
             .stop_training
@@ -382,13 +418,35 @@ async fn train(
                     class,
                 }
             }
+            TrainEvent::PreviewStep { step, total } => Response::TrainPreviewStep { step, total },
+            TrainEvent::Preview {
+                step,
+                image,
+                likeness,
+            } => {
+                let text = format!("a photo of <{token}>, step {step}");
+                let png = pipeline::png::encode(&image, &text).map_err(WorkerError::Other)?;
+                Response::TrainPreview {
+                    step,
+                    png: ByteBuf::from(png),
+                    likeness,
+                }
+            }
         });
         Ok(())
     };
     respond(
-        match session::run(&trainer, &mut st, &schedule, &mut stop, &mut on_event).await? {
+        match session::run(
+            &trainer,
+            &mut st,
+            &schedule,
+            previews.as_ref(),
+            &mut stop,
+            &mut on_event,
+        )
+        .await?
+        {
             Finished::Done(mut identity) => {
-                let squares: Vec<RgbImage> = photos.iter().map(|p| p.image.clone()).collect();
                 super::faces::record(state, &mut identity, &squares).await;
                 Response::TrainDone {
                     identity: ByteBuf::from(identity.to_bytes()?),

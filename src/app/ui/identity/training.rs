@@ -11,7 +11,7 @@ use super::photos::{PhotoEntry, crop_png};
 use crate::app::protocol::{Request, Response, TrainJob};
 use crate::app::run::Run;
 use crate::app::ui::widgets::{
-    ErrorBox, ErrorKind, LossChart, UiError, blob_url, duration, revoke,
+    ErrorBox, ErrorKind, LikenessChart, LossChart, UiError, blob_url, duration, revoke,
 };
 use crate::app::ui::{Ctx, ModelState, library, store};
 use crate::app::view::{Phase, RunRecord};
@@ -21,6 +21,21 @@ use crate::store::lock::{self, Held};
 /// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
 const MAPS_EVERY: usize = 10;
+/// A preview of the identity every this many steps (a 20-step generation each, about a tenth
+/// of the run's time at the default 600 steps), scored for likeness.
+const PREVIEWS_EVERY: usize = 100;
+/// The page's address may set another interval: `?preview-every=50`, or 0 for none (a slow GPU).
+const PREVIEWS_PARAM: &str = "preview-every";
+
+/// Steps between previews: the page address's `preview-every`, else [`PREVIEWS_EVERY`].
+fn previews_every() -> usize {
+    web_sys::window()
+        .and_then(|w| w.location().search().ok())
+        .and_then(|q| web_sys::UrlSearchParams::new_with_str(&q).ok())
+        .and_then(|p| p.get(PREVIEWS_PARAM))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PREVIEWS_EVERY)
+}
 
 thread_local! {
     /// This tab's hold on the training run (`runs/current`), from its start until it ends.
@@ -85,6 +100,18 @@ pub fn on_response(ctx: Ctx, response: Response) {
             if let Some((a, b)) = t.show_maps(identity, class, step) {
                 revoke(&a);
                 revoke(&b);
+            }
+        }),
+        Response::TrainPreviewStep { step, total } => {
+            ctx.train.update(|t| t.drawing = Some((step, total)))
+        }
+        Response::TrainPreview {
+            step,
+            png,
+            likeness,
+        } => ctx.train.update(|t| {
+            if let Some(old) = t.show_preview(blob_url(&png, "image/png"), step, likeness) {
+                revoke(&old);
             }
         }),
         Response::TrainCheckpoint { step, bytes } => {
@@ -188,6 +215,7 @@ fn send(
         resume: resume.map(ByteBuf::from),
         checkpoint_every: CHECKPOINT_EVERY,
         maps_every: MAPS_EVERY,
+        previews_every: previews_every(),
     }));
 }
 
@@ -290,6 +318,7 @@ pub fn TrainProgress() -> impl IntoView {
     let t = ctx.train;
     let visible = move || t.with(|t| t.phase != Phase::Idle || !t.points.is_empty());
     let points = Signal::derive(move || t.with(|t| t.points.clone()));
+    let likeness = Signal::derive(move || t.with(|t| t.likeness.clone()));
     let total = Signal::derive(move || t.with(|t| t.total));
     let pause = move |_| {
         t.update(|t| t.phase = Phase::Stopping);
@@ -342,6 +371,9 @@ pub fn TrainProgress() -> impl IntoView {
                                 if t.phase == Phase::Running { duration(left) } else { "–".into() }
                             )
                         })}
+                        {move || t.with(|t| t.drawing).map(|(step, total)| {
+                            format!(" · drawing a preview: {step}/{total}")
+                        })}
                     </span>
                 </div>
                 <div class="row">
@@ -385,6 +417,22 @@ pub fn TrainProgress() -> impl IntoView {
                                     <figcaption>"class word (the target)"</figcaption>
                                 </figure>
                             </div>
+                        }
+                    }))}
+                    <Show when=move || t.with(|t| !t.likeness.is_empty())>
+                        <LikenessChart points=likeness total />
+                    </Show>
+                    {move || t.with(|t| t.preview.clone().map(|(url, step)| {
+                        let token = t.token.clone();
+                        let caption = match t.likeness.last() {
+                            Some(&(s, l)) if s == step => format!("step {step}: likeness {l:.2}"),
+                            _ => format!("step {step}: no face to score"),
+                        };
+                        view! {
+                            <figure class="preview" data-testid="train-preview" data-step=step>
+                                <img src=url alt=format!("a photo of <{token}>, step {step}") />
+                                <figcaption>{caption}</figcaption>
+                            </figure>
                         }
                     }))}
                 </div>
