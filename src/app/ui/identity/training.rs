@@ -21,8 +21,8 @@ use crate::store::lock::{self, Held};
 /// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
 const MAPS_EVERY: usize = 10;
-/// A preview of the identity every this many steps (a 20-step generation each, about a tenth
-/// of the run's time at the default 600 steps), scored for likeness.
+/// A preview of the identity every this many steps (a 20-step generation each: six of them in
+/// a run of the default 600 steps), scored for likeness.
 const PREVIEWS_EVERY: usize = 100;
 /// The page's address may set another interval: `?preview-every=50`, or 0 for none (a slow GPU).
 const PREVIEWS_PARAM: &str = "preview-every";
