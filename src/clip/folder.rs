@@ -193,14 +193,6 @@ impl TensorSource for ClipFolder {
     }
 
     async fn read(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| WeightsError::Missing {
-                path: self.path.clone(),
-                component,
-                name: name.into(),
-            })?;
-        read_entry(&self.files, e).await
+        read_entry(&self.path, component, &self.files, &self.entries, name).await
     }
 }

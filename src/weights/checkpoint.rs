@@ -732,15 +732,14 @@ impl Checkpoint {
 
     /// Reads one tensor (diffusers name) from its file and applies its transform.
     pub async fn read(&self, component: Component, name: &str) -> Result<HostTensor, WeightsError> {
-        let e = self
-            .entries(component)
-            .get(name)
-            .ok_or_else(|| WeightsError::Missing {
-                path: self.path.clone(),
-                component,
-                name: name.into(),
-            })?;
-        read_entry(&self.files, e).await
+        read_entry(
+            &self.path,
+            component,
+            &self.files,
+            self.entries(component),
+            name,
+        )
+        .await
     }
 }
 
@@ -829,11 +828,20 @@ pub(crate) fn read_order(
     names.into_iter().map(|(n, _)| n.clone()).collect()
 }
 
-/// Reads one entry's tensor from its file and applies its transform.
+/// Reads the tensor `name` of `entries` from its file and applies its transform; `Missing`
+/// (under `path` and `component`) where the entries hold no such tensor.
 pub(crate) async fn read_entry(
+    path: &str,
+    component: Component,
     files: &[SafetensorsFile],
-    e: &Entry,
+    entries: &BTreeMap<String, Entry>,
+    name: &str,
 ) -> Result<HostTensor, WeightsError> {
+    let e = entries.get(name).ok_or_else(|| WeightsError::Missing {
+        path: path.into(),
+        component,
+        name: name.into(),
+    })?;
     let t = files[e.file].read(&e.key).await?;
     let data = match &e.transform {
         Transform::Copy | Transform::Squeeze => t.data,
