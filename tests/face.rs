@@ -395,9 +395,10 @@ fn sefi_score_compares_faces_with_a_photo() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing to compare with"));
 }
 
-/// A generated image's PNG carries its faces' likeness after the other settings, and reads back.
+/// A generated image's PNG carries its faces' likeness and its CLIP-T after the other
+/// settings, and reads them back.
 #[test]
-fn the_likeness_travels_in_the_png_parameters() {
+fn scores_travel_in_the_png_parameters() {
     use sefi::pipeline::png::{Parameters, with_likeness};
     let text = with_likeness(
         "a photo of <alice>\nSteps: 20, Seed: 1".into(),
@@ -420,5 +421,17 @@ fn the_likeness_travels_in_the_png_parameters() {
     assert_eq!(
         with_likeness("p\nSteps: 20, Seed: 1".into(), &[]),
         "p\nSteps: 20, Seed: 1"
+    );
+    // Prompt fidelity comes last, where a CLIP model scored the image.
+    let text = sefi::pipeline::png::with_clip_t(text, Some(0.31234));
+    assert!(text.ends_with("<bob> 0.500, CLIP-T: 0.312"), "{text}");
+    let parsed = Parameters::parse(&text);
+    assert_eq!(
+        parsed.settings.last().unwrap(),
+        &("CLIP-T".to_string(), "0.312".to_string())
+    );
+    assert_eq!(
+        sefi::pipeline::png::with_clip_t("p\nSteps: 20".into(), None),
+        "p\nSteps: 20"
     );
 }

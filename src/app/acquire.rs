@@ -14,7 +14,7 @@ use wasm_bindgen_futures::JsFuture;
 use web_sys::{File, Headers, ReadableStreamDefaultReader, RequestInit, Response};
 
 use super::catalog::{
-    Manifest, ModelSource, PART_SIZE, StoredFile, Wanted, folder_files, is_shard_index, model_id,
+    Manifest, ModelKind, ModelSource, PART_SIZE, StoredFile, Wanted, is_shard_index, model_id,
     shard_files, unet_is_xl, xl_files,
 };
 use super::view::ErrorKind;
@@ -341,17 +341,33 @@ async fn download_file(
     Ok(Some(got))
 }
 
-/// Downloads a model (or finishes an interrupted download) into storage; with `vae`, a
-/// diffusers VAE folder (`config.json`, `diffusion_pytorch_model*.safetensors`) whose files are
-/// stored as the model's `vae/`.
+/// The storage id of a model of `kind` known by `key` (its address, or its files): a CLIP
+/// model is never taken for a Stable Diffusion model stored from the same address.
+fn kind_id(kind: ModelKind, key: &str) -> String {
+    match kind {
+        ModelKind::StableDiffusion => model_id(key),
+        ModelKind::Clip => model_id(&format!("clip|{key}")),
+    }
+}
+
+/// Downloads a model of `kind` (or finishes an interrupted download) into storage; with
+/// `vae`, a diffusers VAE folder (`config.json`, `diffusion_pytorch_model*.safetensors`) whose
+/// files are stored as the model's `vae/`.
 pub async fn download(
     store: &Store,
+    kind: ModelKind,
     source: &ModelSource,
     fp16: bool,
     vae: Option<&ModelSource>,
     cancel: Rc<Cell<bool>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Manifest, AcquireError> {
+    if kind == ModelKind::Clip && matches!(source, ModelSource::SingleFile { .. }) {
+        return Err(AcquireError::BadModel(format!(
+            "give the CLIP model's folder (config.json and model.safetensors), such as {}, not one file",
+            super::catalog::CLIP_ADDRESS
+        )));
+    }
     let vae_base = match (vae, source) {
         (None, _) => None,
         (Some(ModelSource::Folder { base }), ModelSource::Folder { .. }) => Some(base.clone()),
@@ -368,13 +384,14 @@ pub async fn download(
     };
     // Another VAE makes another stored model.
     let id = match vae {
-        Some(v) => model_id(&format!("{}|vae={}", source.address(), v.address())),
-        None => model_id(source.address()),
+        Some(v) => kind_id(kind, &format!("{}|vae={}", source.address(), v.address())),
+        None => kind_id(kind, source.address()),
     };
     let mut manifest = match read_manifest(store, &id).await? {
         Some(m) => m,
         None => Manifest {
             id: id.clone(),
+            kind,
             name: match vae {
                 Some(v) => format!("{} + {}", source.display_name(), v.display_name()),
                 None => source.display_name(),
@@ -401,7 +418,7 @@ pub async fn download(
             }]),
             url.clone(),
         ),
-        ModelSource::Folder { base } => (folder_files(manifest.fp16).into(), base.clone()),
+        ModelSource::Folder { base } => (kind.folder_files(manifest.fp16).into(), base.clone()),
     };
     let mut done = 0;
     while let Some(want) = queue.pop_front() {
@@ -447,7 +464,7 @@ pub async fn download(
                         break;
                     }
                 }
-                want.missing(source.address(), pickle)
+                want.missing(source.address(), pickle, kind)
             }));
         }
     }
@@ -506,9 +523,10 @@ fn relative_path(file: &File) -> String {
 }
 
 /// Copies the user's own files into storage: one `.safetensors` checkpoint, or the files of a
-/// diffusers folder (picked as a folder).
+/// diffusers folder (picked as a folder); a CLIP model is always a folder.
 pub async fn copy_files(
     store: &Store,
+    kind: ModelKind,
     files: Vec<File>,
     cancel: Rc<Cell<bool>>,
     progress: &mut dyn FnMut(Progress),
@@ -519,10 +537,10 @@ pub async fn copy_files(
             .iter()
             .any(|e| p.to_ascii_lowercase().ends_with(e))
     });
-    let is_folder = named.iter().any(|(p, _)| p.starts_with("unet/"));
+    let is_folder = kind == ModelKind::Clip || named.iter().any(|(p, _)| p.starts_with("unet/"));
     let chosen: Vec<(String, File)> = if is_folder {
         let mut out: Vec<(String, File)> = Vec::new();
-        let mut queue: VecDeque<Wanted> = folder_files(false).into();
+        let mut queue: VecDeque<Wanted> = kind.folder_files(false).into();
         while let Some(want) = queue.pop_front() {
             match want
                 .candidates
@@ -540,9 +558,11 @@ pub async fn copy_files(
                         .pickles
                         .iter()
                         .find(|p| named.iter().any(|(n, _)| n == *p));
-                    return Err(AcquireError::BadModel(
-                        want.missing("the folder", pickle.map(String::as_str)),
-                    ));
+                    return Err(AcquireError::BadModel(want.missing(
+                        "the folder",
+                        pickle.map(String::as_str),
+                        kind,
+                    )));
                 }
             }
         }
@@ -590,7 +610,7 @@ pub async fn copy_files(
         .iter()
         .map(|(p, f)| format!("{p}:{}:{}", f.size(), f.last_modified()))
         .collect();
-    let id = model_id(&format!("local:{name}:{identity}"));
+    let id = kind_id(kind, &format!("local:{name}:{identity}"));
     if let Some(m) = read_manifest(store, &id).await?
         && m.complete
     {
@@ -604,6 +624,7 @@ pub async fn copy_files(
     }
     let mut manifest = Manifest {
         id: id.clone(),
+        kind,
         name,
         address: format!("local:{id}"),
         single_file: !is_folder,
@@ -659,6 +680,15 @@ async fn file_text(file: &File) -> Result<String, AcquireError> {
         .ok()
         .and_then(|t| t.as_string())
         .ok_or_else(|| AcquireError::BadModel(format!("cannot read {} as text", file.name())))
+}
+
+/// Marks a model as not in use: it is not loaded again on the next visit.
+pub async fn forget_use(store: &Store, id: &str) -> Result<(), StoreError> {
+    if let Some(mut m) = read_manifest(store, id).await? {
+        m.last_used = 0.0;
+        write_manifest(store, &m).await?;
+    }
+    Ok(())
 }
 
 /// Marks a model as the last used one.

@@ -211,14 +211,18 @@ pub struct Wanted {
 
 impl Wanted {
     /// Why a folder without this file cannot be used; `pickle` is the pickle it has instead.
-    pub fn missing(&self, folder: &str, pickle: Option<&str>) -> String {
-        match pickle {
-            Some(p) => format!(
+    pub fn missing(&self, folder: &str, pickle: Option<&str>, kind: ModelKind) -> String {
+        match (pickle, kind) {
+            (Some(p), _) => format!(
                 "{folder} holds {p}, a PyTorch pickle file, and no {}. SeFi Studio only opens .safetensors files, which cannot hide code; most models publish them beside the pickles",
                 self.candidates.join(" or ")
             ),
-            None => format!(
+            (None, ModelKind::StableDiffusion) => format!(
                 "{folder} is not a diffusers model folder: it has no {}. Give the folder that holds unet/, vae/ and text_encoder/, or a single .safetensors file",
+                self.candidates.join(" or ")
+            ),
+            (None, ModelKind::Clip) => format!(
+                "{folder} is not a CLIP model folder: it has no {}. Give the folder of {CLIP_ADDRESS} as the Hub has it",
                 self.candidates.join(" or ")
             ),
         }
@@ -228,14 +232,12 @@ impl Wanted {
 /// The weights of one model of a folder: one file in the preferred variant first, else the
 /// index of its shards (whose shards [`shard_files`] then names).
 fn weights(component: Component, fp16_first: bool) -> Wanted {
-    let (dir, stem) = (component.folder(), component.weights_stem());
-    let (full, half) = (
-        format!("{dir}/{stem}.safetensors"),
-        format!("{dir}/{stem}.fp16.safetensors"),
-    );
+    let stem = component.weights_stem();
+    let path = |file: &str| component.path(&format!("{stem}{file}"));
+    let (full, half) = (path(".safetensors"), path(".fp16.safetensors"));
     let (full_index, half_index) = (
-        format!("{dir}/{stem}.safetensors.index.json"),
-        format!("{dir}/{stem}.safetensors.index.fp16.json"),
+        path(".safetensors.index.json"),
+        path(".safetensors.index.fp16.json"),
     );
     Wanted {
         candidates: if fp16_first {
@@ -264,12 +266,14 @@ pub fn is_shard_index(path: &str) -> bool {
 /// The shards a stored index (`index_path`, e.g. `unet/diffusion_pytorch_model.safetensors.index.json`)
 /// lists, each needed, beside the index.
 pub fn shard_files(index_path: &str, index_text: &str) -> Result<Vec<Wanted>, String> {
-    let dir = index_path.rsplit_once('/').map_or("", |(d, _)| d);
     let names = crate::weights::checkpoint::shard_names(index_path, index_text)
         .map_err(|e| e.to_string())?;
     Ok(names
         .into_iter()
-        .map(|n| file(&format!("{dir}/{n}"), false))
+        .map(|n| match index_path.rsplit_once('/') {
+            Some((dir, _)) => file(&format!("{dir}/{n}"), false),
+            None => file(&n, false),
+        })
         .collect())
 }
 
@@ -313,6 +317,45 @@ pub fn folder_files(fp16_first: bool) -> Vec<Wanted> {
     ]
 }
 
+/// The CLIP model the model panel offers for prompt fidelity: the one CLIP-T is reported with.
+pub const CLIP_ADDRESS: &str = "openai/clip-vit-large-patch14";
+
+/// The files of a transformers `CLIPModel` folder that SeFi Studio reads (the tokenizer files
+/// are optional: the bundled vocabulary is the same). Its pickles and TensorFlow and Flax
+/// weights are never fetched.
+pub fn clip_files() -> Vec<Wanted> {
+    vec![
+        file("config.json", false),
+        file("preprocessor_config.json", true),
+        file("vocab.json", true),
+        file("merges.txt", true),
+        file("special_tokens_map.json", true),
+        file("tokenizer_config.json", true),
+        weights(Component::Clip, false),
+    ]
+}
+
+/// What a stored model is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// A Stable Diffusion model: a diffusers folder or a single file.
+    #[default]
+    StableDiffusion,
+    /// A CLIP model that scores prompt fidelity (CLIP-T): a transformers folder.
+    Clip,
+}
+
+impl ModelKind {
+    /// The files of a folder of this kind, weights in the preferred variant first.
+    pub fn folder_files(self, fp16_first: bool) -> Vec<Wanted> {
+        match self {
+            ModelKind::StableDiffusion => folder_files(fp16_first),
+            ModelKind::Clip => clip_files(),
+        }
+    }
+}
+
 /// A stable name for a model's storage folder: FNV-1a of its address.
 pub fn model_id(address: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -353,6 +396,9 @@ impl StoredFile {
 pub struct Manifest {
     /// The folder under `models/`.
     pub id: String,
+    /// What it is for (manifests written before CLIP models were stored have none: SD).
+    #[serde(default)]
+    pub kind: ModelKind,
     /// The name shown.
     pub name: String,
     /// The address it was loaded from, or `local:<name>` for the user's files.
@@ -519,13 +565,66 @@ mod tests {
                 "text_encoder/pytorch_model.fp16.bin"
             ]
         );
-        let why = text.missing("my-model/", Some("text_encoder/pytorch_model.bin"));
+        let sd = ModelKind::StableDiffusion;
+        let why = text.missing("my-model/", Some("text_encoder/pytorch_model.bin"), sd);
         assert!(
             why.contains("text_encoder/pytorch_model.bin") && why.contains("pickle"),
             "{why}"
         );
-        let why = text.missing("my-model/", None);
+        let why = text.missing("my-model/", None, sd);
         assert!(why.contains("text_encoder/model.safetensors"), "{why}");
+    }
+
+    #[test]
+    fn clip_folders_fetch_their_weights_at_the_top() {
+        let files = ModelKind::Clip.folder_files(true);
+        let weights = files.iter().find(|w| !w.optional && w.pickles.len() == 2);
+        let weights = weights.expect("the weights are needed");
+        assert_eq!(
+            weights.candidates,
+            [
+                "model.safetensors",
+                "model.fp16.safetensors",
+                "model.safetensors.index.json",
+                "model.safetensors.index.fp16.json",
+            ]
+        );
+        assert_eq!(
+            weights.pickles,
+            ["pytorch_model.bin", "pytorch_model.fp16.bin"]
+        );
+        let needed: Vec<&str> = files
+            .iter()
+            .filter(|w| !w.optional)
+            .map(|w| w.candidates[0].as_str())
+            .collect();
+        assert_eq!(needed, ["config.json", "model.safetensors"]);
+        let why = weights.missing("clip/", None, ModelKind::Clip);
+        assert!(
+            why.contains("not a CLIP model folder") && why.contains(CLIP_ADDRESS),
+            "{why}"
+        );
+        let shards = shard_files(
+            "model.safetensors.index.json",
+            r#"{"weight_map": {"a": "model-00001-of-00001.safetensors"}}"#,
+        )
+        .unwrap();
+        assert_eq!(shards[0].candidates, ["model-00001-of-00001.safetensors"]);
+    }
+
+    #[test]
+    fn manifests_stored_before_clip_models_are_stable_diffusion() {
+        let old = r#"{"id": "a", "name": "m", "address": "x", "single_file": true,
+            "files": [], "complete": true, "last_used": 0}"#;
+        let m: Manifest = serde_json::from_str(old).unwrap();
+        assert_eq!(m.kind, ModelKind::StableDiffusion);
+        let clip = Manifest {
+            kind: ModelKind::Clip,
+            ..m
+        };
+        let text = serde_json::to_string(&clip).unwrap();
+        assert!(text.contains(r#""kind":"clip""#), "{text}");
+        assert_eq!(serde_json::from_str::<Manifest>(&text).unwrap(), clip);
     }
 
     #[test]

@@ -24,6 +24,14 @@ pub enum Request {
         /// The stored model's id.
         id: String,
     },
+    /// Load the stored CLIP model `models/<id>` onto the GPU (replacing any other): from then
+    /// on every generated image is scored for prompt fidelity (CLIP-T).
+    LoadClip {
+        /// The stored CLIP model's id.
+        id: String,
+    },
+    /// Free the CLIP model's GPU memory; images are no longer scored for prompt fidelity.
+    UnloadClip,
     /// Train an identity on the loaded model (or continue from a checkpoint).
     Train(TrainJob),
     /// Stop training after the current step: `cancel` discards it, otherwise the answer
@@ -99,6 +107,10 @@ pub enum Response {
     ModelReady(ModelInfo),
     /// The model could not be loaded.
     ModelFailed(WorkerError),
+    /// The CLIP model is on the GPU.
+    ClipReady(ClipInfo),
+    /// The CLIP model could not be loaded (images go on without its score).
+    ClipFailed(WorkerError),
     /// A training step's report.
     TrainStep(StepReport),
     /// Heat-maps over the training square: the identity token's and the class word's
@@ -207,6 +219,21 @@ pub struct ModelInfo {
     pub millis: f64,
 }
 
+/// A CLIP model on the GPU.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClipInfo {
+    /// The stored model's id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Precision of the weights on the GPU.
+    pub dtype: String,
+    /// Parameters of both towers with their projections.
+    pub params: u64,
+    /// How long loading took.
+    pub millis: f64,
+}
+
 /// One generated image.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GenImage {
@@ -223,6 +250,8 @@ pub struct GenImage {
     /// Its faces, each with its most similar identity of the prompt; `None` where the prompt
     /// names no identity that keeps its photos' faces.
     pub faces: Option<Vec<FaceScore>>,
+    /// Its prompt fidelity (CLIP-T), where a CLIP model is loaded.
+    pub clip_t: Option<f32>,
 }
 
 /// A failure the page explains to the user.

@@ -252,11 +252,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let clip_t = match &args.clip {
         Some(dir) => {
             let clip = super::score::prompt_fidelity(dir, &dev)?;
-            let class_words: Vec<(&str, &str)> = identities
-                .iter()
-                .map(|i| (i.token.as_str(), i.class_word.as_str()))
-                .collect();
-            let prompt = crate::clip::plain_prompt(&req.prompt, &class_words);
+            let prompt = Identity::plain_prompt(&req.prompt, &identities);
             crate::block_on(clip.scores(&prompt, &generated.images))?
                 .into_iter()
                 .map(Some)
@@ -271,9 +267,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             Some(models) => crate::block_on(models.score(image, &references))?,
             None => Vec::new(),
         };
-        let parameters = pipeline::png::with_likeness(
-            pipeline::png::parameters_text(&req, seed, &model),
-            &likeness(&scores),
+        let parameters = pipeline::png::with_clip_t(
+            pipeline::png::with_likeness(
+                pipeline::png::parameters_text(&req, seed, &model),
+                &likeness(&scores),
+            ),
+            clip_t,
         );
         let png = pipeline::png::encode(image, &parameters)?;
         let path = out_path(&args.out, i, generated.images.len());

@@ -150,6 +150,14 @@ impl ClipFolder {
         })
     }
 
+    /// Parameters of both towers with their projections (`logit_scale` is skipped).
+    pub fn params(&self) -> u64 {
+        self.entries
+            .values()
+            .map(|e| e.shape.iter().product::<usize>() as u64)
+            .sum()
+    }
+
     /// Opens a folder on disk: `model.safetensors` (or `model.fp16.safetensors`, or shards),
     /// `config.json`, and where present `preprocessor_config.json` and the tokenizer files.
     #[cfg(not(target_family = "wasm"))]

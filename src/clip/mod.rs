@@ -18,9 +18,9 @@ pub mod vision_model;
 pub use folder::{ClipConfig, ClipFolder, ClipParts};
 pub use image::ImageProcessor;
 #[cfg(feature = "compute")]
-pub use model::{ClipModel, PromptFidelity, plain_prompt};
+pub use model::{ClipModel, PromptFidelity};
 #[cfg(feature = "compute")]
 pub use text_model::{ClipTextModel, TextOutput, end_positions, ids_tensor};
-pub use tokenizer::{ClipTokenizer, Piece, TokenizerError, Tokens};
+pub use tokenizer::{ClipTokenizer, Piece, TokenizerError, Tokens, plain_prompt};
 #[cfg(feature = "compute")]
 pub use vision_model::{ClipVisionModel, VisionConfig, VisionOutput};

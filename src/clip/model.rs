@@ -72,21 +72,6 @@ impl ClipModel {
     }
 }
 
-/// A prompt as CLIP-T reads it: each `<name>` replaced by its identity's class word ("a photo
-/// of <alice> in Paris" is scored as "a photo of woman in Paris"), or dropped where
-/// `class_words` (identity name, class word) names no identity of that name.
-pub fn plain_prompt(prompt: &str, class_words: &[(&str, &str)]) -> String {
-    let mut out = prompt.to_string();
-    for name in super::tokenizer::placeholders(prompt) {
-        let word = class_words
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map_or("", |(_, w)| *w);
-        out = out.replacen(&format!("<{name}>"), word, 1);
-    }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
 /// A CLIP model ready to score: its weights on a device, its tokenizer and image processing.
 pub struct PromptFidelity {
     folder: ClipFolder,

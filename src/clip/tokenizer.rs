@@ -371,6 +371,21 @@ impl ClipTokenizer {
     }
 }
 
+/// A prompt as CLIP-T reads it: each `<name>` replaced by its identity's class word ("a photo
+/// of <alice> in Paris" is scored as "a photo of woman in Paris"), or dropped where
+/// `class_words` (identity name, class word) names no identity of that name.
+pub fn plain_prompt(prompt: &str, class_words: &[(&str, &str)]) -> String {
+    let mut out = prompt.to_string();
+    for name in placeholders(prompt) {
+        let word = class_words
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, w)| *w);
+        out = out.replacen(&format!("<{name}>"), word, 1);
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// The names of a prompt's `<name>` placeholders, in order, as [`ClipTokenizer::encode`]
 /// finds them.
 pub fn placeholders(text: &str) -> impl Iterator<Item = &str> {

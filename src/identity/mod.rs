@@ -156,6 +156,16 @@ pub enum IdentityError {
 }
 
 impl Identity {
+    /// The prompt as CLIP reads it to score prompt fidelity: each of these identities'
+    /// placeholders replaced by its class word ([`crate::clip::plain_prompt`]).
+    pub fn plain_prompt(prompt: &str, identities: &[Identity]) -> String {
+        let class_words: Vec<(&str, &str)> = identities
+            .iter()
+            .map(|i| (i.token.as_str(), i.class_word.as_str()))
+            .collect();
+        crate::clip::plain_prompt(prompt, &class_words)
+    }
+
     /// Checks that the identity fits a model.
     pub fn check_model(
         &self,

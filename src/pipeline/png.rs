@@ -37,6 +37,15 @@ pub fn with_likeness(mut parameters: String, faces: &[(String, f32)]) -> String 
     parameters
 }
 
+/// The parameters with a `CLIP-T` setting after the others: how well the image follows its
+/// prompt (CLIP's cosine), where a CLIP model scored it.
+pub fn with_clip_t(mut parameters: String, clip_t: Option<f32>) -> String {
+    if let Some(c) = clip_t {
+        parameters.push_str(&format!(", CLIP-T: {c:.3}"));
+    }
+    parameters
+}
+
 /// A settings value as written: quoted when it would end or split its entry, or lose the
 /// spaces at its ends.
 fn quote(value: &str) -> String {

@@ -121,6 +121,14 @@ impl Component {
         }
     }
 
+    /// The path of `file` inside its folder (the CLIP model's files are at its folder's top).
+    pub fn path(self, file: &str) -> String {
+        match self.folder() {
+            "" => file.to_string(),
+            folder => format!("{folder}/{file}"),
+        }
+    }
+
     /// Whether it is a transformers model (weights `model.safetensors`, configs of
     /// transformers) rather than a diffusers one.
     pub fn is_text_encoder(self) -> bool {
@@ -146,11 +154,10 @@ impl Component {
         } else {
             "diffusion_pytorch_model"
         };
-        let dir = match self.folder() {
-            "" => String::new(),
-            folder => format!("{folder}/"),
-        };
-        [format!("{dir}{stem}.bin"), format!("{dir}{stem}.fp16.bin")]
+        [
+            self.path(&format!("{stem}.bin")),
+            self.path(&format!("{stem}.fp16.bin")),
+        ]
     }
 }
 

@@ -324,8 +324,8 @@ function servedPaths(since = 0) {
   return server.requests.slice(since).map((r) => new URL(r.url, server.url).pathname);
 }
 
-function fixtureRequests(since = 0) {
-  return servedPaths(since).filter((p) => p.startsWith("/fixtures/"));
+function fixtureRequests(since = 0, mount = "/fixtures/") {
+  return servedPaths(since).filter((p) => p.startsWith(mount));
 }
 
 function needApp() {
@@ -670,6 +670,19 @@ test("an image is generated with the identity and carries its parameters", { tim
   await page.keyboard.type(" holding a basketball");
   await waitForValue(page, "prompt", `<${TOKEN}> holding a basketball`);
 
+  // A CLIP model added from its address scores the images for prompt fidelity.
+  await page.getByTestId("clip-panel").locator("summary").click();
+  await page.getByTestId("clip-off").waitFor({ timeout: SHORT_TIMEOUT });
+  await page.getByTestId("clip-url").fill(`${server.url}clip/tiny-clip/`);
+  await page.getByTestId("clip-load").click();
+  const clipReady = page.getByTestId("clip-ready");
+  await clipReady.waitFor({ timeout: MODEL_TIMEOUT });
+  assert.match(await clipReady.innerText(), /scores every image/, await clipReady.innerText());
+  const clipFiles = new Set(fixtureRequests(0, "/clip/"));
+  for (const file of ["config.json", "model.safetensors", "preprocessor_config.json", "vocab.json"]) {
+    assert.ok(clipFiles.has(`/clip/tiny-clip/${file}`), `${file} was not downloaded; the server saw: ${[...clipFiles].join(", ")}`);
+  }
+
   await page.getByTestId("negative-prompt").fill("blurry");
   await page.getByTestId("gen-steps").fill("4");
   await page.getByTestId("gen-size").selectOption("64");
@@ -691,6 +704,11 @@ test("an image is generated with the identity and carries its parameters", { tim
   // Its faces were scored against the identity's (the tiny model draws noise: no face).
   const likeness = page.getByTestId("likeness").first();
   assert.match((await likeness.textContent()) ?? "", /No face found to score/, "the image should say its faces were looked for");
+
+  // Its prompt fidelity is shown; the PNG carries the same number.
+  const clipT = (await page.getByTestId("clip-t").first().textContent()) ?? "";
+  const shownClipT = /Prompt fidelity \(CLIP-T\): (-?[01]\.\d{3})$/.exec(clipT.trim());
+  assert.ok(shownClipT, `the image should show its CLIP-T: "${clipT}"`);
 
   // The newest image comes first and decodes at the size asked for.
   const image = made.results[0];
@@ -715,6 +733,11 @@ test("an image is generated with the identity and carries its parameters", { tim
     assert.ok(settings.includes(part), `the settings line lacks "${part}": ${settings}`);
   }
   assert.match(settings, /^Steps: /, `the settings line should start with Steps: ${settings}`);
+  assert.ok(settings.endsWith(`, CLIP-T: ${shownClipT[1]}`), `the settings line should end with the CLIP-T shown (${shownClipT[1]}): ${settings}`);
+
+  // Scoring stops when asked, and the CLIP model does not load on the next visit.
+  await page.getByTestId("clip-remove").click();
+  await page.getByTestId("clip-off").waitFor({ timeout: SHORT_TIMEOUT });
 
   // "Use this seed" brings the image's seed back; "Use this prompt" its prompts.
   await page.getByTestId("seed").fill("7");

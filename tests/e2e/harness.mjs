@@ -26,6 +26,8 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 /// The fixtures the server offers by default: the tiny models and the test photos.
 export const FIXTURES_DIR = path.resolve(here, "../fixtures/sd");
 export const PHOTOS_DIR = path.resolve(here, "../fixtures/photos");
+/// The tiny CLIP models, served at `/clip/` (another model host, as `/fixtures/` is).
+export const CLIP_DIR = path.resolve(here, "../fixtures/clip");
 
 /// The file below `root` that a URL path names, or null when it would leave `root`.
 function resolveBelow(root, urlPath) {
@@ -95,8 +97,9 @@ function headersFor(rules, pathname) {
   return out;
 }
 
-/// Serves the built site at `/`, `fixtures` (default: tests/fixtures/sd) at `/fixtures/`, and
-/// `photos` (default: tests/fixtures/photos) at `/photos/`, on 127.0.0.1 and a free port.
+/// Serves the built site at `/`, `fixtures` (default: tests/fixtures/sd) at `/fixtures/`,
+/// `photos` (default: tests/fixtures/photos) at `/photos/`, and the tiny CLIP models at
+/// `/clip/`, on 127.0.0.1 and a free port.
 ///
 /// The site's files get the headers of `<dist>/_headers`, as a static host would send them (so
 /// the worker runs under the Content-Security-Policy its script arrives with); none if the
@@ -114,6 +117,7 @@ export async function serveDist(dist, { fixtures = FIXTURES_DIR, photos = PHOTOS
   const mounts = [
     { prefix: "/fixtures/", root: path.resolve(fixtures) },
     { prefix: "/photos/", root: path.resolve(photos) },
+    { prefix: "/clip/", root: CLIP_DIR },
   ];
   const extra = new Map();
   const requests = [];

@@ -48,6 +48,9 @@ pub struct GalleryMeta {
     /// scores have none).
     #[serde(default)]
     pub faces: Option<Vec<FaceScore>>,
+    /// Its prompt fidelity (CLIP-T), where a CLIP model was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_t: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -122,6 +125,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                         parameters: image.parameters,
                         created: created + i as f64,
                         faces: image.faces,
+                        clip_t: image.clip_t,
                     };
                     let saved = async {
                         let (s, _held) = library().await?;
@@ -573,6 +577,15 @@ fn Gallery() -> impl IntoView {
                             <figcaption>
                                 <p class="prompt">{meta.request.prompt.clone()}</p>
                                 {likeness(&meta.faces)}
+                                {meta.clip_t.map(|c| view! {
+                                    <p
+                                        class="clip-t"
+                                        data-testid="clip-t"
+                                        title="CLIP's cosine between the image and its prompt (each identity read as its class word); around 0.3 for an image that shows its prompt"
+                                    >
+                                        {format!("Prompt fidelity (CLIP-T): {c:.3}")}
+                                    </p>
+                                })}
                                 <p class="muted">
                                     {format!(
                                         "seed {} · {} steps · {} × {}{}",

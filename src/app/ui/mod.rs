@@ -1,6 +1,7 @@
 //! leptos components of the page. They show state, keep the user's things in storage and send
 //! requests; the worker computes. One [`Ctx`] of signals is shared by the panels.
 
+mod clip;
 mod generate;
 mod gpu;
 mod identity;
@@ -17,6 +18,7 @@ use super::worker::{self, GpuWorker};
 use crate::store::lock::{self, Held};
 use crate::store::{Store, StoreError};
 
+pub use clip::ClipState;
 pub use generate::{GalleryItem, GenView};
 pub use gpu::GpuState;
 pub use identity::{IdentityEntry, PhotoEntry, TrainView};
@@ -63,6 +65,8 @@ pub struct Ctx {
     /// Why the last download or copy failed (the loaded model, if any, stays usable).
     pub model_error: RwSignal<Option<UiError>>,
     pub cached: RwSignal<Vec<Manifest>>,
+    /// The CLIP model that scores prompt fidelity.
+    pub clip: RwSignal<ClipState, LocalStorage>,
     pub quota: RwSignal<Option<(f64, f64)>>,
     pub train: RwSignal<TrainView>,
     pub identities: RwSignal<Vec<IdentityEntry>>,
@@ -182,7 +186,11 @@ impl Ctx {
             | Response::TrainFailed(_)
             | Response::GenDone { .. }
             | Response::GenFailed(_) => w.end(t),
-            Response::GpuCheck(_) | Response::Crashed(_) | Response::Faces { .. } => {}
+            Response::GpuCheck(_)
+            | Response::Crashed(_)
+            | Response::Faces { .. }
+            | Response::ClipReady(_)
+            | Response::ClipFailed(_) => {}
         });
         match response {
             Response::GpuCheck(r) => {
@@ -193,6 +201,7 @@ impl Ctx {
                 });
                 if ok {
                     model::on_gpu_ready(self);
+                    clip::on_gpu_ready(self);
                 }
             }
             Response::ModelProgress { done, total } => self.model.update(|m| {
@@ -204,6 +213,8 @@ impl Ctx {
                 }
             }),
             Response::ModelReady(info) => model::on_ready(self, info),
+            Response::ClipReady(info) => clip::on_loaded(self, Ok(info)),
+            Response::ClipFailed(e) => clip::on_loaded(self, Err(e)),
             Response::ModelFailed(e) => {
                 self.model_id.set(None);
                 self.model.set(ModelState::Failed(e.into()));
@@ -250,8 +261,10 @@ impl Ctx {
             }
             _ => None,
         };
+        let again = matches!(e, WorkerError::DeviceLost(_) | WorkerError::Stalled(_));
         let error = UiError::from(e);
         self.lose_worker(&error);
+        clip::on_crash(self, again, &error);
         self.gpu.set(GpuState::Checking);
         if let Some(id) = reload {
             self.model_error.set(Some(error));
@@ -269,6 +282,7 @@ impl Ctx {
     fn on_outdated(self, build: &str) {
         let e = outdated(build);
         self.lose_worker(&UiError::from(e.clone()));
+        clip::on_crash(self, false, &UiError::from(e.clone()));
         self.gpu.set(GpuState::Failed(e));
     }
 }
@@ -313,6 +327,7 @@ fn App() -> impl IntoView {
         model_id: RwSignal::new(None),
         model_error: RwSignal::new(None),
         cached: RwSignal::new(Vec::new()),
+        clip: RwSignal::new_local(ClipState::Off),
         quota: RwSignal::new(None),
         train: RwSignal::new(TrainView::default()),
         identities: RwSignal::new(Vec::new()),

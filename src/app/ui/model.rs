@@ -7,10 +7,11 @@ use std::rc::Rc;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 
+use super::clip::ClipState;
 use super::widgets::{ErrorBox, ErrorKind, UiError, bytes, dropped_files, duration, input_files};
 use super::{Ctx, ModelState, store};
 use crate::app::acquire::{self, AcquireError, Progress};
-use crate::app::catalog::{Manifest, ModelSource, PRESETS, Preset, csp_allows};
+use crate::app::catalog::{Manifest, ModelKind, ModelSource, PRESETS, Preset, csp_allows};
 use crate::app::fit;
 use crate::app::protocol::{ModelInfo, Request};
 use crate::store::{estimate, lock};
@@ -92,15 +93,18 @@ pub async fn refresh_cache(ctx: Ctx) {
 /// On opening the page: loads the model that was last loaded successfully.
 pub async fn load_last(ctx: Ctx) {
     refresh_cache(ctx).await;
-    let last = ctx
-        .cached
-        .with_untracked(|l| l.iter().find(|m| m.complete && m.last_used > 0.0).cloned());
+    let last = ctx.cached.with_untracked(|l| {
+        l.iter()
+            .find(|m| m.kind == ModelKind::StableDiffusion && m.complete && m.last_used > 0.0)
+            .cloned()
+    });
     if let Some(m) = last
         && ctx.model_id.get_untracked().is_none()
         && matches!(ctx.model.get_untracked(), ModelState::Empty)
     {
         load_stored(ctx, &m);
     }
+    super::clip::load_last(ctx);
 }
 
 /// Where a model comes from.
@@ -181,28 +185,21 @@ async fn acquire(ctx: Ctx, pick: Pick) {
         let s = store().await?;
         match pick {
             Pick::Address { address, fp16, vae } => {
-                let origin = super::widgets::page_origin();
-                let parse = |a: &str| {
-                    let source = ModelSource::parse(a, &origin)
-                        .map_err(|e| UiError::new(ErrorKind::BadModel, e.to_string()))?;
-                    if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
-                        let host = source.host().unwrap_or_default().to_string();
-                        return Err(error(AcquireError::BlockedHost { host }));
-                    }
-                    Ok(source)
-                };
-                let source = parse(&address)?;
+                let source = source_of(&address)?;
                 let vae = match vae.trim() {
                     "" => None,
-                    v => Some(parse(v)?),
+                    v => Some(source_of(v)?),
                 };
-                acquire::download(&s, &source, fp16, vae.as_ref(), cancel, &mut progress)
+                let sd = ModelKind::StableDiffusion;
+                acquire::download(&s, sd, &source, fp16, vae.as_ref(), cancel, &mut progress)
                     .await
                     .map_err(error)
             }
-            Pick::Files(files) => acquire::copy_files(&s, files, cancel, &mut progress)
-                .await
-                .map_err(error),
+            Pick::Files(files) => {
+                acquire::copy_files(&s, ModelKind::StableDiffusion, files, cancel, &mut progress)
+                    .await
+                    .map_err(error)
+            }
         }
     }
     .await;
@@ -223,6 +220,18 @@ async fn acquire(ctx: Ctx, pick: Pick) {
         }
     }
     refresh_cache(ctx).await;
+}
+
+/// What a typed address points at, if the page's Content-Security-Policy lets it go there.
+pub(super) fn source_of(address: &str) -> Result<ModelSource, UiError> {
+    let origin = super::widgets::page_origin();
+    let source = ModelSource::parse(address, &origin)
+        .map_err(|e| UiError::new(ErrorKind::BadModel, e.to_string()))?;
+    if !csp_allows(&super::widgets::page_policy(), source.address(), &origin) {
+        let host = source.host().unwrap_or_default().to_string();
+        return Err(error(AcquireError::BlockedHost { host }));
+    }
+    Ok(source)
 }
 
 /// A preset's fit on the GPU found, before any download: `None` until the GPU is known; else
@@ -415,6 +424,7 @@ pub fn ModelPanel() -> impl IntoView {
             </div>
             {move || model_status(ctx)}
             {move || ctx.model_error.get().map(|error| view! { <ErrorBox error testid="model-error" /> })}
+            <super::clip::PromptFidelityPanel />
             <CachedModels />
         </section>
     }
@@ -539,6 +549,7 @@ fn CachedModels() -> impl IntoView {
                     children=move |m: Manifest| {
                         let id = m.id.clone();
                         let load = m.clone();
+                        let clip = m.kind == ModelKind::Clip;
                         let resume = m.address.clone();
                         let fp16 = m.fp16;
                         let resume_vae = m.vae.clone().unwrap_or_default();
@@ -549,6 +560,7 @@ fn CachedModels() -> impl IntoView {
                                 data-complete=m.complete.to_string()
                             >
                                 <span class="name">{m.name.clone()}</span>
+                                {clip.then(|| view! { <span class="badge">"CLIP"</span> })}
                                 <span class="muted">
                                     {format!(
                                         " {}{}",
@@ -558,9 +570,14 @@ fn CachedModels() -> impl IntoView {
                                 </span>
                                 {if m.complete {
                                     let this = m.id.clone();
-                                    let in_use = move || {
-                                        ctx.model_id.get().as_deref() == Some(this.as_str())
-                                            && matches!(ctx.model.get(), ModelState::Ready(_))
+                                    let in_use = move || match clip {
+                                        true => ctx.clip.with(|c| {
+                                            matches!(c, ClipState::Ready(info) if info.id == this)
+                                        }),
+                                        false => {
+                                            ctx.model_id.get().as_deref() == Some(this.as_str())
+                                                && matches!(ctx.model.get(), ModelState::Ready(_))
+                                        }
                                     };
                                     view! {
                                         <Show
@@ -568,7 +585,10 @@ fn CachedModels() -> impl IntoView {
                                             fallback=move || {
                                                 let load = load.clone();
                                                 view! {
-                                                    <button on:click=move |_| load_stored(ctx, &load)>"Load"</button>
+                                                    <button on:click=move |_| match clip {
+                                                        true => super::clip::load_stored(ctx, &load),
+                                                        false => load_stored(ctx, &load),
+                                                    }>"Load"</button>
                                                 }
                                             }
                                         >
@@ -578,8 +598,9 @@ fn CachedModels() -> impl IntoView {
                                         .into_any()
                                 } else if !resume.starts_with("local:") {
                                     view! {
-                                        <button on:click=move |_| {
-                                            spawn_local(
+                                        <button on:click=move |_| match clip {
+                                            true => super::clip::resume(ctx, resume.clone()),
+                                            false => spawn_local(
                                                 acquire(
                                                     ctx,
                                                     Pick::Address {
@@ -588,7 +609,7 @@ fn CachedModels() -> impl IntoView {
                                                         vae: resume_vae.clone(),
                                                     },
                                                 ),
-                                            )
+                                            ),
                                         }>"Resume download"</button>
                                     }
                                         .into_any()

@@ -49,6 +49,8 @@ pub struct State {
     pub(super) cancel_generate: Cell<bool>,
     /// The face models, once loaded.
     pub(super) faces: RefCell<Option<Rc<crate::face::score::FaceModels>>>,
+    /// The CLIP model the page added, which scores prompt fidelity.
+    pub(super) clip: RefCell<Option<Rc<crate::clip::PromptFidelity>>>,
 }
 
 thread_local! {
@@ -128,6 +130,9 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
     match msg {
         Request::StopTraining { cancel } => state.stop_training.set(Some(cancel)),
         Request::CancelGenerate => state.cancel_generate.set(true),
+        Request::UnloadClip => {
+            state.clip.borrow_mut().take();
+        }
         msg => {
             let (state, scope) = (state.clone(), scope.clone());
             wasm_bindgen_futures::spawn_local(async move {
@@ -139,6 +144,12 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
                         respond(match r {
                             Ok(info) => Response::ModelReady(info),
                             Err(e) => Response::ModelFailed(e),
+                        });
+                    }
+                    Request::LoadClip { id } => {
+                        respond(match super::clip::load(&state, &id).await {
+                            Ok(info) => Response::ClipReady(info),
+                            Err(e) => Response::ClipFailed(e),
                         });
                     }
                     Request::Train(job) => {
@@ -162,7 +173,9 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
                         key,
                         faces: super::faces::find(&state, width, height, rgb.into_vec()).await,
                     }),
-                    Request::StopTraining { .. } | Request::CancelGenerate => {}
+                    Request::StopTraining { .. }
+                    | Request::CancelGenerate
+                    | Request::UnloadClip => {}
                 }
             });
         }
@@ -538,12 +551,17 @@ async fn generate(
     .await
     .map_err(pipeline_error)?;
     let scores = super::faces::score(state, &req.prompt, &identities, &generated.images).await?;
+    let clip_t = super::clip::score(state, &req.prompt, &identities, &generated.images).await?;
     let mut images = Vec::new();
-    for ((i, image), faces) in generated.images.iter().enumerate().zip(scores) {
+    for (((i, image), faces), clip_t) in generated.images.iter().enumerate().zip(scores).zip(clip_t)
+    {
         let seed = req.seed.wrapping_add(i as u64);
-        let parameters = pipeline::png::with_likeness(
-            pipeline::png::parameters_text(&req, seed, &job.model_name),
-            &crate::face::score::likeness(faces.as_deref().unwrap_or_default()),
+        let parameters = pipeline::png::with_clip_t(
+            pipeline::png::with_likeness(
+                pipeline::png::parameters_text(&req, seed, &job.model_name),
+                &crate::face::score::likeness(faces.as_deref().unwrap_or_default()),
+            ),
+            clip_t,
         );
         let png = pipeline::png::encode(image, &parameters).map_err(WorkerError::Other)?;
         images.push(GenImage {
@@ -553,6 +571,7 @@ async fn generate(
             height: image.height,
             parameters,
             faces,
+            clip_t,
         });
     }
     Ok(Response::GenDone { images, warnings })

@@ -7,7 +7,7 @@ use web_time::Instant;
 
 use super::compute::{Loaded, State, device};
 use crate::app::acquire::{part_prefix, read_manifest};
-use crate::app::catalog::{Manifest, PART_SIZE};
+use crate::app::catalog::{Manifest, ModelKind, PART_SIZE};
 use crate::app::fit;
 use crate::app::protocol::{ModelInfo, Response, WorkerError};
 use crate::device::Precision;
@@ -19,15 +19,19 @@ use crate::weights::{
     ByteSource, Checkpoint, Component, DiffusersParts, TokenizerSource, WeightsError,
 };
 
-fn bad_model(e: impl ToString) -> WorkerError {
+pub(super) fn bad_model(e: impl ToString) -> WorkerError {
     WorkerError::BadModel(e.to_string())
 }
 
-fn storage(e: StoreError) -> WorkerError {
+pub(super) fn storage(e: StoreError) -> WorkerError {
     WorkerError::Other(e.to_string())
 }
 
-async fn source(store: &Store, m: &Manifest, path: &str) -> Result<PartsSource, WorkerError> {
+pub(super) async fn source(
+    store: &Store,
+    m: &Manifest,
+    path: &str,
+) -> Result<PartsSource, WorkerError> {
     let size = m
         .file(path)
         .and_then(|f| f.size)
@@ -43,7 +47,11 @@ async fn source(store: &Store, m: &Manifest, path: &str) -> Result<PartsSource, 
     .map_err(storage)
 }
 
-async fn text(store: &Store, m: &Manifest, path: &str) -> Result<Option<String>, WorkerError> {
+pub(super) async fn text(
+    store: &Store,
+    m: &Manifest,
+    path: &str,
+) -> Result<Option<String>, WorkerError> {
     if m.file(path).is_none() {
         return Ok(None);
     }
@@ -93,49 +101,60 @@ async fn open_checkpoint(store: &Store, m: &Manifest) -> Result<Checkpoint, Work
 }
 
 /// One model's stored weights: its file (full precision first), or the shards its index lists.
-async fn weights(store: &Store, m: &Manifest, c: Component) -> Result<Shards, WorkerError> {
-    let (dir, stem) = (c.folder(), c.weights_stem());
+pub(super) async fn weights(
+    store: &Store,
+    m: &Manifest,
+    c: Component,
+) -> Result<Shards, WorkerError> {
+    let stem = c.weights_stem();
+    let path = |file: &str| c.path(&format!("{stem}{file}"));
     let boxed = |s: PartsSource| -> Box<dyn ByteSource> { Box::new(s) };
-    for single in [
-        format!("{dir}/{stem}.safetensors"),
-        format!("{dir}/{stem}.fp16.safetensors"),
-    ] {
+    for single in [path(".safetensors"), path(".fp16.safetensors")] {
         if m.file(&single).is_some() {
             return Ok(vec![boxed(source(store, m, &single).await?)]);
         }
     }
     for index in [
-        format!("{dir}/{stem}.safetensors.index.json"),
-        format!("{dir}/{stem}.safetensors.index.fp16.json"),
+        path(".safetensors.index.json"),
+        path(".safetensors.index.fp16.json"),
     ] {
         if let Some(text) = text(store, m, &index).await? {
             let mut shards = Vec::new();
             for name in shard_names(&index, &text).map_err(bad_model)? {
-                shards.push(boxed(source(store, m, &format!("{dir}/{name}")).await?));
+                shards.push(boxed(source(store, m, &c.path(&name)).await?));
             }
             return Ok(shards);
         }
     }
     Err(bad_model(format!(
-        "{dir}/{stem}.safetensors is missing from the stored model"
+        "{} is missing from the stored model",
+        path(".safetensors")
     )))
 }
 
+/// `file` in the stored model's folder `dir` ("" for its top).
+fn in_dir(dir: &str, file: &str) -> String {
+    match dir {
+        "" => file.to_string(),
+        dir => format!("{dir}/{file}"),
+    }
+}
+
 /// A stored tokenizer folder's files, with its pad token; `None` if it has none.
-async fn tokenizer(
+pub(super) async fn tokenizer(
     store: &Store,
     m: &Manifest,
     dir: &str,
 ) -> Result<Option<TokenizerSource>, WorkerError> {
     let (Some(vocab), Some(merges)) = (
-        text(store, m, &format!("{dir}/vocab.json")).await?,
-        text(store, m, &format!("{dir}/merges.txt")).await?,
+        text(store, m, &in_dir(dir, "vocab.json")).await?,
+        text(store, m, &in_dir(dir, "merges.txt")).await?,
     ) else {
         return Ok(None);
     };
     let mut configs = Vec::new();
     for f in ["special_tokens_map.json", "tokenizer_config.json"] {
-        configs.extend(text(store, m, &format!("{dir}/{f}")).await?);
+        configs.extend(text(store, m, &in_dir(dir, f)).await?);
     }
     Ok(Some(TokenizerSource::Texts {
         vocab,
@@ -144,19 +163,15 @@ async fn tokenizer(
     }))
 }
 
-fn weights_error(e: WeightsError) -> WorkerError {
+pub(super) fn weights_error(e: WeightsError) -> WorkerError {
     match e {
         WeightsError::Io { .. } => WorkerError::Other(e.to_string()),
         e => bad_model(e),
     }
 }
 
-pub(super) async fn load_model(
-    state: &State,
-    id: &str,
-    respond: &dyn Fn(Response),
-) -> Result<ModelInfo, WorkerError> {
-    let started = Instant::now();
+/// Storage and a stored model's manifest, once its files are all there and it is of `kind`.
+pub(super) async fn stored(id: &str, kind: ModelKind) -> Result<(Store, Manifest), WorkerError> {
     let store = Store::open().await.map_err(storage)?;
     let manifest = read_manifest(&store, id)
         .await
@@ -167,6 +182,29 @@ pub(super) async fn load_model(
             "the model's download did not finish; load it again to resume",
         ));
     }
+    if manifest.kind != kind {
+        return Err(bad_model(match kind {
+            ModelKind::StableDiffusion => format!(
+                "{} is a CLIP model, which scores images; add it under \"Prompt fidelity\" and load a Stable Diffusion model here",
+                manifest.name
+            ),
+            ModelKind::Clip => format!(
+                "{} is a Stable Diffusion model, not a CLIP model; give the folder of {}",
+                manifest.name,
+                crate::app::catalog::CLIP_ADDRESS
+            ),
+        }));
+    }
+    Ok((store, manifest))
+}
+
+pub(super) async fn load_model(
+    state: &State,
+    id: &str,
+    respond: &dyn Fn(Response),
+) -> Result<ModelInfo, WorkerError> {
+    let started = Instant::now();
+    let (store, manifest) = stored(id, ModelKind::StableDiffusion).await?;
     let dev = device(state).await?;
     let ckpt = open_checkpoint(&store, &manifest).await?;
     sd::validate(&ckpt, &dev.device).map_err(weights_error)?;

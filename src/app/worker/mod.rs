@@ -94,6 +94,8 @@ pub fn register() {
 }
 
 #[cfg(feature = "compute")]
+mod clip;
+#[cfg(feature = "compute")]
 mod compute;
 #[cfg(feature = "compute")]
 mod faces;
