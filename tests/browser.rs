@@ -369,3 +369,187 @@ async fn a_training_run_cut_at_any_moment_continues_from_a_checkpoint_that_loads
     // Files that cuts left open cannot be removed until the browser collects their handles.
     let _ = s.remove("tests/cut").await;
 }
+
+/// The face test photos with MediaPipe's detections of each (`tests/fixtures/face`).
+const FACE_PHOTOS: [(&str, &[u8]); 7] = [
+    ("astronaut", include_bytes!("fixtures/photos/astronaut.png")),
+    (
+        "astronaut-256",
+        include_bytes!("fixtures/photos/astronaut-256.png"),
+    ),
+    (
+        "astronaut-small",
+        include_bytes!("fixtures/photos/astronaut-small.png"),
+    ),
+    (
+        "astronaut-rotated",
+        include_bytes!("fixtures/photos/astronaut-rotated.png"),
+    ),
+    ("camera", include_bytes!("fixtures/photos/camera.png")),
+    ("chelsea", include_bytes!("fixtures/photos/chelsea.png")),
+    ("hopper", include_bytes!("fixtures/photos/hopper.png")),
+];
+
+fn tensor_f32(file: &safetensors::SafeTensors, name: &str) -> Vec<f32> {
+    let view = file.tensor(name).unwrap();
+    match view.dtype() {
+        safetensors::Dtype::F32 => view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        safetensors::Dtype::U8 => view.data().iter().map(|&v| f32::from(v)).collect(),
+        other => panic!("{name}: {other:?}"),
+    }
+}
+
+fn max_error(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+}
+
+/// The face models on the browser's WebGPU, from the bytes the site serves: every test photo's
+/// faces where MediaPipe finds them (within a pixel, as natively), the recognition network's
+/// descriptors as face-api's (1e-3), and how long a photo takes here.
+#[wasm_bindgen_test]
+async fn faces_are_found_and_described_on_webgpu_as_their_references() {
+    use sefi::face::recognition::FaceRecognitionNet;
+    use sefi::face::{FaceDetector, FaceRecognizer};
+    use sefi::identity::train::decode_photo;
+    use web_time::Instant;
+
+    let device = DeviceChoice::Wgpu.open().await.unwrap().device;
+    let detector = FaceDetector::from_safetensors(
+        include_bytes!("../www/models/face_detection_short_range.safetensors"),
+        &device,
+    )
+    .unwrap();
+    let manifest = include_str!("../www/models/face_recognition_model-weights_manifest.json");
+    let weights = include_bytes!("../www/models/face_recognition_model.bin");
+    let json: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/face/detections.json")).unwrap();
+    for (name, bytes) in FACE_PHOTOS {
+        let faces = detector
+            .detect(&decode_photo(bytes).unwrap())
+            .await
+            .unwrap();
+        let want = json["cases"][name]["faces"].as_array().unwrap();
+        assert_eq!(faces.len(), want.len(), "{name}: {faces:?}");
+        for (face, want) in faces.iter().zip(want) {
+            let want: Vec<f64> = want["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(
+                    want["keypoints"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|p| p.as_array().unwrap()),
+                )
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            let got = face.bbox.iter().chain(face.keypoints.iter().flatten());
+            let err = got
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((f64::from(*a) - b).abs()));
+            console_log!("{name}: {err:.4} px from MediaPipe's");
+            assert!(err < 1.0, "{name}: {err} px from MediaPipe's");
+        }
+    }
+
+    let references = include_bytes!("fixtures/face/recognition.safetensors");
+    let references = safetensors::SafeTensors::deserialize(references).unwrap();
+    let net = FaceRecognitionNet::from_tfjs(manifest, weights, &device).unwrap();
+    for name in ["astronaut-256", "hopper"] {
+        let chip = tensor_f32(&references, &format!("{name}.chip"));
+        let x = burn::tensor::Tensor::<4>::from_data(
+            burn::tensor::TensorData::new(chip, [1, 150, 150, 3]),
+            &device,
+        );
+        let got = sefi::nn::read_f32(net.forward(x)).await.unwrap();
+        let err = max_error(
+            &got,
+            &tensor_f32(&references, &format!("{name}.descriptor")),
+        );
+        console_log!("{name}: descriptor within {err:.2e} of face-api's");
+        assert!(err <= 1e-3, "{name}: descriptor off by {err}");
+    }
+
+    // The whole path on one photo (detect, cut, describe), as the gallery scores an image.
+    let recognizer = FaceRecognizer::from_tfjs(manifest, weights, &device).unwrap();
+    let photo = decode_photo(FACE_PHOTOS[1].1).unwrap();
+    for run in 1..=3 {
+        let started = Instant::now();
+        let faces = detector.detect(&photo).await.unwrap();
+        let described = recognizer.describe(&photo, &faces).await.unwrap();
+        assert_eq!(described.len(), 1);
+        console_log!(
+            "a photo's faces found and described in the browser, run {run}: {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// The tiny CLIP model on the browser's WebGPU, read from its folder's bytes as the worker
+/// reads a stored one: both towers' projected features as transformers' (2e-5, as natively).
+#[wasm_bindgen_test]
+async fn clip_scores_on_webgpu_as_transformers() {
+    use sefi::clip::{ClipFolder, ClipModel, ClipParts, end_positions, ids_tensor};
+    use sefi::weights::{MemorySource, TokenizerSource};
+
+    let device = DeviceChoice::Wgpu.open().await.unwrap().device;
+    let parts = ClipParts {
+        config: include_str!("fixtures/clip/tiny-clip/config.json").into(),
+        preprocessor: Some(include_str!("fixtures/clip/tiny-clip/preprocessor_config.json").into()),
+        tokenizer: TokenizerSource::Texts {
+            vocab: include_str!("fixtures/clip/tiny-clip/vocab.json").into(),
+            merges: include_str!("fixtures/clip/tiny-clip/merges.txt").into(),
+            pad_token: "<|endoftext|>".into(),
+        },
+        weights: vec![Box::new(MemorySource::new(
+            "model.safetensors",
+            include_bytes!("fixtures/clip/tiny-clip/model.safetensors").to_vec(),
+        ))],
+    };
+    let folder = ClipFolder::open("tiny-clip", parts).await.unwrap();
+    let model = ClipModel::load(&folder, &device, burn::tensor::DType::F32, &mut |_| {})
+        .await
+        .unwrap();
+    let goldens = include_bytes!("fixtures/clip/goldens.safetensors");
+    let goldens = safetensors::SafeTensors::deserialize(goldens).unwrap();
+    let view = goldens.tensor("tiny-clip.pixel_values").unwrap();
+    let shape: [usize; 4] = view.shape().try_into().unwrap();
+    let pixels = burn::tensor::Tensor::<4>::from_data(
+        burn::tensor::TensorData::new(tensor_f32(&goldens, "tiny-clip.pixel_values"), shape),
+        &device,
+    );
+    let image = sefi::nn::read_f32(model.image_embeds(pixels))
+        .await
+        .unwrap();
+    let err = max_error(&image, &tensor_f32(&goldens, "tiny-clip.image_embeds"));
+    console_log!("image_embeds within {err:.2e} of transformers'");
+    assert!(err <= 2e-5, "image_embeds off by {err}");
+
+    let ids = goldens.tensor("tiny-clip.input_ids").unwrap();
+    let len = ids.shape()[1];
+    let rows: Vec<Vec<u32>> = ids
+        .data()
+        .chunks_exact(8)
+        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+        .collect::<Vec<_>>()
+        .chunks(len)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let flat: Vec<u32> = rows.concat();
+    let text = model.text_embeds(
+        ids_tensor(&flat, rows.len(), &device),
+        end_positions(&rows, &device),
+    );
+    let text = sefi::nn::read_f32(text).await.unwrap();
+    let err = max_error(&text, &tensor_f32(&goldens, "tiny-clip.text_embeds"));
+    console_log!("text_embeds within {err:.2e} of transformers'");
+    assert!(err <= 2e-5, "text_embeds off by {err}");
+}
