@@ -90,6 +90,15 @@ impl Budget {
         }
     }
 
+    /// What is left for a model and its runs beside `resident` bytes that stay on the GPU
+    /// (a CLIP model that scores the images).
+    pub fn beside(self, resident: u64) -> Self {
+        Self {
+            memory: self.memory.map(|m| m.saturating_sub(resident)),
+            ..self
+        }
+    }
+
     fn target(&self) -> memory::Target {
         memory::Target {
             binding: self.binding,
@@ -99,7 +108,7 @@ impl Budget {
 }
 
 /// GiB with a decimal from 1 GiB up, whole MiB below.
-fn gib(bytes: u64) -> String {
+pub fn gib(bytes: u64) -> String {
     if bytes >= 1 << 30 {
         format!("{:.1} GiB", bytes as f64 / GIB)
     } else {
@@ -371,6 +380,24 @@ mod tests {
             f16,
             cpu: false,
         }
+    }
+
+    #[test]
+    fn a_clip_model_beside_the_model_leaves_less_memory() {
+        // ViT-L/14 in f16 beside SD 1.5 in f16 on a 4 GiB GPU.
+        let clip = 427_616_512 * 2;
+        let sd = family(Family::Sd1);
+        let gpu = Budget {
+            memory: Some(2560 << 20),
+            ..memory(0, true)
+        };
+        assert_eq!(gpu.beside(clip).memory, Some((2560 << 20) - clip));
+        assert_eq!(memory(1, true).beside(2 << 30).memory, Some(0));
+        assert_eq!(binding(1 << 20).beside(clip), binding(1 << 20));
+        // SD 1.5's 2.1 GB of f16 weights load on 2.5 GiB alone, not beside CLIP's 0.86 GB.
+        let (alone, beside) = (preset(sd, gpu), preset(sd, gpu.beside(clip)));
+        assert!(alone.weights_fit, "{alone:?}");
+        assert!(!beside.weights_fit, "{beside:?}");
     }
 
     fn family(family: Family) -> &'static crate::app::catalog::Preset {

@@ -77,6 +77,7 @@ pub struct PromptFidelity {
     folder: ClipFolder,
     model: ClipModel,
     device: Device,
+    bytes: u64,
 }
 
 impl PromptFidelity {
@@ -88,10 +89,16 @@ impl PromptFidelity {
     ) -> Result<Self, WeightsError> {
         let model = ClipModel::load(&folder, device, dtype, &mut |_| {}).await?;
         Ok(Self {
+            bytes: folder.params() * dtype.size() as u64,
             folder,
             model,
             device: device.clone(),
         })
+    }
+
+    /// Bytes its weights take on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// The model, for tests and benchmarks.

@@ -9,6 +9,7 @@ use web_time::Instant;
 use super::compute::{State, device};
 use super::load::{bad_model, stored, text, tokenizer, weights, weights_error};
 use crate::app::catalog::ModelKind;
+use crate::app::fit::gib;
 use crate::app::protocol::{ClipInfo, WorkerError};
 use crate::clip::{ClipFolder, ClipParts, PromptFidelity};
 use crate::device::Precision;
@@ -43,6 +44,21 @@ pub(super) async fn load(state: &State, id: &str) -> Result<ClipInfo, WorkerErro
         .info
         .resolve(Precision::Auto)
         .map_err(|e| WorkerError::Other(e.to_string()))?;
+    // Where the GPU's memory is known, the model's weights and the CLIP model's must fit it
+    // together (a run's own memory is weighed before it starts).
+    let bytes = params * precision.dtype().size() as u64;
+    let model = state.model.borrow().as_ref().map(|m| m.info.clone());
+    if let (Some(memory), Some(model)) = (dev.info.memory_bytes, model)
+        && model.fit.weights_bytes + bytes > memory
+    {
+        return Err(WorkerError::OutOfMemory(format!(
+            "The CLIP model needs {} of GPU memory beside {}'s {}, and this GPU has {}: images go on without its score. A model in f16 or a smaller one leaves room for it.",
+            gib(bytes),
+            model.name,
+            gib(model.fit.weights_bytes),
+            gib(memory)
+        )));
+    }
     // Free the previous CLIP model's GPU memory before loading the next.
     state.clip.borrow_mut().take();
     let clip = PromptFidelity::load(folder, &dev.device, precision.dtype())

@@ -247,7 +247,8 @@ fn check_fits(state: &State, loaded: &Loaded, work: Work) -> Result<(), WorkerEr
         memory: fit.memory_bytes,
         f16: state.device.borrow().as_ref().is_some_and(|d| d.info.f16),
         cpu: false,
-    };
+    }
+    .beside(clip_bytes(state));
     let params = loaded.info.params.max(1);
     fit::check(
         &loaded.sd.config,
@@ -258,6 +259,11 @@ fn check_fits(state: &State, loaded: &Loaded, work: Work) -> Result<(), WorkerEr
     )
     .map(|_| ())
     .map_err(WorkerError::OutOfMemory)
+}
+
+/// GPU memory the CLIP model holds beside the model (0 without one).
+pub(super) fn clip_bytes(state: &State) -> u64 {
+    state.clip.borrow().as_ref().map_or(0, |c| c.weight_bytes())
 }
 
 fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {

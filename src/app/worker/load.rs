@@ -223,7 +223,7 @@ pub(super) async fn load_model(
         bytes_per_param,
         largest,
         resolution,
-        fit::Budget::of(&dev.info),
+        fit::Budget::of(&dev.info).beside(super::compute::clip_bytes(state)),
     );
     if !fit.weights_fit {
         return Err(WorkerError::OutOfMemory(fit.advice.join(" ")));
