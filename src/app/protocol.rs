@@ -139,6 +139,11 @@ pub enum Response {
         /// Its face's similarity to the photos' faces; `None` where it shows none.
         likeness: Option<f32>,
     },
+    /// This run draws no previews, and why (the GPU's memory left for one is too little).
+    TrainNoPreviews {
+        /// What to tell the user.
+        why: String,
+    },
     /// A checkpoint to store (an identity file with the optimizer's state).
     TrainCheckpoint {
         /// Steps in the checkpoint.

@@ -200,6 +200,8 @@ pub struct TrainView {
     pub likeness: Vec<(usize, f32)>,
     /// Denoising steps done and in all of the preview being drawn, while one is.
     pub drawing: Option<(usize, usize)>,
+    /// Why this run draws no previews, where it was asked for some.
+    pub no_previews: Option<String>,
     /// The last error, shown until the next run starts.
     pub error: Option<UiError>,
     /// An unfinished run found in storage.
@@ -547,6 +549,10 @@ mod tests {
         assert_eq!(t.preview, Some(("d".into(), 200)));
         t.start(&config, 0, None);
         assert!(t.likeness.is_empty(), "a new run starts a new curve");
+        // Why a run draws no previews is told for that run only.
+        t.no_previews = Some("too little memory".into());
+        t.start(&config, 0, None);
+        assert_eq!(t.no_previews, None);
     }
 
     fn report(step: usize, speed: f64) -> StepReport {

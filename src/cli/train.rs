@@ -151,6 +151,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         resolution,
         args.gradient_checkpointing,
     )?;
+    // A preview is a generation at the training size between two steps.
+    if args.previews.is_some() {
+        let preview = Work::Generate {
+            width: resolution,
+            height: resolution,
+            images: 1,
+        };
+        super::check_fit(&ckpt, &dev, precision.dtype(), preview)
+            .map_err(|e| format!("--previews: {e}; or train without --previews"))?;
+    }
     let device = dev.device.clone().autodiff();
     let device = if checkpointing {
         device.gradient_checkpointing()

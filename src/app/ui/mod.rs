@@ -178,6 +178,7 @@ impl Ctx {
             | Response::TrainMaps { .. }
             | Response::TrainPreviewStep { .. }
             | Response::TrainPreview { .. }
+            | Response::TrainNoPreviews { .. }
             | Response::TrainCheckpoint { .. } => w.report(t, Report::Other),
             Response::ModelReady(_)
             | Response::ModelFailed(_)
@@ -223,6 +224,7 @@ impl Ctx {
             | Response::TrainMaps { .. }
             | Response::TrainPreviewStep { .. }
             | Response::TrainPreview { .. }
+            | Response::TrainNoPreviews { .. }
             | Response::TrainCheckpoint { .. }
             | Response::TrainStopped { .. }
             | Response::TrainDone { .. }

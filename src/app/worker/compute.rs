@@ -382,7 +382,21 @@ async fn train(
     // Previews are scored against the training squares' faces; a run too short for a preview
     // does not fetch the face models.
     let squares: Vec<RgbImage> = photos.iter().map(|p| p.image.clone()).collect();
-    let wants_previews = job.previews_every > 0 && trainer.config.steps >= job.previews_every;
+    let mut wants_previews = job.previews_every > 0 && trainer.config.steps >= job.previews_every;
+    // A preview is a generation at the training size, drawn between two steps: where the GPU's
+    // memory is known and one does not fit beside the run, the run goes on without them.
+    let side = trainer.config.resolution;
+    let preview = Work::Generate {
+        width: side,
+        height: side,
+        images: 1,
+    };
+    if wants_previews && let Err(e) = check_fits(state, &loaded, preview) {
+        wants_previews = false;
+        respond(Response::TrainNoPreviews {
+            why: format!("This run draws no previews of the identity: {e}"),
+        });
+    }
     let face_models = match wants_previews {
         true => super::faces::models(state)
             .await

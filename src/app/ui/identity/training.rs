@@ -114,6 +114,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                 revoke(&old);
             }
         }),
+        Response::TrainNoPreviews { why } => ctx.train.update(|t| t.no_previews = Some(why)),
         Response::TrainCheckpoint { step, bytes } => {
             spawn_local(async move {
                 let saved = save_checkpoint(step, &bytes).await;
@@ -422,6 +423,9 @@ pub fn TrainProgress() -> impl IntoView {
                     <Show when=move || t.with(|t| !t.likeness.is_empty())>
                         <LikenessChart points=likeness total />
                     </Show>
+                    {move || t.with(|t| t.no_previews.clone().map(|why| view! {
+                        <p class="muted" data-testid="train-no-previews">{why}</p>
+                    }))}
                     {move || t.with(|t| t.preview.clone().map(|(url, step)| {
                         let token = t.token.clone();
                         let caption = match t.likeness.last() {
