@@ -53,10 +53,7 @@ pub async fn fingerprint(sd: &StableDiffusion) -> Result<Fingerprint, String> {
     let mut encoders = vec![&sd.text_encoder];
     encoders.extend(sd.text_encoder_2.as_ref());
     let vocab = encoders[0].token_embedding_dims()[0];
-    let widths: Vec<usize> = encoders
-        .iter()
-        .map(|e| e.token_embedding_dims()[1])
-        .collect();
+    let widths = sd.token_widths();
     let mut samples = Vec::new();
     for encoder in encoders {
         let [rows, width] = encoder.token_embedding_dims();
