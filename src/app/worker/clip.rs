@@ -6,8 +6,8 @@ use std::rc::Rc;
 
 use web_time::Instant;
 
-use super::compute::{State, device};
 use super::load::{bad_model, stored, text, tokenizer, weights, weights_error};
+use super::state::{State, device};
 use crate::app::catalog::ModelKind;
 use crate::app::fit::gib;
 use crate::app::protocol::{ClipInfo, WorkerError};

@@ -1,57 +1,30 @@
-//! The worker's state and its jobs: the GPU check, training and generation on the loaded
-//! model, each streaming its progress back to the page.
+//! The worker's jobs: the GPU check, loading, training and generation on the loaded model,
+//! each streaming its progress back to the page.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use burn::tensor::Device;
 use gloo_worker::{HandlerId, WorkerScope};
 use serde_bytes::ByteBuf;
 
 use super::GpuWorker;
 use super::load::load_model;
+use super::state::{Loaded, State, clip_bytes, model, open_wgpu};
 use crate::app::fit;
 use crate::app::memory::Work;
 use crate::app::protocol::{
-    GenImage, GenerateJob, GpuReport, ModelInfo, Request, Response, TrainJob, Versioned,
-    WorkerError,
+    GenImage, GenerateJob, GpuReport, Request, Response, TrainJob, Versioned, WorkerError,
 };
-use crate::device::{ComputeDevice, DeviceChoice, DeviceError};
 use crate::identity::session::{self, Due, Finished, Previews, Schedule, Stop, TrainEvent};
 use crate::identity::train::{Photo, TrainError, Trainer, decode_photo};
-use crate::identity::{Fingerprint, Identity, IdentityError};
+use crate::identity::{Identity, IdentityError};
 use crate::pipeline::{self, Event, Flow, GivenNoise, PipelineError, RgbImage};
-use crate::schedule::SchedulerConfig;
-use crate::sd::StableDiffusion;
 
 /// A checkpoint is due at least this often, whatever the step count.
 const CHECKPOINT_AFTER: Duration = Duration::from_secs(20);
 /// Heat-maps (a forward pass each) at least this often.
 const MAPS_AFTER: Duration = Duration::from_secs(120);
-
-/// A model on the GPU.
-pub(super) struct Loaded {
-    pub(super) sd: StableDiffusion,
-    pub(super) scheduler: SchedulerConfig,
-    pub(super) fingerprint: Fingerprint,
-    /// The autodiff device the model lives on (training needs gradients).
-    pub(super) device: Device,
-    pub(super) info: ModelInfo,
-}
-
-#[derive(Default)]
-pub struct State {
-    pub(super) device: RefCell<Option<ComputeDevice>>,
-    pub(super) model: RefCell<Option<Rc<Loaded>>>,
-    /// Set by `StopTraining`: `Some(cancel)`.
-    pub(super) stop_training: Cell<Option<bool>>,
-    pub(super) cancel_generate: Cell<bool>,
-    /// The face models, once loaded.
-    pub(super) faces: RefCell<Option<Rc<crate::face::score::FaceModels>>>,
-    /// The CLIP model the page added, which scores prompt fidelity.
-    pub(super) clip: RefCell<Option<Rc<crate::clip::PromptFidelity>>>,
-}
 
 thread_local! {
     /// Where a panic is reported: the page's bridge.
@@ -182,15 +155,6 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
     }
 }
 
-fn device_error(e: DeviceError) -> WorkerError {
-    match e {
-        DeviceError::NoWebGpu { detail, .. } | DeviceError::NoWgpuAdapter { detail, .. } => {
-            WorkerError::NoWebGpu(detail)
-        }
-        other => WorkerError::Other(other.to_string()),
-    }
-}
-
 /// Opens the WebGPU device (once) and runs the autodiff check on it.
 pub async fn gpu_check() -> Result<GpuReport, WorkerError> {
     let dev = open_wgpu().await?;
@@ -201,41 +165,6 @@ pub async fn gpu_check() -> Result<GpuReport, WorkerError> {
         device: dev.info,
         check,
     })
-}
-
-pub(super) async fn device(state: &State) -> Result<ComputeDevice, WorkerError> {
-    if let Some(d) = state.device.borrow().as_ref() {
-        return Ok(d.clone());
-    }
-    let d = open_wgpu().await?;
-    *state.device.borrow_mut() = Some(d.clone());
-    Ok(d)
-}
-
-/// WebGPU's device (opened once per worker), with the binding limit the page asked for and
-/// the memory it told.
-async fn open_wgpu() -> Result<ComputeDevice, WorkerError> {
-    if let Some(mib) = worker_param(super::MAX_BINDING_PARAM) {
-        crate::device::request_wgpu_binding_limit(mib << 20);
-    }
-    let mut dev = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
-    if let Some(mib) = worker_param(super::GPU_MEMORY_PARAM) {
-        dev.info.memory_bytes.get_or_insert(mib << 20);
-    }
-    Ok(dev)
-}
-
-/// A number the page passed in the worker's own address (see [`super::loader_url`]).
-fn worker_param(name: &str) -> Option<u64> {
-    let location = js_sys::Reflect::get(&js_sys::global(), &"location".into()).ok()?;
-    let search = js_sys::Reflect::get(&location, &"search".into())
-        .ok()?
-        .as_string()?;
-    web_sys::UrlSearchParams::new_with_str(&search)
-        .ok()?
-        .get(name)?
-        .parse()
-        .ok()
 }
 
 /// The verdict on `work` before it starts ([`fit::check`]: the buffers it binds and, where
@@ -259,15 +188,6 @@ fn check_fits(state: &State, loaded: &Loaded, work: Work) -> Result<(), WorkerEr
     )
     .map(|_| ())
     .map_err(WorkerError::OutOfMemory)
-}
-
-/// GPU memory the CLIP model holds beside the model (0 without one).
-pub(super) fn clip_bytes(state: &State) -> u64 {
-    state.clip.borrow().as_ref().map_or(0, |c| c.weight_bytes())
-}
-
-fn model(state: &State) -> Result<Rc<Loaded>, WorkerError> {
-    state.model.borrow().clone().ok_or(WorkerError::NoModel)
 }
 
 /// Grey level -> a warm heat colour whose opacity grows with the attention.

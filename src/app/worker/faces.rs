@@ -7,7 +7,7 @@ use std::rc::Rc;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 
-use super::compute::{State, device};
+use super::state::{State, device};
 use crate::app::protocol::WorkerError;
 use crate::face::score::{FaceModels, Reference};
 use crate::face::{Face, FaceDetector, FaceRecognizer, FaceScore};

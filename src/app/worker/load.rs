@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use web_time::Instant;
 
-use super::compute::{Loaded, State, device};
+use super::state::{Loaded, State, clip_bytes, device};
 use crate::app::acquire::{part_prefix, read_manifest};
 use crate::app::catalog::{Manifest, ModelKind, PART_SIZE};
 use crate::app::fit;
@@ -223,7 +223,7 @@ pub(super) async fn load_model(
         bytes_per_param,
         largest,
         resolution,
-        fit::Budget::of(&dev.info).beside(super::compute::clip_bytes(state)),
+        fit::Budget::of(&dev.info).beside(clip_bytes(state)),
     );
     if !fit.weights_fit {
         return Err(WorkerError::OutOfMemory(fit.advice.join(" ")));

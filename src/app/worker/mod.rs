@@ -44,7 +44,7 @@ pub use compute::gpu_check;
 /// The worker: one per page, holding the GPU device and the loaded model.
 pub struct GpuWorker {
     #[cfg(feature = "compute")]
-    state: std::rc::Rc<compute::State>,
+    state: std::rc::Rc<state::State>,
 }
 
 impl Worker for GpuWorker {
@@ -101,3 +101,5 @@ mod compute;
 mod faces;
 #[cfg(feature = "compute")]
 mod load;
+#[cfg(feature = "compute")]
+mod state;
