@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::identity::settings::{StepReport, TrainConfig};
+use crate::pipeline::GenerateRequest;
 
 /// The kinds of error the page shows, each with its own title. The kind is also the error
 /// box's `data-kind`, which the end-to-end tests read.
@@ -360,6 +361,9 @@ pub struct GenView {
     pub error: Option<UiError>,
     /// What the pipeline warned about (a prompt cut at its length limit, say).
     pub warnings: Vec<String>,
+    /// What the generation under way was asked, and of which model: the gallery's record of
+    /// its images.
+    pub asked: Option<(GenerateRequest, String)>,
 }
 
 impl GenView {

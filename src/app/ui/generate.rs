@@ -108,7 +108,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     revoke(&old);
                 }
             });
-            let Some(job) = LAST_JOB.with(|j| j.borrow().clone()) else {
+            let Some((request, model)) = ctx.generation.with_untracked(|g| g.asked.clone()) else {
                 return;
             };
             spawn_local(async move {
@@ -119,9 +119,9 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     let name = format!("{created:.0}-{i}");
                     let meta = GalleryMeta {
                         name: name.clone(),
-                        request: job.request.clone(),
+                        request: request.clone(),
                         seed: image.seed,
-                        model: job.model_name.clone(),
+                        model: model.clone(),
                         parameters: image.parameters,
                         created: created + i as f64,
                         faces: image.faces,
@@ -162,11 +162,6 @@ pub fn on_response(ctx: Ctx, response: Response) {
         }),
         _ => {}
     }
-}
-
-thread_local! {
-    /// The job being run, for the gallery's records.
-    static LAST_JOB: std::cell::RefCell<Option<GenerateJob>> = const { std::cell::RefCell::new(None) };
 }
 
 /// The generation settings as the form holds them.
@@ -320,7 +315,8 @@ pub fn GeneratePanel() -> impl IntoView {
                 identities,
                 model_name: info.name.clone(),
             };
-            LAST_JOB.with(|j| *j.borrow_mut() = Some(job.clone()));
+            let asked = (job.request.clone(), job.model_name.clone());
+            ctx.generation.update(|g| g.asked = Some(asked));
             ctx.send(Request::Generate(job));
         });
     };

@@ -8,6 +8,9 @@ mod identity;
 mod model;
 mod widgets;
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use gloo_worker::{Spawnable, WorkerBridge};
 use leptos::prelude::*;
 
@@ -44,12 +47,15 @@ pub enum ModelState {
         file_total: Option<u64>,
         /// Bytes per second.
         speed: f64,
+        /// Set to stop it (what is stored so far is kept).
+        cancel: Rc<Cell<bool>>,
     },
-    /// Moving tensors to the GPU.
+    /// Moving tensors to the GPU (`sent`), or waiting for the GPU check to finish.
     Loading {
         name: String,
         done: usize,
         total: usize,
+        sent: bool,
     },
     Ready(Box<ModelInfo>),
     Failed(UiError),
@@ -59,7 +65,7 @@ pub enum ModelState {
 #[derive(Clone, Copy)]
 pub struct Ctx {
     pub gpu: RwSignal<GpuState>,
-    pub model: RwSignal<ModelState>,
+    pub model: RwSignal<ModelState, LocalStorage>,
     /// The model the worker is loading or holds.
     pub model_id: RwSignal<Option<String>>,
     /// Why the last download or copy failed (the loaded model, if any, stays usable).
@@ -81,6 +87,8 @@ pub struct Ctx {
     /// Counts the workers started: what a replaced worker still sends is dropped.
     worker_serial: StoredValue<u64>,
     watchdog: StoredValue<Watchdog>,
+    /// This tab's hold on the training run (`runs/current`), from its start until it ends.
+    run_lock: StoredValue<Option<Held>, LocalStorage>,
 }
 
 fn now() -> f64 {
@@ -325,7 +333,7 @@ impl From<StoreError> for UiError {
 fn App() -> impl IntoView {
     let ctx = Ctx {
         gpu: RwSignal::new(GpuState::Checking),
-        model: RwSignal::new(ModelState::Empty),
+        model: RwSignal::new_local(ModelState::Empty),
         model_id: RwSignal::new(None),
         model_error: RwSignal::new(None),
         cached: RwSignal::new(Vec::new()),
@@ -342,6 +350,7 @@ fn App() -> impl IntoView {
         worker: StoredValue::new_local(None),
         worker_serial: StoredValue::new(0),
         watchdog: StoredValue::new(Watchdog::default()),
+        run_lock: StoredValue::new_local(None),
     };
     provide_context(ctx);
     if browser_has_webgpu() {

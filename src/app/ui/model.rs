@@ -16,13 +16,6 @@ use crate::app::fit;
 use crate::app::protocol::{ModelInfo, Request};
 use crate::store::{estimate, lock};
 
-thread_local! {
-    /// Set to stop the download in progress.
-    static CANCEL: Rc<Cell<bool>> = Rc::new(Cell::new(false));
-    /// A model to load once the GPU check is done.
-    static PENDING: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
-}
-
 fn gpu_ready(ctx: Ctx) -> bool {
     matches!(ctx.gpu.get_untracked(), super::GpuState::Ready(_))
 }
@@ -41,16 +34,16 @@ fn load_stored(ctx: Ctx, m: &Manifest) {
         ctx.model.set(ModelState::Failed(e.into()));
         return;
     }
+    let sent = gpu_ready(ctx);
     ctx.model_id.set(Some(m.id.clone()));
     ctx.model.set(ModelState::Loading {
         name: m.name.clone(),
         done: 0,
         total: 0,
+        sent,
     });
-    if gpu_ready(ctx) {
+    if sent {
         ctx.send(Request::LoadModel { id: m.id.clone() });
-    } else {
-        PENDING.with(|p| *p.borrow_mut() = Some(m.id.clone()));
     }
 }
 
@@ -64,8 +57,17 @@ pub fn reload(ctx: Ctx, id: &str) {
     }
 }
 
+/// The GPU check is done: a model waiting for it is sent.
 pub fn on_gpu_ready(ctx: Ctx) {
-    if let Some(id) = PENDING.with(|p| p.borrow_mut().take()) {
+    let waiting = ctx
+        .model
+        .with_untracked(|m| matches!(m, ModelState::Loading { sent: false, .. }));
+    if let (true, Some(id)) = (waiting, ctx.model_id.get_untracked()) {
+        ctx.model.update(|m| {
+            if let ModelState::Loading { sent, .. } = m {
+                *sent = true;
+            }
+        });
         ctx.send(Request::LoadModel { id });
     }
 }
@@ -129,8 +131,7 @@ fn clear_failure(ctx: Ctx) {
 }
 
 async fn acquire(ctx: Ctx, pick: Pick) {
-    let cancel = CANCEL.with(Rc::clone);
-    cancel.set(false);
+    let cancel = Rc::new(Cell::new(false));
     let previous = match ctx.model.get_untracked() {
         m @ (ModelState::Ready(_) | ModelState::Loading { .. }) => m,
         _ => ModelState::Empty,
@@ -148,6 +149,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
         file_bytes: 0,
         file_total: None,
         speed: 0.0,
+        cancel: cancel.clone(),
     });
     // One tab at a time stores models: another tab's download is waited for (and used, when
     // it brought the same model), or taken over when that tab closes.
@@ -179,6 +181,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
             file_bytes: p.file_bytes,
             file_total: p.file_total,
             speed: p.bytes as f64 / ((now - started) / 1e3).max(1e-3),
+            cancel: cancel.clone(),
         });
     };
     let result: Result<Manifest, UiError> = async {
@@ -191,15 +194,27 @@ async fn acquire(ctx: Ctx, pick: Pick) {
                     v => Some(source_of(v)?),
                 };
                 let sd = ModelKind::StableDiffusion;
-                acquire::download(&s, sd, &source, fp16, vae.as_ref(), cancel, &mut progress)
-                    .await
-                    .map_err(error)
+                acquire::download(
+                    &s,
+                    sd,
+                    &source,
+                    fp16,
+                    vae.as_ref(),
+                    cancel.clone(),
+                    &mut progress,
+                )
+                .await
+                .map_err(error)
             }
-            Pick::Files(files) => {
-                acquire::copy_files(&s, ModelKind::StableDiffusion, files, cancel, &mut progress)
-                    .await
-                    .map_err(error)
-            }
+            Pick::Files(files) => acquire::copy_files(
+                &s,
+                ModelKind::StableDiffusion,
+                files,
+                cancel.clone(),
+                &mut progress,
+            )
+            .await
+            .map_err(error),
         }
     }
     .await;
@@ -441,6 +456,7 @@ fn model_status(ctx: Ctx) -> AnyView {
             file_bytes,
             file_total,
             speed,
+            cancel,
         } => {
             let left = file_total
                 .map(|t| duration(t.saturating_sub(file_bytes) as f64 / speed.max(1.0)))
@@ -472,13 +488,15 @@ fn model_status(ctx: Ctx) -> AnyView {
                             bytes(b as f64),
                         )}
                     </p>
-                    <button on:click=|_| CANCEL.with(|c| c.set(true))>"Stop"</button>
+                    <button on:click=move |_| cancel.set(true)>"Stop"</button>
                     <span class="muted">" What is stored so far is kept: loading again resumes."</span>
                 </div>
             }
                 .into_any()
         }
-        ModelState::Loading { name, done, total } => view! {
+        ModelState::Loading {
+            name, done, total, ..
+        } => view! {
             <div class="progress-box">
                 <p>"Moving " <strong>{name}</strong> " to the GPU, tensor by tensor…"</p>
                 <progress

@@ -16,7 +16,7 @@ use crate::app::ui::widgets::{
 use crate::app::ui::{Ctx, ModelState, library, store};
 use crate::app::view::{Phase, RunRecord};
 use crate::identity::settings::TrainConfig;
-use crate::store::lock::{self, Held};
+use crate::store::lock;
 
 /// Checkpoints every this many steps (and every 20 s, and when paused).
 const CHECKPOINT_EVERY: usize = 10;
@@ -37,19 +37,14 @@ fn previews_every() -> usize {
         .unwrap_or(PREVIEWS_EVERY)
 }
 
-thread_local! {
-    /// This tab's hold on the training run (`runs/current`), from its start until it ends.
-    static RUN_LOCK: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
-}
-
 /// Takes the training run for this tab, or says what another tab is doing.
-async fn take_run() -> Result<(), UiError> {
-    if RUN_LOCK.with(|l| l.borrow().is_some()) {
+async fn take_run(ctx: Ctx) -> Result<(), UiError> {
+    if ctx.run_lock.with_value(Option::is_some) {
         return Ok(());
     }
     match lock::try_lock(lock::TRAINING).await? {
         Some(held) => {
-            RUN_LOCK.with(|l| *l.borrow_mut() = Some(held));
+            ctx.run_lock.set_value(Some(held));
             Ok(())
         }
         None => Err(UiError::new(
@@ -62,13 +57,13 @@ async fn take_run() -> Result<(), UiError> {
 }
 
 /// Lets other tabs train.
-fn release_run() {
-    RUN_LOCK.with(|l| l.borrow_mut().take());
+fn release_run(ctx: Ctx) {
+    ctx.run_lock.set_value(None);
 }
 
 pub async fn look_for_unfinished_run(ctx: Ctx) {
     // A run another tab is training is that tab's to offer.
-    if RUN_LOCK.with(|l| l.borrow().is_none()) && lock::is_held(lock::TRAINING).await {
+    if ctx.run_lock.with_value(Option::is_none) && lock::is_held(lock::TRAINING).await {
         return;
     }
     let Ok(s) = store().await else { return };
@@ -78,7 +73,7 @@ pub async fn look_for_unfinished_run(ctx: Ctx) {
 }
 
 pub fn on_crash(ctx: Ctx, error: UiError) {
-    release_run();
+    release_run(ctx);
     ctx.train.update(|t| t.crashed(error));
     // The worker that was looking for faces is gone.
     super::photos::no_answer(ctx);
@@ -129,7 +124,7 @@ pub fn on_response(ctx: Ctx, response: Response) {
                     Err(e) => Err(e),
                 },
             };
-            release_run();
+            release_run(ctx);
             ctx.train.update(|t| t.stopped(step, result));
             look_for_unfinished_run(ctx).await;
         }),
@@ -143,12 +138,12 @@ pub fn on_response(ctx: Ctx, response: Response) {
                 Ok::<_, UiError>(())
             }
             .await;
-            release_run();
+            release_run(ctx);
             ctx.train.update(|t| t.done(result));
             load_list(ctx).await;
         }),
         Response::TrainFailed(e) => {
-            release_run();
+            release_run(ctx);
             ctx.train.update(|t| t.failed(e.into()));
         }
         _ => {}
@@ -170,7 +165,7 @@ pub fn start(
 ) {
     spawn_local(async move {
         let result = async {
-            take_run().await?;
+            take_run(ctx).await?;
             let mut pngs = Vec::new();
             for p in &entries {
                 pngs.push(crop_png(p).await?);
@@ -189,7 +184,7 @@ pub fn start(
         match result {
             Ok(pngs) => send(ctx, config, pngs, None, 0),
             Err(e) => {
-                release_run();
+                release_run(ctx);
                 ctx.train.update(|t| t.error = Some(e));
             }
         }
@@ -222,10 +217,10 @@ fn send(
 
 /// Continues the stored run from its checkpoint.
 async fn continue_run(ctx: Ctx) -> Result<(), UiError> {
-    take_run().await?;
+    take_run(ctx).await?;
     let result = continue_taken(ctx).await;
     if result.is_err() {
-        release_run();
+        release_run(ctx);
     }
     result
 }
@@ -260,10 +255,10 @@ async fn continue_taken(ctx: Ctx) -> Result<(), UiError> {
 }
 
 /// Removes the stored run, unless another tab is training it.
-async fn discard_run() -> Result<(), UiError> {
-    take_run().await?;
+async fn discard_run(ctx: Ctx) -> Result<(), UiError> {
+    take_run(ctx).await?;
     let removed = async { Ok(Run::current(&store().await?).remove().await?) }.await;
-    release_run();
+    release_run(ctx);
     removed
 }
 
@@ -278,7 +273,7 @@ pub fn ResumeOffer() -> impl IntoView {
     };
     let discard = move |_| {
         spawn_local(async move {
-            if let Err(e) = discard_run().await {
+            if let Err(e) = discard_run(ctx).await {
                 return error.set(Some(e));
             }
             ctx.train.update(|t| {
@@ -338,7 +333,7 @@ pub fn TrainProgress() -> impl IntoView {
             ctx.send(Request::StopTraining { cancel: true });
         } else {
             spawn_local(async move {
-                if let Err(e) = discard_run().await {
+                if let Err(e) = discard_run(ctx).await {
                     return t.update(|t| t.error = Some(e));
                 }
                 t.update(|t| {
