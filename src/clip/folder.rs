@@ -104,6 +104,14 @@ pub struct ClipParts {
     pub weights: Shards,
 }
 
+/// The tokenizer of a folder without tokenizer files: the bundled vocabulary, which every
+/// OpenAI CLIP model shares, padded with its end token.
+pub fn bundled_tokenizer() -> TokenizerSource {
+    TokenizerSource::Bundled {
+        pad_token: "<|endoftext|>".into(),
+    }
+}
+
 /// An open CLIP folder.
 pub struct ClipFolder {
     /// Where it is, for messages.
@@ -158,6 +166,11 @@ impl ClipFolder {
             .sum()
     }
 
+    /// Bytes its weights take on a device in `dtype`.
+    pub fn weight_bytes(&self, dtype: burn::tensor::DType) -> u64 {
+        self.params() * dtype.size() as u64
+    }
+
     /// Opens a folder on disk: `model.safetensors` (or `model.fp16.safetensors`, or shards),
     /// `config.json`, and where present `preprocessor_config.json` and the tokenizer files.
     #[cfg(not(target_family = "wasm"))]
@@ -170,9 +183,7 @@ impl ClipFolder {
                 reason: "it has no config.json".into(),
             })?;
         let weights = open::weight_file(dir, Component::Clip, open::Variant::Auto)?;
-        let tokenizer = open::tokenizer(dir)?.unwrap_or(TokenizerSource::Bundled {
-            pad_token: "<|endoftext|>".into(),
-        });
+        let tokenizer = open::tokenizer(dir)?.unwrap_or_else(bundled_tokenizer);
         let parts = ClipParts {
             config,
             preprocessor: open::read_text(&dir.join("preprocessor_config.json"))?,

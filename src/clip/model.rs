@@ -89,7 +89,7 @@ impl PromptFidelity {
     ) -> Result<Self, WeightsError> {
         let model = ClipModel::load(&folder, device, dtype, &mut |_| {}).await?;
         Ok(Self {
-            bytes: folder.params() * dtype.size() as u64,
+            bytes: folder.weight_bytes(dtype),
             folder,
             model,
             device: device.clone(),

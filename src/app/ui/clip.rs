@@ -8,7 +8,7 @@ use std::rc::Rc;
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 
-use super::model::{refresh_cache, source_of};
+use super::model::{error, refresh_cache, source_of};
 use super::widgets::{ErrorBox, ErrorKind, UiError, bytes, input_files};
 use super::{Ctx, GpuState, store};
 use crate::app::acquire::{self, Progress};
@@ -211,7 +211,7 @@ async fn acquire(ctx: Ctx, pick: Pick) {
                 acquire::copy_files(&s, ModelKind::Clip, files, cancel.clone(), &mut progress).await
             }
         };
-        stored.map_err(|e| UiError::new(e.kind(), e.to_string()))
+        stored.map_err(error)
     }
     .await;
     match result {

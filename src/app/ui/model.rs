@@ -269,7 +269,7 @@ fn preset_fit(ctx: Ctx, p: &Preset) -> Option<(bool, String)> {
     Some((fit.weights_fit, text))
 }
 
-fn error(e: AcquireError) -> UiError {
+pub(super) fn error(e: AcquireError) -> UiError {
     UiError::new(e.kind(), e.to_string())
 }
 

@@ -11,11 +11,12 @@ use super::state::{State, device};
 use crate::app::catalog::ModelKind;
 use crate::app::fit::gib;
 use crate::app::protocol::{ClipInfo, WorkerError};
+use crate::clip::folder::bundled_tokenizer;
 use crate::clip::{ClipFolder, ClipParts, PromptFidelity};
 use crate::device::Precision;
 use crate::identity::Identity;
 use crate::rgb::RgbImage;
-use crate::weights::{Component, TokenizerSource};
+use crate::weights::Component;
 
 /// Loads the stored CLIP model `id` onto the GPU, in f16 where the GPU has it (half of
 /// ViT-L/14's 1.7 GB), in place of the one before.
@@ -31,9 +32,7 @@ pub(super) async fn load(state: &State, id: &str) -> Result<ClipInfo, WorkerErro
         preprocessor: text(&store, &m, "preprocessor_config.json").await?,
         tokenizer: tokenizer(&store, &m, "")
             .await?
-            .unwrap_or(TokenizerSource::Bundled {
-                pad_token: "<|endoftext|>".into(),
-            }),
+            .unwrap_or_else(bundled_tokenizer),
         weights: weights(&store, &m, Component::Clip).await?,
     };
     let folder = ClipFolder::open(&m.name, parts)
@@ -46,7 +45,7 @@ pub(super) async fn load(state: &State, id: &str) -> Result<ClipInfo, WorkerErro
         .map_err(|e| WorkerError::Other(e.to_string()))?;
     // Where the GPU's memory is known, the model's weights and the CLIP model's must fit it
     // together (a run's own memory is weighed before it starts).
-    let bytes = params * precision.dtype().size() as u64;
+    let bytes = folder.weight_bytes(precision.dtype());
     let model = state.model.borrow().as_ref().map(|m| m.info.clone());
     if let (Some(memory), Some(model)) = (dev.info.memory_bytes, model)
         && model.fit.weights_bytes + bytes > memory
