@@ -8,7 +8,7 @@ use crate::config::SdConfig;
 use crate::nn::{self, LoadProgress, VarStore};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKL;
-use crate::weights::{Checkpoint, Component, Family, TokenizerSource, WeightsError};
+use crate::weights::{Checkpoint, Component, Family, WeightsError};
 
 /// A Stable Diffusion model on a device: tokenizer, text encoder, UNet and VAE, with the
 /// family and config they were built from.
@@ -114,43 +114,8 @@ pub fn validate(checkpoint: &Checkpoint, device: &Device) -> Result<(), WeightsE
 fn tokenizer_2(checkpoint: &Checkpoint) -> Result<Option<ClipTokenizer>, WeightsError> {
     match (&checkpoint.config.text_encoder_2, &checkpoint.tokenizer_2) {
         (None, _) => Ok(None),
-        (Some(_), Some(source)) => tokenizer(source).map(Some),
+        (Some(_), Some(source)) => ClipTokenizer::from_source(source).map(Some),
         (Some(_), None) => Ok(Some(ClipTokenizer::openai("!"))),
-    }
-}
-
-/// The tokenizer a checkpoint names: its own files, or the bundled vocabulary.
-pub fn tokenizer(source: &TokenizerSource) -> Result<ClipTokenizer, WeightsError> {
-    match source {
-        TokenizerSource::Bundled { pad_token } => Ok(ClipTokenizer::openai(pad_token)),
-        TokenizerSource::Texts {
-            vocab,
-            merges,
-            pad_token,
-        } => {
-            ClipTokenizer::from_files(vocab, merges, pad_token).map_err(|e| WeightsError::Config {
-                file: "tokenizer/vocab.json".into(),
-                reason: e.to_string(),
-            })
-        }
-        TokenizerSource::Files {
-            vocab,
-            merges,
-            pad_token,
-        } => {
-            let read = |p: &String| {
-                std::fs::read_to_string(p).map_err(|e| WeightsError::Io {
-                    file: p.clone(),
-                    reason: e.to_string(),
-                })
-            };
-            ClipTokenizer::from_files(&read(vocab)?, &read(merges)?, pad_token).map_err(|e| {
-                WeightsError::Config {
-                    file: vocab.clone(),
-                    reason: e.to_string(),
-                }
-            })
-        }
     }
 }
 
@@ -328,7 +293,7 @@ impl StableDiffusion {
         Ok(Self {
             family: checkpoint.family,
             config: c.clone(),
-            tokenizer: tokenizer(&checkpoint.tokenizer)?,
+            tokenizer: ClipTokenizer::from_source(&checkpoint.tokenizer)?,
             text_encoder,
             tokenizer_2: tokenizer_2(checkpoint)?,
             text_encoder_2,

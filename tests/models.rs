@@ -132,7 +132,7 @@ fn published_layouts_give_the_same_outputs() {
             );
             // The tokenizer files of that time name the same pad token as today's.
             let ids = |c: &Checkpoint| {
-                sefi::sd::tokenizer(&c.tokenizer)
+                sefi::clip::ClipTokenizer::from_source(&c.tokenizer)
                     .unwrap()
                     .tokenize("a photo of sks person")
             };

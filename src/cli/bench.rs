@@ -11,6 +11,7 @@ use burn::tensor::{Device, Distribution, Tensor};
 use clap::Args;
 use serde::Serialize;
 
+use super::shared;
 use crate::app::memory::{self, Target, Work};
 use crate::config::{Prediction, SdConfig, TextConfig, UNetConfig, VaeConfig, from_json};
 use crate::device::{DeviceChoice, Precision};
@@ -50,10 +51,10 @@ pub struct BenchArgs {
     /// Train with burn's gradient checkpointing.
     #[arg(long)]
     pub gradient_checkpointing: bool,
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = shared::parse_device)]
     pub device: DeviceChoice,
     /// The weights' precision: auto, f32, f16 or bf16.
-    #[arg(long = "dtype", default_value = "auto", value_parser = super::parse_precision)]
+    #[arg(long = "dtype", default_value = "auto", value_parser = shared::parse_precision)]
     pub precision: Precision,
 }
 

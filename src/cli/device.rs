@@ -7,6 +7,7 @@ use burn::tensor::DType;
 use clap::Args;
 use serde::Serialize;
 
+use super::shared;
 use crate::check::reference::{ReferenceReport, reference_check};
 use crate::check::{CheckReport, TOLERANCE, autodiff_check};
 use crate::device::{DeviceChoice, DeviceInfo};
@@ -20,7 +21,7 @@ const GOLDENS: &str = "goldens.safetensors";
 #[derive(Debug, Args)]
 pub struct DeviceArgs {
     /// Which backend to use: auto, cpu, wgpu or cuda.
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = shared::parse_device)]
     pub device: DeviceChoice,
     /// Also run a model folder that holds diffusers' outputs for fixed inputs
     /// (`goldens.safetensors`, as the test models under `tests/fixtures/sd` do) and compare
@@ -82,7 +83,7 @@ fn run_reference(
         )
     })?;
     let goldens = crate::block_on(SafetensorsFile::open(Box::new(source)))?;
-    let ckpt = super::open_checkpoint(dir, None, Variant::Auto)?;
+    let ckpt = shared::open_checkpoint(dir, None, Variant::Auto)?;
     let sd = crate::block_on(StableDiffusion::load(
         &ckpt,
         device,

@@ -6,28 +6,21 @@ use std::process::ExitCode;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::shared::{self, ModelArgs};
 use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
-use crate::face::score::{Reference, likeness};
+use crate::face::score::likeness;
 use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
-use crate::weights::open::Variant;
+
 use crate::weights::{FileSource, SafetensorsFile};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// A diffusers model folder, or a single-file `.safetensors` checkpoint.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// For single files with non-standard sizes: a diffusers folder describing the model.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Use the VAE of this folder instead of the model's (e.g. SDXL's fp16-fix VAE, which
-    /// runs in f16): `config.json` and `diffusion_pytorch_model.safetensors`, or a model folder.
-    #[arg(long)]
-    pub vae: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     #[arg(long)]
     pub prompt: String,
     #[arg(long, default_value = "")]
@@ -52,11 +45,11 @@ pub struct GenerateArgs {
     pub height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = shared::parse_device)]
     pub device: DeviceChoice,
     /// The frozen weights' precision: auto (f16 on a GPU that has it, else f32), f32, f16
     /// or bf16.
-    #[arg(long = "dtype", default_value = "auto", value_parser = super::parse_precision)]
+    #[arg(long = "dtype", default_value = "auto", value_parser = shared::parse_precision)]
     pub precision: Precision,
     /// Initial noise: a safetensors file with one tensor `latents` of shape
     /// [num_images, 4, height/8, width/8], used as diffusers uses its `latents=` argument.
@@ -131,12 +124,7 @@ fn out_path(out: &Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let ckpt = super::open_with_vae(
-        &args.model,
-        args.config.as_deref(),
-        args.vae.as_deref(),
-        Variant::Auto,
-    )?;
+    let ckpt = args.model.open()?;
     let native = ckpt.config.unet.sample_size * ckpt.config.vae.latent_scale();
     let seed = args.seed.unwrap_or_else(|| {
         let nanos = std::time::SystemTime::now()
@@ -176,7 +164,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         height: req.height,
         images: req.num_images,
     };
-    super::check_fit(&ckpt, &dev, precision.dtype(), work)?;
+    shared::check_fit(&ckpt, &dev, precision.dtype(), work)?;
     let load_bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("loading {msg:12} [{bar:30}] {pos}/{len}").expect("template"),
     );
@@ -234,11 +222,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     }
     let model = args
         .model
+        .path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     // Faces are scored against the identities the prompt names that keep their photos' faces.
-    let references = Reference::named_in(&req.prompt, &identities);
+    let references = Identity::named_in(&req.prompt, &identities);
     let faces = match references.is_empty() {
         true => None,
         false => match super::score::face_models(&dev.device) {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use serde::Serialize;
 
+use super::shared;
 use crate::sd;
 use crate::weights::legacy::Adaptation;
 use crate::weights::open::Variant;
@@ -62,7 +63,7 @@ pub fn run(args: InspectArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         Variant::Auto
     };
-    let ckpt = super::open_checkpoint(&args.path, args.config.as_deref(), variant)?;
+    let ckpt = shared::open_checkpoint(&args.path, args.config.as_deref(), variant)?;
     let layout = sd::validate(&ckpt, &shape_device());
     let report = Report {
         path: &ckpt.path,

@@ -5,11 +5,10 @@ mod device;
 mod generate;
 mod inspect;
 mod score;
+mod shared;
 mod train;
 
 use clap::{Parser, Subcommand};
-
-use crate::device::DeviceChoice;
 
 /// The command line: `sefi <command> [options]`.
 #[derive(Debug, Parser)]
@@ -39,81 +38,6 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Measure the speed and memory of the main pieces of work (random weights).
     Bench(bench::BenchArgs),
-}
-
-/// Parses `--device auto|cpu|wgpu|cuda`.
-pub(crate) fn parse_precision(s: &str) -> Result<crate::device::Precision, String> {
-    s.parse()
-        .map_err(|e: crate::device::DeviceError| e.to_string())
-}
-
-pub(crate) fn parse_device(s: &str) -> Result<DeviceChoice, String> {
-    s.parse()
-        .map_err(|e: crate::device::DeviceError| e.to_string())
-}
-
-/// Opens a model folder or file; `config` is a diffusers folder giving a single file's sizes.
-pub(crate) fn open_checkpoint(
-    model: &std::path::Path,
-    config: Option<&std::path::Path>,
-    variant: crate::weights::open::Variant,
-) -> Result<crate::weights::Checkpoint, crate::weights::WeightsError> {
-    let config = config
-        .map(|d| crate::block_on(crate::weights::open::config_from_dir(d)))
-        .transpose()?;
-    crate::block_on(crate::weights::Checkpoint::open_path(
-        model, variant, config,
-    ))
-}
-
-/// [`open_checkpoint`], with the VAE of another folder when `vae` names one.
-pub(crate) fn open_with_vae(
-    model: &std::path::Path,
-    config: Option<&std::path::Path>,
-    vae: Option<&std::path::Path>,
-    variant: crate::weights::open::Variant,
-) -> Result<crate::weights::Checkpoint, crate::weights::WeightsError> {
-    let ckpt = open_checkpoint(model, config, variant)?;
-    match vae {
-        Some(dir) => crate::block_on(ckpt.with_vae_dir(dir)),
-        None => Ok(ckpt),
-    }
-}
-
-/// The page's fit verdict, before anything loads: the largest weight tensor and the largest
-/// buffer that cannot be split (the UNet's widest layer, one VAE decoder tile) against
-/// what the device binds, and the memory the run needs against the GPU's where the API tells
-/// it (`app::fit::check`). Says what to change when it does not fit.
-pub(crate) fn check_fit(
-    ckpt: &crate::weights::Checkpoint,
-    dev: &crate::device::ComputeDevice,
-    dtype: burn::tensor::DType,
-    work: crate::app::memory::Work,
-) -> Result<crate::app::memory::Need, String> {
-    use crate::app::fit;
-    let budget = fit::Budget {
-        binding: crate::device::binding_limit(&dev.device),
-        ..fit::Budget::of(&dev.info)
-    };
-    let mib = |b: u64| b.div_ceil(1 << 20);
-    let config = &ckpt.config;
-    if let Some(limit) = budget.binding {
-        let largest = crate::sd::largest_whole_tensor(config, &dev.device)
-            .map_err(|e| e.to_string())?
-            * dtype.size() as u64;
-        if largest > limit {
-            return Err(format!(
-                "the model's largest tensor has {} MiB, more than the {} MiB this GPU binds: use f16 weights (--dtype f16) or another GPU",
-                mib(largest),
-                mib(limit)
-            ));
-        }
-    }
-    let params = crate::weights::Component::ALL
-        .iter()
-        .map(|&c| ckpt.params(c))
-        .sum();
-    fit::check(config, params, dtype.size() as u64, work, budget)
 }
 
 /// Runs the CLI; the return value is the process exit code.

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use burn::tensor::Device;
 use clap::Args;
 
+use super::shared;
 use crate::clip::{ClipFolder, PromptFidelity, plain_prompt};
 use crate::device::{ComputeDevice, DeviceChoice, Precision};
 use crate::face::FaceScore;
@@ -88,7 +89,7 @@ pub struct ScoreArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = shared::parse_device)]
     pub device: DeviceChoice,
 }
 
@@ -128,7 +129,7 @@ pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot read the identity {}: {e}", path.display()))?;
         let identity = crate::block_on(Identity::from_bytes(&path.display().to_string(), bytes))?;
         class_words.push((identity.token.clone(), identity.class_word.clone()));
-        match Reference::of(&identity) {
+        match identity.face_reference() {
             Some(reference) => references.push(reference),
             None => eprintln!(
                 "{} holds no faces (learned before scores existed, or its photos show none): give its photo with --photo",
@@ -137,7 +138,7 @@ pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     }
     for path in &args.photos {
-        let image = super::train::read_photo(path)?;
+        let image = shared::read_photo(path)?;
         let face = crate::block_on(models.photo_face(&image, None))?
             .ok_or_else(|| format!("no face found in the photo {}", path.display()))?;
         references.push(Reference {
@@ -159,7 +160,7 @@ pub fn run(args: ScoreArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .collect();
     let mut scored = Vec::new();
     for path in &args.images {
-        let image = super::train::read_photo(path)?;
+        let image = shared::read_photo(path)?;
         let faces = match references.is_empty() {
             true => Vec::new(),
             false => crate::block_on(models.score(&image, &references))?,

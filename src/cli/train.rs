@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::shared::{self, ModelArgs};
 use crate::app::memory::Work;
 use crate::device::{DeviceChoice, Precision};
 use crate::face::score::FaceModels;
@@ -14,23 +15,14 @@ use crate::face::{Descriptor, FaceError};
 use crate::identity::Identity;
 use crate::identity::session::{self, Due, Finished, Previews, Schedule, TrainEvent};
 use crate::identity::settings;
-use crate::identity::train::{Photo, TrainConfig, Trainer, decode_photo};
-use crate::pipeline::RgbImage;
+use crate::identity::train::{Photo, TrainConfig, Trainer};
+
 use crate::sd::StableDiffusion;
-use crate::weights::open::Variant;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// A diffusers model folder, or a single-file `.safetensors` checkpoint.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// For single files with non-standard sizes: a diffusers folder describing the model.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Use the VAE of this folder instead of the model's (e.g. SDXL's fp16-fix VAE, which
-    /// runs in f16): `config.json` and `diffusion_pytorch_model.safetensors`, or a model folder.
-    #[arg(long)]
-    pub vae: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A photo of the subject (PNG or JPEG). Repeatable.
     #[arg(long = "image", required = true)]
     pub images: Vec<PathBuf>,
@@ -80,11 +72,11 @@ pub struct TrainArgs {
     /// Write one JSON object per step to this file.
     #[arg(long)]
     pub log_json: Option<PathBuf>,
-    #[arg(long, default_value = "auto", value_parser = super::parse_device)]
+    #[arg(long, default_value = "auto", value_parser = shared::parse_device)]
     pub device: DeviceChoice,
     /// The frozen weights' precision: auto (f16 on a GPU that has it, else f32), f32, f16
     /// or bf16.
-    #[arg(long = "dtype", default_value = "auto", value_parser = super::parse_precision)]
+    #[arg(long = "dtype", default_value = "auto", value_parser = shared::parse_precision)]
     pub precision: Precision,
     /// The identity file to write (`.safetensors`).
     #[arg(long)]
@@ -103,13 +95,6 @@ fn parse_crop(s: &str) -> Result<(u32, u32, u32), String> {
     }
 }
 
-/// Reads a photo as 8-bit RGB.
-pub fn read_photo(path: &Path) -> Result<RgbImage, String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("cannot read the photo {}: {e}", path.display()))?;
-    decode_photo(&bytes).map_err(|e| format!("cannot read the photo {}: {e}", path.display()))
-}
-
 /// NAME.safetensors -> NAME.checkpoint.safetensors.
 pub fn checkpoint_path(out: &Path) -> PathBuf {
     let stem = out
@@ -124,18 +109,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .images
         .iter()
         .map(|p| {
-            read_photo(p).map(|image| Photo {
+            shared::read_photo(p).map(|image| Photo {
                 image,
                 crop: args.crop,
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let ckpt = super::open_with_vae(
-        &args.model,
-        args.config.as_deref(),
-        args.vae.as_deref(),
-        Variant::Auto,
-    )?;
+    let ckpt = args.model.open()?;
     let dev = crate::block_on(args.device.open())?;
     let precision = dev.info.resolve(args.precision)?;
     eprintln!(
@@ -158,7 +138,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             height: resolution,
             images: 1,
         };
-        super::check_fit(&ckpt, &dev, precision.dtype(), preview)
+        shared::check_fit(&ckpt, &dev, precision.dtype(), preview)
             .map_err(|e| format!("--previews: {e}; or train without --previews"))?;
     }
     let device = dev.device.clone().autodiff();
@@ -382,10 +362,10 @@ fn fitting_checkpointing(
         resolution,
         checkpointing,
     };
-    match super::check_fit(ckpt, dev, dtype, work(asked)) {
+    match shared::check_fit(ckpt, dev, dtype, work(asked)) {
         Ok(_) => Ok(asked),
         Err(without) if !asked => {
-            super::check_fit(ckpt, dev, dtype, work(true)).map_err(|_| without.clone())?;
+            shared::check_fit(ckpt, dev, dtype, work(true)).map_err(|_| without.clone())?;
             eprintln!("gradient checkpointing on: {without}");
             Ok(true)
         }

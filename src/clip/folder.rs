@@ -136,7 +136,7 @@ impl ClipFolder {
             Some(t) => ImageProcessor::from_json(&format!("{path}/preprocessor_config.json"), t)?,
             None => ImageProcessor::default(),
         };
-        let tokenizer = crate::sd::tokenizer(&parts.tokenizer)?;
+        let tokenizer = ClipTokenizer::from_source(&parts.tokenizer)?;
         let mut files = Vec::new();
         let mut adaptations = Vec::new();
         let entries = index(

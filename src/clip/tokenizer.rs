@@ -12,6 +12,8 @@ use regex::Regex;
 use unicode_general_category::{GeneralCategory, get_general_category};
 use unicode_normalization::UnicodeNormalization;
 
+use crate::weights::{TokenizerSource, WeightsError};
+
 /// Positions the text encoder sees: start token, 75 prompt tokens, end token.
 pub const CONTEXT_LENGTH: usize = 77;
 /// The start token, first of every encoded prompt.
@@ -95,6 +97,39 @@ impl std::fmt::Debug for ClipTokenizer {
 }
 
 impl ClipTokenizer {
+    /// The tokenizer a checkpoint names: its own files, or the bundled vocabulary.
+    pub fn from_source(source: &TokenizerSource) -> Result<Self, WeightsError> {
+        match source {
+            TokenizerSource::Bundled { pad_token } => Ok(Self::openai(pad_token)),
+            TokenizerSource::Texts {
+                vocab,
+                merges,
+                pad_token,
+            } => Self::from_files(vocab, merges, pad_token).map_err(|e| WeightsError::Config {
+                file: "tokenizer/vocab.json".into(),
+                reason: e.to_string(),
+            }),
+            TokenizerSource::Files {
+                vocab,
+                merges,
+                pad_token,
+            } => {
+                let read = |p: &String| {
+                    std::fs::read_to_string(p).map_err(|e| WeightsError::Io {
+                        file: p.clone(),
+                        reason: e.to_string(),
+                    })
+                };
+                Self::from_files(&read(vocab)?, &read(merges)?, pad_token).map_err(|e| {
+                    WeightsError::Config {
+                        file: vocab.clone(),
+                        reason: e.to_string(),
+                    }
+                })
+            }
+        }
+    }
+
     /// From a model's `tokenizer/vocab.json` and `tokenizer/merges.txt`. `pad_token` is the
     /// `pad_token` of its `tokenizer_config.json`: `<|endoftext|>` for SD 1.x, `!` for SD 2.x
     /// and SDXL's second tokenizer.

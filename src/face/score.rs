@@ -2,7 +2,6 @@
 //! from, each face matched to its most similar identity.
 
 use super::{Descriptor, Face, FaceDetector, FaceError, FaceRecognizer, FaceScore, SAME_PERSON};
-use crate::identity::Identity;
 use crate::rgb::RgbImage;
 
 /// The face models together: the detector and the recognition network.
@@ -20,25 +19,6 @@ pub struct Reference {
     pub name: String,
     /// Descriptors of its photos' faces.
     pub faces: Vec<Descriptor>,
-}
-
-impl Reference {
-    /// An identity as a reference, named `<token>`; `None` where it keeps no faces.
-    pub fn of(identity: &Identity) -> Option<Self> {
-        (!identity.faces.is_empty()).then(|| Self {
-            name: format!("<{}>", identity.token),
-            faces: identity.faces.iter().cloned().map(Descriptor).collect(),
-        })
-    }
-
-    /// The identities a prompt names that keep faces: what its images are scored against.
-    pub fn named_in(prompt: &str, identities: &[Identity]) -> Vec<Self> {
-        identities
-            .iter()
-            .filter(|i| prompt.contains(&format!("<{}>", i.token)))
-            .filter_map(Self::of)
-            .collect()
-    }
 }
 
 impl FaceModels {

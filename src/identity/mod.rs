@@ -156,6 +156,30 @@ pub enum IdentityError {
 }
 
 impl Identity {
+    /// This identity as a likeness reference, named `<token>`; `None` where it keeps no faces.
+    #[cfg(feature = "compute")]
+    pub fn face_reference(&self) -> Option<crate::face::score::Reference> {
+        (!self.faces.is_empty()).then(|| crate::face::score::Reference {
+            name: format!("<{}>", self.token),
+            faces: self
+                .faces
+                .iter()
+                .cloned()
+                .map(crate::face::Descriptor)
+                .collect(),
+        })
+    }
+
+    /// The identities a prompt names that keep faces: what its images are scored against.
+    #[cfg(feature = "compute")]
+    pub fn named_in(prompt: &str, identities: &[Identity]) -> Vec<crate::face::score::Reference> {
+        identities
+            .iter()
+            .filter(|i| prompt.contains(&format!("<{}>", i.token)))
+            .filter_map(Identity::face_reference)
+            .collect()
+    }
+
     /// The prompt as CLIP reads it to score prompt fidelity: each of these identities'
     /// placeholders replaced by its class word ([`crate::clip::plain_prompt`]).
     pub fn plain_prompt(prompt: &str, identities: &[Identity]) -> String {

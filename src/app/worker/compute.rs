@@ -5,16 +5,15 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
-use gloo_worker::{HandlerId, WorkerScope};
+use gloo_worker::HandlerId;
 use serde_bytes::ByteBuf;
 
-use super::GpuWorker;
 use super::load::load_model;
-use super::state::{Loaded, State, clip_bytes, model, open_wgpu};
+use super::state::{Loaded, Reply, State, clip_bytes, model, open_wgpu};
 use crate::app::fit;
 use crate::app::memory::Work;
 use crate::app::protocol::{
-    GenImage, GenerateJob, GpuReport, Request, Response, TrainJob, Versioned, WorkerError,
+    GenImage, GenerateJob, GpuReport, Request, Response, TrainJob, WorkerError,
 };
 use crate::identity::session::{self, Due, Finished, Previews, Schedule, Stop, TrainEvent};
 use crate::identity::train::{Photo, TrainError, Trainer, decode_photo};
@@ -28,7 +27,7 @@ const MAPS_AFTER: Duration = Duration::from_secs(120);
 
 thread_local! {
     /// Where a panic is reported: the page's bridge.
-    static REPORT_TO: RefCell<Option<(WorkerScope<GpuWorker>, Option<HandlerId>)>> =
+    static REPORT_TO: RefCell<Option<(Reply, Option<HandlerId>)>> =
         const { RefCell::new(None) };
     /// Set once the worker has said it cannot go on: a lost device makes both the browser's
     /// notice and the panics that follow report, and the page needs one.
@@ -42,9 +41,9 @@ fn report_crash(error: WorkerError) {
     }
     REPORT_TO.with(|r| {
         if let Ok(r) = r.try_borrow()
-            && let Some((scope, Some(id))) = r.as_ref()
+            && let Some((reply, Some(id))) = r.as_ref()
         {
-            scope.respond(*id, Versioned::Ours(Response::Crashed(error)));
+            reply(*id, Response::Crashed(error));
         }
     });
 }
@@ -52,8 +51,8 @@ fn report_crash(error: WorkerError) {
 /// A panic in the worker (a GPU error wgpu cannot return, a bug) leaves its wasm instance
 /// unusable, and a lost GPU device leaves it nothing to compute on: tell the page why, so
 /// that it starts a new worker and explains.
-pub fn install_panic_hook(scope: WorkerScope<GpuWorker>) {
-    REPORT_TO.with(|r| *r.borrow_mut() = Some((scope, None)));
+pub fn install_panic_hook(reply: Reply) {
+    REPORT_TO.with(|r| *r.borrow_mut() = Some((reply, None)));
     crate::device::lost::on_lost(|reason| report_crash(WorkerError::device_lost(reason)));
     std::panic::set_hook(Box::new(|info| {
         console_error_panic_hook::hook(info);
@@ -94,7 +93,7 @@ fn injected_fault() {
     }
 }
 
-pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request, id: HandlerId) {
+pub fn received(state: &Rc<State>, reply: &Reply, msg: Request, id: HandlerId) {
     REPORT_TO.with(|r| {
         if let Some((_, last)) = r.borrow_mut().as_mut() {
             *last = Some(id);
@@ -107,9 +106,9 @@ pub fn received(state: &Rc<State>, scope: &WorkerScope<GpuWorker>, msg: Request,
             state.clip.borrow_mut().take();
         }
         msg => {
-            let (state, scope) = (state.clone(), scope.clone());
+            let (state, reply) = (state.clone(), reply.clone());
             wasm_bindgen_futures::spawn_local(async move {
-                let respond = |r: Response| scope.respond(id, Versioned::Ours(r));
+                let respond = |r: Response| reply(id, r);
                 match msg {
                     Request::GpuCheck => respond(Response::GpuCheck(gpu_check().await)),
                     Request::LoadModel { id } => {

@@ -9,7 +9,7 @@ use wasm_bindgen_futures::JsFuture;
 
 use super::state::{State, device};
 use crate::app::protocol::WorkerError;
-use crate::face::score::{FaceModels, Reference};
+use crate::face::score::FaceModels;
 use crate::face::{Face, FaceDetector, FaceRecognizer, FaceScore};
 use crate::identity::Identity;
 use crate::rgb::RgbImage;
@@ -119,7 +119,7 @@ pub(super) async fn score(
     identities: &[Identity],
     images: &[RgbImage],
 ) -> Result<Vec<Option<Vec<FaceScore>>>, WorkerError> {
-    let references = Reference::named_in(prompt, identities);
+    let references = Identity::named_in(prompt, identities);
     if references.is_empty() {
         return Ok(vec![None; images.len()]);
     }

@@ -6,37 +6,8 @@ use gloo_worker::{HandlerId, Registrable, Worker, WorkerScope};
 
 use super::protocol::{BUILD, JsCodec, Request, Response, Versioned, WorkerError};
 
-/// The worker's loader script as trunk emits it (`data-bin="sefi-worker"` with
-/// `data-loader-shim`); a same-origin script, so the CSP needs no `blob:` workers.
-pub const LOADER: &str = "./sefi-worker_loader.js";
-
-/// Test hook: `?max-binding-mib=N` in the page's address is passed on to the worker, which
-/// then asks WebGPU for a device that binds at most N MiB of a buffer (WebGPU's default is
-/// 128): a phone's or an integrated GPU's limits, on any GPU.
-pub const MAX_BINDING_PARAM: &str = "max-binding-mib";
-
-/// `?gpu-memory-mib=N` in the page's address tells the worker the GPU's memory, which
-/// browsers do not: models, generations and training runs that the memory model says need
-/// more are refused before they start, with what to change.
-pub const GPU_MEMORY_PARAM: &str = "gpu-memory-mib";
-
-/// The loader's address, with the page's `max-binding-mib` and `gpu-memory-mib` when it has
-/// them.
-pub fn loader_url(page_query: &str) -> String {
-    let page = web_sys::UrlSearchParams::new_with_str(page_query).ok();
-    let passed: Vec<String> = [MAX_BINDING_PARAM, GPU_MEMORY_PARAM]
-        .into_iter()
-        .filter_map(|name| {
-            let mib = page.as_ref()?.get(name)?.parse::<u64>().ok()?;
-            Some(format!("{name}={mib}"))
-        })
-        .collect();
-    if passed.is_empty() {
-        LOADER.to_string()
-    } else {
-        format!("{LOADER}?{}", passed.join("&"))
-    }
-}
+mod address;
+pub use address::{GPU_MEMORY_PARAM, LOADER, MAX_BINDING_PARAM, loader_url};
 
 #[cfg(feature = "compute")]
 pub use compute::gpu_check;
@@ -45,6 +16,8 @@ pub use compute::gpu_check;
 pub struct GpuWorker {
     #[cfg(feature = "compute")]
     state: std::rc::Rc<state::State>,
+    #[cfg(feature = "compute")]
+    reply: state::Reply,
 }
 
 impl Worker for GpuWorker {
@@ -54,12 +27,19 @@ impl Worker for GpuWorker {
 
     fn create(scope: &WorkerScope<Self>) -> Self {
         #[cfg(feature = "compute")]
-        compute::install_panic_hook(scope.clone());
+        let reply: state::Reply = {
+            let scope = scope.clone();
+            std::rc::Rc::new(move |id, r| scope.respond(id, Versioned::Ours(r)))
+        };
+        #[cfg(feature = "compute")]
+        compute::install_panic_hook(reply.clone());
         #[cfg(not(feature = "compute"))]
         let _ = scope;
         GpuWorker {
             #[cfg(feature = "compute")]
             state: Default::default(),
+            #[cfg(feature = "compute")]
+            reply,
         }
     }
 
@@ -77,7 +57,7 @@ impl Worker for GpuWorker {
             }
         };
         #[cfg(feature = "compute")]
-        compute::received(&self.state, scope, msg, id);
+        compute::received(&self.state, &self.reply, msg, id);
         #[cfg(not(feature = "compute"))]
         scope.respond(
             id,

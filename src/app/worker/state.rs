@@ -6,7 +6,9 @@ use std::rc::Rc;
 
 use burn::tensor::Device;
 
-use crate::app::protocol::{ModelInfo, WorkerError};
+use gloo_worker::HandlerId;
+
+use crate::app::protocol::{ModelInfo, Response, WorkerError};
 use crate::device::{ComputeDevice, DeviceChoice, DeviceError};
 use crate::identity::Fingerprint;
 use crate::schedule::SchedulerConfig;
@@ -58,17 +60,20 @@ pub(super) async fn device(state: &State) -> Result<ComputeDevice, WorkerError> 
 /// WebGPU's device (opened once per worker), with the binding limit the page asked for and
 /// the memory it told.
 pub(super) async fn open_wgpu() -> Result<ComputeDevice, WorkerError> {
-    if let Some(mib) = worker_param(super::MAX_BINDING_PARAM) {
+    if let Some(mib) = worker_param(super::address::MAX_BINDING_PARAM) {
         crate::device::request_wgpu_binding_limit(mib << 20);
     }
     let mut dev = DeviceChoice::Wgpu.open().await.map_err(device_error)?;
-    if let Some(mib) = worker_param(super::GPU_MEMORY_PARAM) {
+    if let Some(mib) = worker_param(super::address::GPU_MEMORY_PARAM) {
         dev.info.memory_bytes.get_or_insert(mib << 20);
     }
     Ok(dev)
 }
 
-/// A number the page passed in the worker's own address (see [`super::loader_url`]).
+/// How the worker answers a request of the page: the worker's scope, without its type.
+pub type Reply = Rc<dyn Fn(HandlerId, Response)>;
+
+/// A number the page passed in the worker's own address (see [`super::address::loader_url`]).
 fn worker_param(name: &str) -> Option<u64> {
     let location = js_sys::Reflect::get(&js_sys::global(), &"location".into()).ok()?;
     let search = js_sys::Reflect::get(&location, &"search".into())
