@@ -5,6 +5,7 @@
 
 use crate::app::view::RunRecord;
 use crate::identity::Identity;
+use crate::identity::settings::TrainingRecord;
 use crate::store::{Store, StoreError};
 
 /// The folder of the run.
@@ -125,5 +126,5 @@ async fn checkpoint_step(bytes: &[u8]) -> Option<usize> {
     let id = Identity::from_bytes("checkpoint", bytes.to_vec())
         .await
         .ok()?;
-    id.training["steps_done"].as_u64().map(|s| s as usize)
+    TrainingRecord::steps_done_in(&id.training)
 }

@@ -293,7 +293,7 @@ async fn preview<E: From<TrainError>>(
         Ok(g) => g.images.into_iter().next().expect("one image asked for"),
         Err(PipelineError::Cancelled) => return Ok(None),
         Err(PipelineError::Read(e)) => return Err(TrainError::Read(e).into()),
-        Err(e) => return Err(TrainError::Setup(format!("the preview image: {e}")).into()),
+        Err(e) => return Err(TrainError::Preview(e).into()),
     };
     let likeness = match &previews.faces {
         Some((models, faces)) if !faces.is_empty() => {

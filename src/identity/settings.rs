@@ -91,3 +91,100 @@ pub struct StepReport {
     /// Speed of this step.
     pub steps_per_second: f64,
 }
+
+/// Everything that changes during training: what a checkpoint holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps done.
+    pub step: usize,
+    /// `[stages, dim]` each.
+    pub key: Vec<f32>,
+    /// The value vectors, `[stages, dim]` flattened like `key`.
+    pub value: Vec<f32>,
+    /// AdamW moments, same layout.
+    pub m_key: Vec<f32>,
+    /// AdamW's second moment (squared gradients) of the key vectors.
+    pub v_key: Vec<f32>,
+    /// AdamW's first moment of the value vectors.
+    pub m_value: Vec<f32>,
+    /// AdamW's second moment of the value vectors.
+    pub v_value: Vec<f32>,
+    /// Updates applied to each stage (its AdamW step count; a stage is updated only when
+    /// its timesteps are drawn).
+    pub stage_steps: Vec<u32>,
+}
+
+/// What an identity file's `training` metadata says of the run that made it: the settings, the
+/// steps done and, in a checkpoint, the state to resume from. One type writes and reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// Steps done when the file was written.
+    pub steps_done: usize,
+    /// The vectors and AdamW's moments, in checkpoints only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<TrainState>,
+}
+
+impl TrainingRecord {
+    /// The record an identity file carries; `None` where its metadata holds none (a file
+    /// written by another tool).
+    pub fn read(training: &serde_json::Value) -> Option<Self> {
+        serde_json::from_value(training.clone()).ok()
+    }
+
+    /// The metadata to store.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a training record is plain data")
+    }
+
+    /// The steps done, from a record whose settings may no longer read (written before a
+    /// setting was added).
+    pub fn steps_done_in(training: &serde_json::Value) -> Option<usize> {
+        #[derive(Deserialize)]
+        struct Steps {
+            steps_done: usize,
+        }
+        Steps::deserialize(training).ok().map(|s| s.steps_done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record goes to JSON and back unchanged, with and without a state; an identity keeps
+    /// no state key, and a record with unreadable settings still tells its steps.
+    #[test]
+    fn a_training_record_round_trips() {
+        let state = TrainState {
+            step: 7,
+            key: vec![0.5, -1.0],
+            value: vec![0.25, 2.0],
+            m_key: vec![0.0; 2],
+            v_key: vec![1e-8; 2],
+            m_value: vec![0.1; 2],
+            v_value: vec![0.2; 2],
+            stage_steps: vec![7],
+        };
+        let mut record = TrainingRecord {
+            config: TrainConfig::new("alice", "person", 512),
+            steps_done: 7,
+            state: Some(state),
+        };
+        assert_eq!(
+            TrainingRecord::read(&record.to_json()),
+            Some(record.clone())
+        );
+        record.state = None;
+        let json = record.to_json();
+        assert!(json.get("state").is_none());
+        assert_eq!(json["steps_done"], 7);
+        assert_eq!(TrainingRecord::read(&json), Some(record));
+        let old = serde_json::json!({ "config": { "token": "alice" }, "steps_done": 300 });
+        assert_eq!(TrainingRecord::read(&old), None);
+        assert_eq!(TrainingRecord::steps_done_in(&old), Some(300));
+        assert_eq!(TrainingRecord::steps_done_in(&serde_json::json!({})), None);
+    }
+}

@@ -12,12 +12,11 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use image::{RgbImage as Image, imageops::FilterType};
 use rand::{RngExt, SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
-use serde::{Deserialize, Serialize};
 
 use super::condition::fingerprint;
 use super::loss::{Loss, LossInputs, Objective, TrainPrompt, loss_scale, sefi_loss};
 use super::prompt::tokenize_prompt;
-pub use super::settings::{StepReport, TrainConfig};
+pub use super::settings::{StepReport, TrainConfig, TrainState, TrainingRecord};
 use super::{Fingerprint, Identity, stage_of};
 use crate::rgb::RgbImage;
 use crate::schedule::{SchedulerConfig, TrainSchedule};
@@ -44,13 +43,66 @@ pub fn decode_photo(bytes: &[u8]) -> Result<RgbImage, String> {
     })
 }
 
-/// Why training cannot start or go on.
+/// Why training cannot start or go on; each message says what to change.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum TrainError {
-    /// The settings, photos, template, model or checkpoint cannot be used; the message says
-    /// what to change.
-    #[error("{0}")]
-    Setup(String),
+    /// No photo was given.
+    #[error("give at least one photo")]
+    NoPhotos,
+    /// Steps, stages or the resolution are out of range.
+    #[error("steps and stages must be at least 1, and the resolution a positive multiple of 8")]
+    Settings,
+    /// The token cannot be written as `<token>` in prompts.
+    #[error("the token `{0}` cannot be written as a placeholder in prompts: use {rule}", rule = crate::clip::tokenizer::PLACEHOLDER_NAME_RULE)]
+    Token(String),
+    /// The class word is not one token of the text encoder's vocabulary.
+    #[error(
+        "the class word `{0}` is not a single token of CLIP's vocabulary; pick a common word such as person, dog, cat or car"
+    )]
+    ClassWord(String),
+    /// The training template does not hold `<id>` exactly once.
+    #[error("the template `{0}` must contain <id> once")]
+    TemplateId(String),
+    /// The training template names another identity.
+    #[error("the template: {0}")]
+    TemplatePlaceholder(#[from] super::prompt::UnknownPlaceholder),
+    /// The training template does not fit the text encoder's window.
+    #[error("the template is longer than the text encoder's window")]
+    TemplateTooLong,
+    /// A photo's pixels do not match its width and height.
+    #[error("a photo's pixel data does not match its size")]
+    PhotoSize,
+    /// A crop reaches outside its photo.
+    #[error("the crop {x},{y},{size} does not fit in the {width}x{height} photo")]
+    Crop {
+        /// Left edge, in pixels.
+        x: u32,
+        /// Top edge.
+        y: u32,
+        /// Side of the square.
+        size: u32,
+        /// The photo's width.
+        width: u32,
+        /// The photo's height.
+        height: u32,
+    },
+    /// The model has no square cross-attention maps to draw.
+    #[error("no square attention maps to draw")]
+    NoAttentionMaps,
+    /// A checkpoint to resume from holds no training record.
+    #[error("the checkpoint holds no training settings")]
+    CheckpointSettings,
+    /// A checkpoint was made with other settings than the run's.
+    #[error(
+        "the checkpoint was made with other settings (token, class word, seed, learning rate, ...); start a new run or use the same settings"
+    )]
+    CheckpointMismatch,
+    /// A checkpoint's record holds no optimizer state (it is a finished identity).
+    #[error("the checkpoint holds no optimizer state")]
+    CheckpointState,
+    /// A preview image could not be made.
+    #[error("the preview image: {0}")]
+    Preview(crate::pipeline::PipelineError),
     /// Reading a tensor back from the device failed, or no gradient reached the vectors.
     #[error("reading from the device failed: {0}")]
     Read(String),
@@ -62,28 +114,6 @@ pub enum TrainError {
         "the gradients are not finite (the loss diverged); lower the learning rate, or train with f32 weights"
     )]
     NonFinite,
-}
-
-/// Everything that changes during training: what a checkpoint holds.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
-    /// Steps done.
-    pub step: usize,
-    /// `[stages, dim]` each.
-    pub key: Vec<f32>,
-    /// The value vectors, `[stages, dim]` flattened like `key`.
-    pub value: Vec<f32>,
-    /// AdamW moments, same layout.
-    pub m_key: Vec<f32>,
-    /// AdamW's second moment (squared gradients) of the key vectors.
-    pub v_key: Vec<f32>,
-    /// AdamW's first moment of the value vectors.
-    pub m_value: Vec<f32>,
-    /// AdamW's second moment of the value vectors.
-    pub v_value: Vec<f32>,
-    /// Updates applied to each stage (its AdamW step count; a stage is updated only when
-    /// its timesteps are drawn).
-    pub stage_steps: Vec<u32>,
 }
 
 /// One step's randomness: which photo, mirrored or not, the timestep and the noise.
@@ -207,16 +237,20 @@ fn prepare(photo: &Photo, side: usize, device: &Device) -> Result<[Tensor<4>; 2]
         photo.image.height as u32,
         photo.image.data.clone(),
     )
-    .ok_or_else(|| TrainError::Setup("a photo's pixel data does not match its size".into()))?;
+    .ok_or(TrainError::PhotoSize)?;
     let (w, h) = img.dimensions();
     let (x, y, s) = photo.crop.unwrap_or_else(|| {
         let s = w.min(h);
         ((w - s) / 2, (h - s) / 2, s)
     });
     if s == 0 || x + s > w || y + s > h {
-        return Err(TrainError::Setup(format!(
-            "the crop {x},{y},{s} does not fit in the {w}x{h} photo"
-        )));
+        return Err(TrainError::Crop {
+            x,
+            y,
+            size: s,
+            width: w,
+            height: h,
+        });
     }
     let square = image::imageops::crop_imm(&img, x, y, s, s).to_image();
     let resized = image::imageops::resize(&square, side as u32, side as u32, FilterType::Lanczos3);
@@ -249,35 +283,26 @@ impl<'a> Trainer<'a> {
         config: TrainConfig,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let setup = |m: String| TrainError::Setup(m);
         if photos.is_empty() {
-            return Err(setup("give at least one photo".into()));
+            return Err(TrainError::NoPhotos);
         }
         if config.steps == 0
             || config.stages == 0
             || config.resolution == 0
             || !config.resolution.is_multiple_of(8)
         {
-            return Err(setup(
-                "steps and stages must be at least 1, and the resolution a positive multiple of 8"
-                    .into(),
-            ));
+            return Err(TrainError::Settings);
         }
         if !crate::clip::tokenizer::is_placeholder_name(&config.token) {
-            return Err(setup(format!(
-                "the token `{}` cannot be written as a placeholder in prompts: use {}",
-                config.token,
-                crate::clip::tokenizer::PLACEHOLDER_NAME_RULE
-            )));
+            return Err(TrainError::Token(config.token.clone()));
         }
-        let class_id = sd.tokenizer.single_token(&config.class_word).ok_or_else(|| {
-            setup(format!("the class word `{}` is not a single token of CLIP's vocabulary; pick a common word such as person, dog, cat or car", config.class_word))
-        })?;
+        let class_id = sd
+            .tokenizer
+            .single_token(&config.class_word)
+            .ok_or_else(|| TrainError::ClassWord(config.class_word.clone()))?;
         let template = config.template();
         if template.matches("<id>").count() != 1 {
-            return Err(setup(format!(
-                "the template `{template}` must contain <id> once"
-            )));
+            return Err(TrainError::TemplateId(template));
         }
         // The placeholder takes one position, which the class word fills in the reference.
         let probe = Identity {
@@ -297,12 +322,9 @@ impl<'a> Trainer<'a> {
             training: serde_json::Value::Null,
             faces: Vec::new(),
         };
-        let tokens = tokenize_prompt(sd, &template, std::slice::from_ref(&probe))
-            .map_err(|e| setup(e.to_string()))?;
+        let tokens = tokenize_prompt(sd, &template, std::slice::from_ref(&probe))?;
         if tokens.windows.len() != 1 {
-            return Err(setup(
-                "the template is longer than the text encoder's window".into(),
-            ));
+            return Err(TrainError::TemplateTooLong);
         }
         let prompt = TrainPrompt {
             ids: tokens.windows[0].clone(),
@@ -569,7 +591,7 @@ impl<'a> Trainer<'a> {
         }
         let side = (finest as f64).sqrt().round() as usize;
         if layers == 0 || side * side != finest {
-            return Err(TrainError::Setup("no square attention maps to draw".into()));
+            return Err(TrainError::NoAttentionMaps);
         }
         let mut data = Vec::with_capacity(2 * finest * 3);
         for y in 0..side {
@@ -800,7 +822,12 @@ impl<'a> Trainer<'a> {
             key: state.key.clone(),
             value: state.value.clone(),
             fingerprint: self.fingerprint.clone(),
-            training: serde_json::json!({ "config": self.config, "steps_done": state.step }),
+            training: TrainingRecord {
+                config: self.config.clone(),
+                steps_done: state.step,
+                state: None,
+            }
+            .to_json(),
             faces: Vec::new(),
         }
     }
@@ -809,25 +836,27 @@ impl<'a> Trainer<'a> {
     /// metadata, so that one file resumes the run.
     pub fn checkpoint(&self, state: &TrainState) -> Result<Vec<u8>, super::IdentityError> {
         let mut identity = self.identity(state);
-        identity.training =
-            serde_json::json!({ "config": self.config, "steps_done": state.step, "state": state });
+        identity.training = TrainingRecord {
+            config: self.config.clone(),
+            steps_done: state.step,
+            state: Some(state.clone()),
+        }
+        .to_json();
         identity.to_bytes()
     }
 
     /// The state stored in a checkpoint, if it belongs to this run's settings.
     pub fn resume_state(&self, checkpoint: &Identity) -> Result<TrainState, TrainError> {
-        let training = &checkpoint.training;
-        let config: TrainConfig = serde_json::from_value(training["config"].clone())
-            .map_err(|_| TrainError::Setup("the checkpoint holds no training settings".into()))?;
+        let record =
+            TrainingRecord::read(&checkpoint.training).ok_or(TrainError::CheckpointSettings)?;
         let same = TrainConfig {
             steps: self.config.steps,
-            ..config.clone()
+            ..record.config
         } == self.config;
         if !same {
-            return Err(TrainError::Setup("the checkpoint was made with other settings (token, class word, seed, learning rate, ...); start a new run or use the same settings".into()));
+            return Err(TrainError::CheckpointMismatch);
         }
-        serde_json::from_value(training["state"].clone())
-            .map_err(|_| TrainError::Setup("the checkpoint holds no optimizer state".into()))
+        record.state.ok_or(TrainError::CheckpointState)
     }
 }
 

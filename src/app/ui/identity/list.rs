@@ -7,6 +7,7 @@ use crate::app::ui::widgets::{ErrorBox, ErrorKind, UiError, blob_url_of, input_f
 use crate::app::ui::{Ctx, library, store};
 use crate::clip::tokenizer::{PLACEHOLDER_NAME_RULE, is_placeholder_name};
 use crate::identity::Identity;
+use crate::identity::settings::TrainingRecord;
 
 /// A learned identity in storage.
 #[derive(Clone, Debug, PartialEq)]
@@ -37,7 +38,7 @@ pub async fn load_list(ctx: Ctx) {
         };
         if let Ok(id) = Identity::from_bytes(&name, bytes).await {
             list.push(IdentityEntry {
-                steps: id.training["steps_done"].as_u64().unwrap_or(0),
+                steps: TrainingRecord::steps_done_in(&id.training).unwrap_or(0) as u64,
                 token: id.token,
                 class_word: id.class_word,
                 family: id.family.to_string(),
