@@ -14,7 +14,6 @@ use crate::identity::Identity;
 use crate::pipeline::{self, Event, Flow, GenerateRequest, GivenNoise, HostLatents};
 use crate::schedule::Sampler;
 use crate::sd::StableDiffusion;
-
 use crate::weights::{FileSource, SafetensorsFile};
 
 #[derive(Debug, Args)]

@@ -16,7 +16,6 @@ use crate::identity::Identity;
 use crate::identity::session::{self, Due, Finished, Previews, Schedule, TrainEvent};
 use crate::identity::settings;
 use crate::identity::train::{Photo, TrainConfig, Trainer};
-
 use crate::sd::StableDiffusion;
 
 #[derive(Debug, Args)]

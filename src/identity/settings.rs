@@ -131,7 +131,7 @@ impl TrainingRecord {
     /// The record an identity file carries; `None` where its metadata holds none (a file
     /// written by another tool).
     pub fn read(training: &serde_json::Value) -> Option<Self> {
-        serde_json::from_value(training.clone()).ok()
+        Self::deserialize(training).ok()
     }
 
     /// The metadata to store.

@@ -811,6 +811,16 @@ impl<'a> Trainer<'a> {
         &self.device
     }
 
+    /// The training record of `state`, with the state itself where the run is to `resume`.
+    fn record(&self, state: &TrainState, resume: bool) -> serde_json::Value {
+        TrainingRecord {
+            config: self.config.clone(),
+            steps_done: state.step,
+            state: resume.then(|| state.clone()),
+        }
+        .to_json()
+    }
+
     /// The identity the state holds.
     pub fn identity(&self, state: &TrainState) -> Identity {
         Identity {
@@ -822,12 +832,7 @@ impl<'a> Trainer<'a> {
             key: state.key.clone(),
             value: state.value.clone(),
             fingerprint: self.fingerprint.clone(),
-            training: TrainingRecord {
-                config: self.config.clone(),
-                steps_done: state.step,
-                state: None,
-            }
-            .to_json(),
+            training: self.record(state, false),
             faces: Vec::new(),
         }
     }
@@ -836,12 +841,7 @@ impl<'a> Trainer<'a> {
     /// metadata, so that one file resumes the run.
     pub fn checkpoint(&self, state: &TrainState) -> Result<Vec<u8>, super::IdentityError> {
         let mut identity = self.identity(state);
-        identity.training = TrainingRecord {
-            config: self.config.clone(),
-            steps_done: state.step,
-            state: Some(state.clone()),
-        }
-        .to_json();
+        identity.training = self.record(state, true);
         identity.to_bytes()
     }
 
